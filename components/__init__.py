@@ -1,0 +1,1 @@
+"""Thin KFP v2 components over gpunet_core."""

@@ -1,0 +1,53 @@
+"""The ``gpunet`` command line.
+
+Each subcommand lives in its own module under :mod:`gpunet_core.commands` with two functions,
+``add_parser(subparsers)`` and ``run(args) -> int``; this module wires them together and turns
+:class:`~gpunet_core.errors.GpunetError` into a one-line message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from gpunet_core.errors import GpunetError
+
+# subcommand name -> module under gpunet_core.commands
+COMMANDS = {
+    "models": "models",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpunet",
+        description="GPUNet pipeline: models, data, training, validation, export and benchmarks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f"gpunet_core.commands.{module}")
+        sub_parser = mod.add_parser(sub)
+        sub_parser.set_defaults(_run=mod.run, _name=name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args._run(args) or 0)
+    except GpunetError as exc:
+        print(f"gpunet {args._name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"gpunet {args._name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``gpunet`` CLI, one module each."""

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every error a user can cause (bad spec, unknown model, unreadable checkpoint, bad flag)
+is a :class:`GpunetError` whose message says what is wrong, where, and how to fix it.
+The CLI prints these without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class GpunetError(Exception):
+    """Base class of errors whose message is meant for the user."""
+
+    exit_code = 2
+
+
+class SpecError(GpunetError, ValueError):
+    """A GPUNet JSON architecture spec is malformed or inconsistent."""
+
+
+class UnknownModelError(GpunetError, ValueError):
+    """A model name that is neither registered nor a spec file."""
+
+
+class CheckpointError(GpunetError):
+    """A checkpoint cannot be read, is untrusted, or does not fit the model."""

@@ -1,0 +1,1 @@
+"""KFP pipelines (DAGs) and their compile/submit/schedule entry points."""
