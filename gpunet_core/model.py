@@ -587,3 +587,28 @@ for _name in MODEL_INFO:
 def spec_json(name: str) -> list[dict[str, Any]]:
     """The raw JSON spec of a shipped model (a copy you may edit and pass to create_model)."""
     return json.loads(spec_path(name).read_text())
+
+
+def describe_layers(model: GPUNet) -> list[dict[str, Any]]:
+    """One row per network child (like NVIDIA's block tables): widths, kernel, stride, residual."""
+    rows = []
+    for name, module in model.network.named_children():
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        spatial = [c for c in convs if c.kernel_size != (1, 1)] or convs
+        main = spatial[0] if isinstance(module, (Prologue, PrologueLarge, ConvBnAct)) else spatial[-1]
+        se = getattr(module, "se", None)
+        rows.append({
+            "name": name,
+            "type": type(module).__name__,
+            "in": convs[0].in_channels,
+            "out": convs[-1].out_channels if not hasattr(module, "classifier_index")
+            else module.net[module.classifier_index].out_features,
+            "kernel": main.kernel_size[0],
+            "stride": main.stride[0],
+            "padding": main.padding[0],
+            "se": se.conv_reduce.out_channels if isinstance(se, SqueezeExcite) else None,
+            "residual": bool(getattr(module, "has_skip", False)),
+            "drop_path": round(float(getattr(module, "drop_path_rate", 0.0)), 4),
+            "params": sum(p.numel() for p in module.parameters()),
+        })
+    return rows
