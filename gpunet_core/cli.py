@@ -19,6 +19,7 @@ from gpunet_core.errors import GpunetError
 COMMANDS = {
     "models": "models",
     "spec": "spec",
+    "train": "train",
 }
 
 
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv[argv.index(args._name) + 1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

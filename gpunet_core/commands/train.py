@@ -1,0 +1,27 @@
+"""``gpunet train``: NVIDIA's recipe under torchrun (see :mod:`gpunet_core.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from gpunet_core.train import add_arguments
+
+    parser = sub.add_parser(
+        "train", help="train a GPUNet (run under torchrun for several processes)",
+        description="Train a GPUNet with NVIDIA's recipe. Single process as is; several with "
+                    "`python -m torch.distributed.run --nproc_per_node N -m gpunet_core train ...`"
+                    ". --preset loads NVIDIA's hyper-parameters; explicit flags override them.")
+    return add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpunet_core.train import build_parser, resolve_args, train
+
+    args = resolve_args(build_parser(), args._argv)
+    result = train(args)
+    if result.get("epochs"):
+        print(json.dumps({k: v for k, v in result.items() if k != "last"}))
+    return 0
