@@ -101,16 +101,21 @@ def dockerfile(kind: str) -> Path:
 
 
 def kustomization(resource: str, registry: str | None = None, tag: str | None = None) -> dict:
-    """A kustomization that includes ``resource`` and points every ``gpunet-<kind>`` image at
-    :func:`image_ref` (the manifests name images by their bare ``<prefix><kind>``)."""
-    prefix = load_images()["prefix"]
+    """A kustomization that includes ``resource`` and points every image of ours at
+    :func:`image_ref`. Manifests name an image by its bare ``<prefix><kind>``, which their own
+    kustomization may already have expanded to images.yaml's registry: both are matched."""
+    data = load_images()
     tag = tag or default_tag()
+    entries = []
+    for kind in image_kinds():
+        new = {"newName": image_name(kind, registry), "newTag": tag}
+        for name in (f"{data['prefix']}{kind}", f"{data['registry'].rstrip('/')}/{data['prefix']}{kind}"):
+            entries.append({"name": name, **new})
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [resource],
-        "images": [{"name": f"{prefix}{kind}", "newName": image_name(kind, registry),
-                    "newTag": tag} for kind in image_kinds()],
+        "images": entries,
     }
 
 
