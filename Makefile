@@ -97,5 +97,5 @@ deploy: check-secrets setup ## apply the stack: kubectl apply -k manifests/overl
 	$(IMAGES) kustomization ../../manifests/overlays/$(OVERLAY) > $(DEPLOY_DIR)/kustomization.yaml
 	$(KUBECTL) apply -k $(DEPLOY_DIR)
 
-undeploy: setup ## delete what deploy applied (keeps nothing: PVC data goes too)
+undeploy: check-secrets setup ## delete what deploy applied, namespace and PVC data included
 	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)
