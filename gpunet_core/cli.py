@@ -18,6 +18,7 @@ from gpunet_core.errors import GpunetError
 # subcommand name -> module under gpunet_core.commands
 COMMANDS = {
     "models": "models",
+    "prepare": "prepare",
 }
 
 
