@@ -69,7 +69,9 @@ def s3_client(endpoint: str | None = None, *, max_attempts: int = 5,
     config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
                     max_pool_connections=max_pool_connections, connect_timeout=10,
                     read_timeout=60, s3={"addressing_style": "path"} if endpoint else None)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # a fresh session: boto3's default session caches credentials from the first call
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region,
+                                          config=config)
 
 
 def transfer_config(jobs: int = 8):
@@ -118,10 +120,16 @@ def storage_error(exc: Exception, uri: S3Uri | str, action: str) -> StorageError
 
 
 def _boto_errors() -> tuple[type[Exception], ...]:
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
-    from s3transfer.exceptions import S3TransferFailedError
+    from s3transfer.exceptions import (
+        RetriesExceededError,
+        S3DownloadFailedError,
+        S3UploadFailedError,
+    )
 
-    return (BotoCoreError, ClientError, S3TransferFailedError)
+    return (BotoCoreError, ClientError, Boto3Error, RetriesExceededError, S3UploadFailedError,
+            S3DownloadFailedError)
 
 
 def check_bucket(uri: S3Uri, client=None) -> None:
@@ -130,6 +138,11 @@ def check_bucket(uri: S3Uri, client=None) -> None:
     try:
         client.head_bucket(Bucket=uri.bucket)
     except _boto_errors() as exc:
+        # HEAD replies carry no error code; a GET tells wrong credentials from missing rights
+        try:
+            client.list_objects_v2(Bucket=uri.bucket, MaxKeys=1)
+        except _boto_errors() as detailed:
+            raise storage_error(detailed, uri, "open bucket") from None
         raise storage_error(exc, uri, "open bucket") from None
 
 
