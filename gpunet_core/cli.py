@@ -19,6 +19,7 @@ from gpunet_core.errors import GpunetError
 COMMANDS = {
     "models": "models",
     "prepare": "prepare",
+    "bench-data": "bench_data",
 }
 
 

@@ -233,3 +233,23 @@ def set_epoch(loader, epoch: int) -> None:
     target = getattr(loader, "sampler", None) or loader
     if hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
+
+
+def measure_throughput(loader, *, max_batches: int = 50, warmup: int = 2) -> dict[str, float]:
+    """Images/s of a loader (after ``warmup`` batches, over at most ``max_batches``)."""
+    import time
+
+    images, batches, start = 0, 0, None
+    for i, (x, _) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= warmup:
+            images += x.shape[0]
+            batches += 1
+        if batches >= max_batches:
+            break
+    if start is None or images == 0:
+        raise GpunetError(f"too few batches to time (need more than {warmup}); use a smaller "
+                          "--batch-size or a bigger dataset")
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}

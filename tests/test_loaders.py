@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpunet_core import datasets, loaders
+from gpunet_core import cli, datasets, loaders
 from gpunet_core.errors import GpunetError
 from gpunet_core.loaders import EvalConfig, TrainConfig
 
@@ -95,3 +96,54 @@ def test_loader_bad_input(tmp_path, small):
         loaders.build_eval_loader(small / "val", EvalConfig(32, 1.0), backend="cuda")
     with pytest.raises(GpunetError, match="reprob"):
         TrainConfig(reprob=2.0)
+
+
+dali = pytest.importorskip("nvidia.dali", reason="DALI is Linux x86_64 only")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dali_cpu_eval_matches_pil(small):
+    cfg = EvalConfig(img_size=32, crop_pct=0.875)
+    pil = list(loaders.build_eval_loader(small / "val", cfg, batch_size=30, workers=0))
+    auto = loaders.build_eval_loader(small / "val", cfg, batch_size=8, workers=1,
+                                     backend="auto")
+    assert auto.device == "cpu"
+    batches = list(auto)
+    assert len(auto) == 4 and [len(b[1]) for b in batches] == [8, 8, 8, 6]
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.dtype == torch.float32 and images.shape == (30, 3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.shape == (30,)
+    assert torch.equal(labels, pil[0][1])
+    # same normalisation and geometry; only the resize kernels differ slightly
+    assert (images - pil[0][0]).abs().mean() < 0.1
+    again = torch.cat([b[0] for b in loaders.build_eval_loader(
+        small / "val", cfg, batch_size=8, workers=1, backend="dali")])
+    assert torch.equal(images, again)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dali_cpu_train_recipe_and_shards(small, capsys):
+    cfg = TrainConfig(img_size=32, reprob=1.0)
+    seen = []
+    for rank in range(2):
+        loader = loaders.build_train_loader(small / "train", cfg, batch_size=5, workers=1,
+                                            rank=rank, world_size=2, backend="dali")
+        batches = list(loader)
+        assert len(batches) == 3  # 15 samples per shard, batch 5
+        images, labels = batches[0]
+        assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.shape == (5,) and labels.dtype == torch.int64
+        seen.append(sorted(torch.cat([b[1] for b in batches]).tolist()))
+    # shards are disjoint and cover the dataset: 10 images of each class overall
+    assert sorted(seen[0] + seen[1]) == [0] * 10 + [1] * 10 + [2] * 10
+    # pixel-mode erasing with probability 1 puts N(0,1) noise far outside the image range
+    assert (images < (0 - MEAN) / STD - 0.5).any()
+    with pytest.raises(GpunetError, match="no CUDA GPU"):
+        loaders.build_train_loader(small / "train", cfg, batch_size=5, workers=1,
+                                   backend="dali", dali_device="gpu")
+    assert cli.main(["bench-data", str(small), "--img-size", "32", "-b", "4", "--batches", "3",
+                     "-j", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in rows] == ["pil", "dali"]
+    assert all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
