@@ -84,11 +84,11 @@ def build_pipeline(files: list[str], labels: list[int], root: str, cfg: TrainCon
             if augment is not None:
                 import warnings
 
-                from nvidia.dali.auto_aug import rand_augment
-
                 n, m = augment
                 with warnings.catch_warnings():  # DALI's own use of deprecated aliases
                     warnings.simplefilter("ignore", DeprecationWarning)
+                    from nvidia.dali.auto_aug import rand_augment
+
                     images = rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11,
                                                        shape=[size, size])
             mirror = fn.random.coin_flip(probability=cfg.hflip)
