@@ -19,6 +19,8 @@ from gpunet_core.errors import GpunetError
 COMMANDS = {
     "models": "models",
     "spec": "spec",
+    "prepare": "prepare",
+    "bench-data": "bench_data",
 }
 
 
