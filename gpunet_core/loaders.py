@@ -184,18 +184,25 @@ def _check_batch(batch_size: int) -> None:
 
 
 def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 256,
-                      workers: int = 4, backend: str = "pil", dali_device: str = "auto"):
+                      workers: int = 4, backend: str = "pil", dali_device: str = "auto",
+                      rank: int = 0, world_size: int = 1):
     """Ordered (unshuffled) evaluation loader over ``root``: every image exactly once.
 
     Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = cfg.img_size``.
+    With ``world_size > 1`` each rank gets a disjoint share (no padding, so sums over ranks
+    count every image once).
     """
     _check_batch(batch_size)
+    if not 0 <= rank < world_size:
+        raise GpunetError(f"rank {rank} is outside world size {world_size}")
     if resolve_backend(backend) == "dali":
         from gpunet_core.dali_loader import DaliLoader
 
         return DaliLoader(root, cfg, train=False, batch_size=batch_size, workers=workers,
-                          device=dali_device)
+                          shard_id=rank, num_shards=world_size, device=dali_device)
     dataset = open_image_folder(root, eval_transform(cfg))
+    if world_size > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=False, drop_last=False)
