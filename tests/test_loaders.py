@@ -1,0 +1,149 @@
+"""Input pipelines: shapes, dtypes, normalisation, determinism, DDP sharding, DALI parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpunet_core import cli, datasets, loaders
+from gpunet_core.errors import GpunetError
+from gpunet_core.loaders import EvalConfig, TrainConfig
+
+MEAN = torch.tensor(loaders.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(loaders.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    datasets.prepare_digits(root, img_size=24)
+    return root
+
+
+@pytest.fixture(scope="module")
+def small(digits, tmp_path_factory) -> Path:
+    """A 3-class, 10-images-per-class slice of digits (with its own manifest)."""
+    root = tmp_path_factory.mktemp("small")
+    for split in ("train", "val"):
+        for cls in ("0", "1", "2"):
+            (root / split / cls).mkdir(parents=True)
+            for img in sorted((digits / split / cls).iterdir())[:10]:
+                shutil.copy(img, root / split / cls / img.name)
+    (root / "manifest.json").write_text('{"classes": ["0", "1", "2", "3"]}')
+    return root
+
+
+def test_eval_loader_shapes_normalisation_and_determinism(small):
+    cfg = EvalConfig(img_size=32, crop_pct=0.875)
+    loader = loaders.build_eval_loader(small / "val", cfg, batch_size=8, workers=0)
+    batches = list(loader)
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.shape == (30, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.shape == (30,)
+    assert labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    # normalised with ImageNet mean/std: undoing it gives pixels in [0, 1]
+    pixels = images * STD + MEAN
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+    assert pixels.max() > 0.9 and pixels.min() < 0.1  # white strokes on black background
+    again = torch.cat([b[0] for b in loaders.build_eval_loader(small / "val", cfg, batch_size=30,
+                                                                workers=0)])
+    assert torch.equal(images, again)
+
+
+def test_manifest_fixes_class_indices(small):
+    ds = loaders.open_image_folder(small / "val")
+    assert ds.classes == ["0", "1", "2", "3"]  # class "3" absent from the folder, still indexed
+
+
+def test_train_loader_augments_and_shards_like_distributed_sampler(small):
+    cfg = TrainConfig(img_size=32)
+    rank_indices = []
+    for rank in range(2):
+        loader = loaders.build_train_loader(small / "train", cfg, batch_size=4, workers=0,
+                                            rank=rank, world_size=2, seed=3, drop_last=False)
+        loaders.set_epoch(loader, 1)
+        rank_indices.append(list(iter(loader.sampler)))
+        images, labels = next(iter(loader))
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.shape == (4,) and labels.dtype == torch.int64
+    a, b = map(set, rank_indices)
+    assert len(rank_indices[0]) == len(rank_indices[1]) == 15
+    assert not a & b and a | b == set(range(30))
+    # a new epoch is a new permutation, same on every rank's view
+    loader = loaders.build_train_loader(small / "train", cfg, batch_size=4, workers=0, rank=0,
+                                        world_size=2, seed=3)
+    loaders.set_epoch(loader, 2)
+    assert list(iter(loader.sampler)) != rank_indices[0]
+    # training augmentation is random: the same image comes out differently
+    t = loaders.train_transform(cfg)
+    img = loaders.open_image_folder(small / "train").loader(
+        loaders.open_image_folder(small / "train").samples[0][0])
+    assert not torch.equal(t(img), t(img))
+
+
+def test_loader_bad_input(tmp_path, small):
+    with pytest.raises(GpunetError, match="not found"):
+        loaders.build_train_loader(tmp_path / "nope", TrainConfig(img_size=32), workers=0)
+    with pytest.raises(GpunetError, match="rank 2 is outside"):
+        loaders.build_train_loader(small / "train", TrainConfig(img_size=32), rank=2,
+                                   world_size=2, workers=0)
+    with pytest.raises(GpunetError, match="data-backend must be"):
+        loaders.build_eval_loader(small / "val", EvalConfig(32, 1.0), backend="cuda")
+    with pytest.raises(GpunetError, match="reprob"):
+        TrainConfig(reprob=2.0)
+
+
+dali = pytest.importorskip("nvidia.dali", reason="DALI is Linux x86_64 only")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dali_cpu_eval_matches_pil(small):
+    cfg = EvalConfig(img_size=32, crop_pct=0.875)
+    pil = list(loaders.build_eval_loader(small / "val", cfg, batch_size=30, workers=0))
+    auto = loaders.build_eval_loader(small / "val", cfg, batch_size=8, workers=1,
+                                     backend="auto")
+    assert auto.device == "cpu"
+    batches = list(auto)
+    assert len(auto) == 4 and [len(b[1]) for b in batches] == [8, 8, 8, 6]
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.dtype == torch.float32 and images.shape == (30, 3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.shape == (30,)
+    assert torch.equal(labels, pil[0][1])
+    # same normalisation and geometry; only the resize kernels differ slightly
+    assert (images - pil[0][0]).abs().mean() < 0.1
+    again = torch.cat([b[0] for b in loaders.build_eval_loader(
+        small / "val", cfg, batch_size=8, workers=1, backend="dali")])
+    assert torch.equal(images, again)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dali_cpu_train_recipe_and_shards(small, capsys):
+    cfg = TrainConfig(img_size=32, reprob=1.0)
+    seen = []
+    for rank in range(2):
+        loader = loaders.build_train_loader(small / "train", cfg, batch_size=5, workers=1,
+                                            rank=rank, world_size=2, backend="dali")
+        batches = list(loader)
+        assert len(batches) == 3  # 15 samples per shard, batch 5
+        images, labels = batches[0]
+        assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.shape == (5,) and labels.dtype == torch.int64
+        seen.append(sorted(torch.cat([b[1] for b in batches]).tolist()))
+    # shards are disjoint and cover the dataset: 10 images of each class overall
+    assert sorted(seen[0] + seen[1]) == [0] * 10 + [1] * 10 + [2] * 10
+    # pixel-mode erasing with probability 1 puts N(0,1) noise far outside the image range
+    assert (images < (0 - MEAN) / STD - 0.5).any()
+    with pytest.raises(GpunetError, match="no CUDA GPU"):
+        loaders.build_train_loader(small / "train", cfg, batch_size=5, workers=1,
+                                   backend="dali", dali_device="gpu")
+    assert cli.main(["bench-data", str(small), "--img-size", "32", "-b", "4", "--batches", "3",
+                     "-j", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in rows] == ["pil", "dali"]
+    assert all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
