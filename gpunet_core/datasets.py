@@ -358,7 +358,7 @@ def _prepare(out: str | Path, source: dict[str, Any], classes: list[str],
 
 
 def prepare_digits(out: str | Path, *, img_size: int = 32, val_fraction: float = 0.2,
-                   seed: int = 0, jobs: int = 1, s3_endpoint: str | None = None,
+                   seed: int = 0, per_class: int | None = None, jobs: int = 1, s3_endpoint: str | None = None,
                    work_dir: str | Path | None = None, progress: bool = False) -> PrepareSummary:
     """The embedded demo set: scikit-learn's 1,797 8x8 handwritten digits as RGB JPEGs.
 
@@ -374,9 +374,16 @@ def prepare_digits(out: str | Path, *, img_size: int = 32, val_fraction: float =
 
     digits = load_digits()
     indices = list(range(len(digits.target)))
-    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
-                                          stratify=digits.target)
     classes = [str(c) for c in sorted(set(digits.target.tolist()))]
+    if per_class is not None:
+        if per_class < 2:
+            raise DataError(f"--per-class must be >= 2, got {per_class}")
+        keep: list[int] = []
+        for label in sorted(set(digits.target.tolist())):
+            keep += [i for i in indices if digits.target[i] == label][:per_class]
+        indices = sorted(keep)
+    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
+                                          stratify=digits.target[indices])
     split_of = {i: "train" for i in train_idx} | {i: "val" for i in val_idx}
 
     def records() -> Iterator[Record]:
@@ -386,6 +393,8 @@ def prepare_digits(out: str | Path, *, img_size: int = 32, val_fraction: float =
 
     source = {"type": "digits", "origin": "sklearn.datasets.load_digits", "img_size": img_size,
               "val_fraction": val_fraction, "seed": seed}
+    if per_class is not None:
+        source["per_class"] = per_class
     return _prepare(out, source, classes, records, total=len(indices), jobs=jobs,
                     max_bad_fraction=0.0, s3_endpoint=s3_endpoint, work_dir=work_dir,
                     progress=progress)

@@ -61,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     digits.add_argument("--val-fraction", type=float, default=0.2,
                         help="validation fraction (default: %(default)s)")
     digits.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    digits.add_argument("--per-class", type=int, default=None,
+                        help="keep only the first N images of each digit (small smoke sets)")
     _common(digits, bad_fraction=False)
     return parser
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         summary = datasets.prepare_folder(args.src, args.out,
                                           max_bad_fraction=args.max_bad_fraction, **common)
     else:
-        summary = datasets.prepare_digits(args.out, img_size=args.img_size,
+        summary = datasets.prepare_digits(args.out, img_size=args.img_size, per_class=args.per_class,
                                           val_fraction=args.val_fraction, seed=args.seed,
                                           **common)
     if args.json:
