@@ -123,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("-j", "--workers", type=int, default=4, help="loader workers per process")
     g.add_argument("--data-backend", choices=("auto", "pil", "dali"), default="pil")
     g.add_argument("--aa", default="rand-m9-mstd0.5", help="timm auto-augment policy ('' for none)")
+    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="random-resized-crop area range (default 0.08 1.0)")
     g.add_argument("--reprob", type=_non_negative_float, default=0.2, help="random erasing prob")
     g.add_argument("--remode", default="pixel", help="random erasing mode")
     g = parser.add_argument_group("distillation")
@@ -488,14 +490,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         teacher = build_teacher(args, num_classes, env.device)
         loader_size = teacher_size
 
+    train_cfg = loaders.TrainConfig.for_model(model, img_size=loader_size,
+                                              auto_augment=args.aa or None, reprob=args.reprob,
+                                              remode=args.remode, scale=tuple(args.scale))
+    backend = loaders.resolve_backend(args.data_backend)
+    if env.is_main and args.data_backend == "auto":
+        _logger.info("data backend: %s", backend)
     train_loader = loaders.build_train_loader(
-        train_root, img_size=loader_size, batch_size=args.batch_size, workers=args.workers,
-        rank=env.rank, world_size=env.world_size, seed=args.seed, auto_augment=args.aa or None,
-        reprob=args.reprob, remode=args.remode, backend=args.data_backend)
+        train_root, train_cfg, batch_size=args.batch_size, workers=args.workers, rank=env.rank,
+        world_size=env.world_size, seed=args.seed, backend=backend)
     eval_cfg = loaders.EvalConfig.for_model(model, img_size=img_size, crop_pct=crop_pct)
     val_loader = loaders.build_eval_loader(val_root, eval_cfg, batch_size=args.batch_size,
                                            workers=args.workers, rank=env.rank,
-                                           world_size=env.world_size)
+                                           world_size=env.world_size, backend=backend)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainError(f"batch size {args.batch_size} x {env.world_size} processes is larger "
@@ -551,10 +558,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "dataset_manifest_sha256": _manifest_checksum(Path(args.data))})
 
     if teacher is not None and args.test_teacher and state.epoch == 0:
-        teacher_cfg = loaders.EvalConfig(loader_size, crop_pct)
+        teacher_cfg = loaders.EvalConfig.for_model(teacher, img_size=loader_size,
+                                                   crop_pct=crop_pct)
         metrics = evaluate(teacher, loaders.build_eval_loader(
             val_root, teacher_cfg, batch_size=args.batch_size, workers=args.workers,
-            rank=env.rank, world_size=env.world_size), env, False, False, eval_criterion)
+            rank=env.rank, world_size=env.world_size, backend=backend), env, False, False,
+            eval_criterion)
         if env.is_main:
             _logger.info("teacher %s: top1 %.2f top5 %.2f", args.teacher, metrics["top1"],
                          metrics["top5"])
@@ -564,10 +573,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for epoch in range(state.epoch, num_epochs):
         if state.steps >= max_steps:
             break
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        elif hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        loaders.set_epoch(train_loader, epoch)
         train_model.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd (per-sample sums)
         seen, data_wait, t_epoch = 0, 0.0, time.perf_counter()
