@@ -319,7 +319,7 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
         raise TrainError(f"cannot fetch pretrained weights of teacher {args.teacher!r} ({exc}); "
                          "pass --teacher-checkpoint PATH") from None
     if args.teacher_checkpoint:
-        path = _local_file(args.teacher_checkpoint, Path(args.output) / ".cache")
+        path = _local_file(args.teacher_checkpoint, output_dir(args.output) / ".cache")
         obj = read_checkpoint(path, trusted=args.trust_checkpoint)
         state_dict, _ = extract_state_dict(obj, source=str(path))
         load_state_dict_strict(teacher, state_dict, source=str(path))
@@ -330,11 +330,42 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
 
 
 def _local_file(uri: str, cache: Path) -> Path:
-    if str(uri).startswith("s3://"):
-        from gpunet_core import storage
+    """A local path for ``uri``; ``s3://`` objects are fetched fresh (same-size files may differ)."""
+    from gpunet_core import storage
 
-        return storage.download(uri, cache / Path(uri).name)
-    return Path(uri)
+    if not storage.is_s3_uri(uri):
+        return Path(uri)
+    src = storage.parse_s3_uri(str(uri))
+    dest = cache / "s3" / src.bucket / str(Path(src.key).parent)
+    (dest / Path(src.key).name).unlink(missing_ok=True)
+    return storage.download(str(uri), dest, progress=False)
+
+
+def output_dir(requested: str) -> Path:
+    """Where outputs are written: the directory itself, or a local staging copy of an s3:// one."""
+    from gpunet_core import storage
+
+    if not storage.is_s3_uri(requested):
+        return Path(requested)
+    src = storage.parse_s3_uri(requested)
+    cache = Path(os.environ.get("GPUNET_CACHE_DIR", Path.home() / ".cache" / "gpunet"))
+    return cache / "outputs" / src.bucket / src.key
+
+
+def _resume_source(args: argparse.Namespace, output: Path, env: DistEnv) -> Path | None:
+    from gpunet_core import storage
+
+    if args.resume:
+        return _local_file(args.resume, output / f".resume-rank{env.rank}")
+    if not args.auto_resume:
+        return None
+    if storage.is_s3_uri(args.output):
+        remote = f"{args.output.rstrip('/')}/last.pth.tar"
+        if storage.object_exists(storage.parse_s3_uri(remote)):
+            return _local_file(remote, output / f".resume-rank{env.rank}")
+        return None
+    last = output / "last.pth.tar"
+    return last if last.exists() else None
 
 
 @dataclass
@@ -460,7 +491,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     env = setup_distributed()
     seed_everything(args.seed + env.rank)
-    output = Path(args.output)
+    output = output_dir(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
     # ---- data (class count checked before any model work)
@@ -522,11 +553,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         min_lr=args.min_lr, updates_per_epoch=steps_per_epoch)
 
     state = RunState(history=[])
-    resume = args.resume or (output / "last.pth.tar" if args.auto_resume
-                             and (output / "last.pth.tar").exists() else None)
+    resume = _resume_source(args, output, env)
     if resume:
-        state = restore_state(Path(_local_file(str(resume), output / ".cache")), model=model,
-                              ema=ema, optimizer=optimizer, scaler=scaler,
+        state = restore_state(resume, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
                               trusted=args.trust_checkpoint)
         if env.is_main:
             _logger.info("resumed from %s after epoch %d (%d steps)", resume, state.epoch,
@@ -688,11 +717,15 @@ def _manifest_checksum(root: Path) -> str:
 
 
 def _sync_output(requested: str, local: Path) -> None:
-    """Placeholder for s3:// outputs (wired to gpunet_core.storage); local outputs need nothing."""
-    if str(requested).startswith("s3://"):
-        from gpunet_core import storage
+    """Mirror the staging directory to an ``s3://`` output (uploads are verified)."""
+    from gpunet_core import storage
 
-        storage.upload_dir(local, requested)
+    if storage.is_s3_uri(requested):
+        files = [(p, p.relative_to(local).as_posix()) for p in sorted(local.iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.name != "mlflow.db"]
+        # checkpoints keep their size from epoch to epoch: never skip by size here
+        storage.upload_files(files, storage.parse_s3_uri(requested), skip_existing=False,
+                             progress=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
