@@ -605,6 +605,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         loaders.set_epoch(train_loader, epoch)
         train_model.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd (per-sample sums)
+        input_px: dict[str, int] = {}
         seen, data_wait, t_epoch = 0, 0.0, time.perf_counter()
         progress = _Progress(steps_per_epoch, epoch, env.is_main, args.log_interval)
         t_data = time.perf_counter()
@@ -626,6 +627,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(teacher_images)
+                if step == 1:
+                    input_px = {"teacher_px": teacher_images.shape[-1],
+                                "student_px": images.shape[-1]}
+                    if env.is_main and epoch == state.epoch:
+                        _logger.info("distillation: teacher %s sees %d px, student %d px "
+                                     "(bicubic downsample)", args.teacher,
+                                     input_px["teacher_px"], input_px["student_px"])
                 kd = kd_loss(output_logits, teacher_logits, args.kd_temperature)
                 loss = ce + args.kd_weight * kd
             if not torch.isfinite(loss):
@@ -672,7 +680,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                "train_ce": sums[1].item() / max(seen_all, 1),
                "train_kd": sums[2].item() / max(seen_all, 1), **metrics,
                "lr": optimizer.param_groups[0]["lr"], "img_per_sec": seen_all / elapsed,
-               "data_wait_frac": data_wait / elapsed, "rank_checksums": checksums}
+               "data_wait_frac": data_wait / elapsed, "rank_checksums": checksums,
+               **input_px}
         state.history.append(row)
         state.epoch = epoch + 1
         is_best = metrics["top1"] > state.best_top1

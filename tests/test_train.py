@@ -121,3 +121,42 @@ def test_torchrun_two_workers_learn_and_stay_in_sync(digits_small, tmp_path):
     assert torch.equal(model.state_dict()["network. layer15.net.6.bias"],
                        ckpt["state_dict_ema"]["network. layer15.net.6.bias"])
     assert math.isfinite(float(rows[-1]["img_per_sec"]))
+
+
+@pytest.mark.slow
+def test_distillation_teacher_sees_its_resolution(digits_small, tmp_path):
+    import timm
+
+    from gpunet_core import loaders
+    from gpunet_core.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    cfg = loaders.TrainConfig(img_size=48, auto_augment=None, reprob=0.0, scale=(0.5, 1.0))
+    loader = loaders.build_train_loader(digits_small / "train", cfg, batch_size=32, workers=0)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=2e-3)
+    for _ in range(2):
+        for images, target in loader:
+            assert images.shape[-1] == 48
+            loss = F.cross_entropy(teacher(images), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    ckpt = save_checkpoint({"state_dict": teacher.state_dict()}, tmp_path / "teacher.pth")
+
+    out = tmp_path / "kd"
+    result = run(gpunet_cmd("train", str(digits_small), "--model", "gpunet_0", "--epochs", "2",
+                            "--output", str(out), *FAST, "--enable-distill", "True",
+                            "--teacher", "resnet10t", "--teacher-checkpoint", str(ckpt),
+                            "--teacher-img-size", "48", "--kd-weight", "0.5",
+                            "--test-teacher", "True"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher resnet10t sees 48 px, student 32 px" in result.stderr
+    assert "teacher resnet10t: top1" in result.stderr
+    history = read_checkpoint(out / "last.pth.tar")["history"]
+    assert all(row["teacher_px"] == 48 and row["student_px"] == 32 for row in history)
+    rows = read_summary(out / "summary.csv")
+    for row in rows:
+        kd, ce, total = float(row["train_kd"]), float(row["train_ce"]), float(row["train_loss"])
+        assert kd > 0
+        assert total == pytest.approx(ce + 0.5 * kd, rel=1e-4)
