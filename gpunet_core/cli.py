@@ -18,6 +18,8 @@ from gpunet_core.errors import GpunetError
 # subcommand name -> module under gpunet_core.commands
 COMMANDS = {
     "models": "models",
+    "validate": "validate",
+    "export-onnx": "export_onnx",
 }
 
 

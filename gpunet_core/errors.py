@@ -24,3 +24,11 @@ class UnknownModelError(GpunetError, ValueError):
 
 class CheckpointError(GpunetError):
     """A checkpoint cannot be read, is untrusted, or does not fit the model."""
+
+
+class ExportError(GpunetError):
+    """An ONNX/Triton export failed, is corrupt, is not a GPUNet export, or fails its parity check."""
+
+
+class BenchmarkError(GpunetError):
+    """A latency benchmark cannot run (missing backend, GPU, binary) or produced no result."""
