@@ -20,6 +20,7 @@ COMMANDS = {
     "models": "models",
     "validate": "validate",
     "export-onnx": "export_onnx",
+    "bench": "bench",
 }
 
 
