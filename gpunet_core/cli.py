@@ -21,6 +21,7 @@ COMMANDS = {
     "validate": "validate",
     "export-onnx": "export_onnx",
     "bench": "bench",
+    "report": "report",
 }
 
 
