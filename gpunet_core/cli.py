@@ -22,6 +22,7 @@ COMMANDS = {
     "export-onnx": "export_onnx",
     "bench": "bench",
     "report": "report",
+    "export-triton": "export_triton",
 }
 
 
