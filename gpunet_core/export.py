@@ -1,23 +1,24 @@
 """ONNX export of a GPUNet with a parity check in ONNX Runtime and a sidecar JSON.
 
 Exporter: both of torch's exporters handle all seven GPUNets with identical parity (about 1e-8
-on random weights). The default is the TorchScript one (``dynamo=False``): on this project's CPUs
-it is 3-5x faster (2-4 s vs 6-14 s per model at 64 px, which is what keeps CI short), folds
-BatchNorm into the convolutions itself (``do_constant_folding``), and writes opset 13..20, so the
-same file feeds TensorRT 8.x (NVIDIA's published figures) as well as TensorRT 10. It is
-deprecated since torch 2.9 but present in the pinned torch 2.14.1. ``exporter="dynamo"`` (CLI
-``--exporter dynamo``, opset >= 18) selects the torch.export-based exporter, the maintained path
-once the TorchScript one is removed; it is tested too.
+on random weights) and both fold BatchNorm into the convolutions (no BatchNormalization node
+is left). The default is the TorchScript one (``dynamo=False``, ``do_constant_folding``): on
+this project's CPUs it is 3-5x faster (2-4 s vs 6-14 s per model at 64 px, which keeps CI
+short) and writes opset 13..20, so the same file also feeds TensorRT 8.x (NVIDIA's published
+figures) besides TensorRT 10. It is deprecated since torch 2.9 but present in the pinned torch
+2.14.1. ``exporter="dynamo"`` (CLI ``--exporter dynamo``, opset >= 18) selects the
+torch.export-based exporter, the maintained path once the TorchScript one is removed; it is
+tested too.
 
 The export is of the eval-mode model, so dropout and drop path are gone (the graph is checked to
 hold no ``Dropout`` node). A ``gpunet`` entry in the ONNX ``metadata_props`` records what was
 exported; :func:`inspect_onnx` uses it to reject files that are not GPUNet exports.
 
 Parity tolerance: both sides run in FP32 on the same fixed input. They differ only by rounding:
-ONNX Runtime folds BatchNorm into the convolution weights and sums in another order (MLAS vs
-oneDNN kernels). One FP32 op contributes a relative error of a few ulp (eps = 1.2e-7) times
+the export has BatchNorm folded into the convolution weights (PyTorch applies it separately)
+and ONNX Runtime sums in another order (MLAS vs oneDNN kernels). One FP32 op contributes a relative error of a few ulp (eps = 1.2e-7) times
 roughly sqrt(fan-in); over GPUNet's 20-50 layers this accumulates to about 1e-6..1e-5 of the
-logit scale (measured: <= 1e-6 relative for all seven models). The check allows
+logit scale (measured on random weights: <= 1e-6 relative for all seven models). The check allows
 ``PARITY_ATOL + PARITY_RTOL * max|logit|`` with both 1e-4: at least 10x above the rounding noise,
 while real export faults (dropout left active, a wrong padding, BatchNorm in training mode, other
 weights) move logits by 1e-2 of their scale or more.
