@@ -21,6 +21,11 @@ COMMANDS = {
     "spec": "spec",
     "prepare": "prepare",
     "bench-data": "bench_data",
+    "validate": "validate",
+    "export-onnx": "export_onnx",
+    "bench": "bench",
+    "report": "report",
+    "export-triton": "export_triton",
 }
 
 
