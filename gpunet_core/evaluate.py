@@ -24,12 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpunet_core.checkpoint import (
-    extract_state_dict,
-    load_state_dict_strict,
-    read_checkpoint,
-    state_dict_classes,
-)
 from gpunet_core.errors import GpunetError
 from gpunet_core.loaders import EvalConfig, build_eval_loader
 from gpunet_core.model import GPUNet, create_model
@@ -50,20 +44,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def load_inference_model(model_name: str, checkpoint: str | Path | None = None, *,
                          num_classes: int | None = None, use_ema: bool = True,
                          trusted: bool = False) -> GPUNet:
-    """An eval-mode GPUNet, its classifier sized like the checkpoint's unless ``num_classes``."""
-    if checkpoint is None:
-        return create_model(model_name, num_classes=num_classes).eval()
-    obj = read_checkpoint(checkpoint, trusted=trusted)
-    state_dict, container = extract_state_dict(obj, use_ema=use_ema, source=str(checkpoint))
-    if num_classes is None:
-        with torch.device("meta"):
-            probe = create_model(model_name)
-        num_classes = state_dict_classes(state_dict, probe)
-    model = create_model(model_name, num_classes=num_classes)
-    load_state_dict_strict(model, state_dict, source=str(checkpoint))
-    _logger.info("loaded %s%s into %s (%d classes)", checkpoint,
-                 f" [{container}]" if container else "", model_name, model.num_classes)
-    return model.eval()
+    """An eval-mode GPUNet; its classifier is sized like the checkpoint's unless ``num_classes``."""
+    return create_model(model_name, num_classes=num_classes, checkpoint=checkpoint,
+                        use_ema=use_ema, trusted=trusted).eval()
 
 
 def autocast_context(device: torch.device, amp: bool):

@@ -41,6 +41,7 @@ from torch import nn
 
 from gpunet_core.errors import ExportError
 from gpunet_core.evaluate import sha256_file, write_json
+from gpunet_core.storage import fetch_file
 
 _logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
         else f"{PARITY_ATOL:g} + {PARITY_RTOL:g} * max|logit|",
         "parity_input": f"torch.randn(batch, 3, {img_size}, {img_size}), seed {PARITY_SEED}",
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": sha256_file(fetch_file(checkpoint)) if checkpoint else None,
         "onnx_file": output.name,
         "onnx_sha256": sha256_file(output),
     }

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from _digits import make_digits_folders  # TEMPORARY: becomes gpunet_core.datasets.prepare_digits
 
 from gpunet_core.checkpoint import save_checkpoint
 from gpunet_core.cli import main as cli_main
+from gpunet_core.datasets import prepare_digits
 from gpunet_core.errors import GpunetError
 from gpunet_core.evaluate import load_inference_model, validate
 from gpunet_core.loaders import EvalConfig, eval_transform, open_image_folder
@@ -25,7 +25,8 @@ TIMING_KEYS = {"seconds", "images_per_second"}
 def digits_checkpoint(tmp_path_factory):
     """Digits train/val folders and a gpunet_0 trained on train for 40 plain AdamW steps of 16."""
     root = tmp_path_factory.mktemp("digits")
-    train_dir, val_dir = make_digits_folders(root, size=IMG)
+    prepare_digits(root, img_size=IMG, per_class=60)  # 48 train / 12 val images per class
+    train_dir, val_dir = root / "train", root / "val"
     torch.manual_seed(0)
     model = create_model("gpunet_0", num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
     dataset = open_image_folder(train_dir, eval_transform(EvalConfig.for_model(model, IMG, 1.0)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from gpunet_core.errors import GpunetError
 from gpunet_core.model import GPUNet, list_models
 
 
@@ -12,8 +11,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", required=True,
                         help=f"model name ({', '.join(list_models())}) or a GPUNet JSON spec")
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint file: NVIDIA's published .pth.tar (or NGC zip) or the "
-                             "project's own; default: random weights")
+                        help="checkpoint file or s3:// URI: NVIDIA's published .pth.tar (or NGC "
+                             "zip) or the project's own; default: random weights")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow checkpoints holding pickled Python objects (e.g. NVIDIA's "
                              "files with argparse args); only for files you trust")
@@ -21,17 +20,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="prefer the EMA weights of a training checkpoint (default: yes)")
 
 
-def checkpoint_arg(value: str | None) -> str | None:
-    """The local checkpoint path; object-store URIs are not wired into these commands yet."""
-    if value and "://" in value:
-        raise GpunetError(
-            f"--checkpoint {value}: remote checkpoints (s3://...) are not supported by this "
-            "command yet; download the file first (e.g. `aws s3 cp URI .`) and pass the local path")
-    return value
-
-
 def model_from_args(args: argparse.Namespace) -> GPUNet:
     from gpunet_core.evaluate import load_inference_model
 
-    return load_inference_model(args.model, checkpoint_arg(args.checkpoint),
+    return load_inference_model(args.model, args.checkpoint,
                                 use_ema=args.use_ema, trusted=args.trust_checkpoint)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpunet_core.commands._model_args import add_model_args, checkpoint_arg, model_from_args
+from gpunet_core.commands._model_args import add_model_args, model_from_args
 from gpunet_core.export import DEFAULT_EXPORTER, DEFAULT_OPSET, OPSETS, export_onnx, sidecar_path
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     sidecar = export_onnx(model, args.output, model_name=args.model, img_size=args.img_size,
                           batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                          checkpoint=checkpoint_arg(args.checkpoint), tolerance=args.tolerance,
+                          checkpoint=args.checkpoint, tolerance=args.tolerance,
                           exporter=args.exporter)
     print(json.dumps({"onnx": str(args.output), "sidecar": str(sidecar_path(args.output)),
                       "input_shape": sidecar["input_shape"], "opset": sidecar["opset"],

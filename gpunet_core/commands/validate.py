@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpunet_core.commands._model_args import add_model_args, checkpoint_arg, model_from_args
+from gpunet_core.commands._model_args import add_model_args, model_from_args
 from gpunet_core.evaluate import validate, write_json
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                        channels_last=args.channels_last, device=args.device,
                        progress=not args.no_progress)
     results["model"] = args.model
-    results["checkpoint"] = checkpoint_arg(args.checkpoint)
+    results["checkpoint"] = args.checkpoint
     results["data"] = str(args.data)
     if args.results_file:
         write_json(results, args.results_file)
