@@ -64,8 +64,10 @@ def _open_ngc_zip(path: Path) -> io.BytesIO | None:
 
 
 def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
-    """``torch.load`` a checkpoint onto the CPU, weights-only unless ``trusted``."""
-    path = Path(path)
+    """``torch.load`` a checkpoint (path or ``s3://`` URI) onto the CPU, weights-only unless ``trusted``."""
+    from gpunet_core.storage import fetch_file
+
+    path = fetch_file(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():

@@ -22,6 +22,11 @@ COMMANDS = {
     "train": "train",
     "prepare": "prepare",
     "bench-data": "bench_data",
+    "validate": "validate",
+    "export-onnx": "export_onnx",
+    "bench": "bench",
+    "report": "report",
+    "export-triton": "export_triton",
 }
 
 

@@ -32,3 +32,11 @@ class DataError(GpunetError):
 
 class StorageError(GpunetError):
     """An object-store (S3) problem: bad URI, missing bucket, denied access, wrong credentials."""
+
+
+class ExportError(GpunetError):
+    """An ONNX/Triton export failed, is corrupt, is not a GPUNet export, or fails its parity check."""
+
+
+class BenchmarkError(GpunetError):
+    """A latency benchmark cannot run (missing backend, GPU, binary) or produced no result."""

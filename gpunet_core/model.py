@@ -513,9 +513,10 @@ def create_model(name_or_spec: str | Path | dict | list | ArchSpec, *,
                  pretrained_cfg_overlay: dict[str, Any] | None = None, **kwargs: Any) -> GPUNet:
     """Create a GPUNet by registered name (see :func:`list_models`) or from a JSON spec.
 
-    ``num_classes`` defaults to the spec's (1000 for the shipped family). ``checkpoint`` loads
-    NVIDIA's published files or the project's own (see :func:`gpunet_core.checkpoint.load_checkpoint`);
-    with ``num_classes`` other than the checkpoint's, everything but the classifier is loaded.
+    ``num_classes`` defaults to the checkpoint's classifier size when ``checkpoint`` is given,
+    else to the spec's (1000 for the shipped family). ``checkpoint`` (a path or ``s3://`` URI)
+    loads NVIDIA's published files or the project's own; with an explicit ``num_classes`` other
+    than the checkpoint's, everything but the classifier is loaded.
     Pickled (non-weights-only) checkpoints load only with ``trusted=True``.
     """
     unknown = {k for k, v in kwargs.items() if v is not None}
@@ -524,12 +525,23 @@ def create_model(name_or_spec: str | Path | dict | list | ArchSpec, *,
     arch, name = load_model_spec(name_or_spec)
     cfg = pretrained_cfg_for(name) if name else {}
     cfg.update(pretrained_cfg_overlay or {})
+    state_dict = None
+    if checkpoint is not None:
+        from gpunet_core import checkpoint as ckpt
+
+        obj = ckpt.read_checkpoint(checkpoint, trusted=trusted)
+        state_dict, container = ckpt.extract_state_dict(obj, use_ema=use_ema, source=str(checkpoint))
+        if num_classes is None:  # size the classifier like the checkpoint's
+            with torch.device("meta"):
+                probe = build_model(arch)
+            num_classes = ckpt.state_dict_classes(state_dict, probe)
     model = build_model(arch, num_classes=num_classes, drop_rate=drop_rate,
                         drop_path_rate=drop_path_rate, in_chans=in_chans, pretrained_cfg=cfg)
-    if checkpoint is not None:
-        from gpunet_core.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint, use_ema=use_ema, trusted=trusted)
+    if state_dict is not None:
+        ckpt.load_state_dict_strict(model, state_dict, source=str(checkpoint))
+        _logger.info("loaded %s%s into %s (%d classes)", checkpoint,
+                     f" [{container}]" if container else "", name or arch.source,
+                     model.num_classes)
     return model
 
 

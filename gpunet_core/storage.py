@@ -295,3 +295,23 @@ def _object_size(uri: S3Uri, client) -> int:
         return int(client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"])
     except _boto_errors() as exc:
         raise storage_error(exc, uri, "stat") from None
+
+
+def fetch_file(uri: str | os.PathLike, cache_dir: str | Path | None = None) -> Path:
+    """A local path for a file or ``s3://`` object; objects are always fetched fresh.
+
+    (Training checkpoints keep their size from epoch to epoch, so the size-based cache of
+    :func:`download` could serve a stale copy.)
+    """
+    if not is_s3_uri(uri):
+        return Path(uri)
+    src = parse_s3_uri(str(uri))
+    cache = Path(cache_dir) if cache_dir else default_cache_dir() / "files"
+    dest = cache / src.bucket / str(Path(src.key).parent)
+    (dest / Path(src.key).name).unlink(missing_ok=True)
+    return download(str(uri), dest, progress=False)
+
+
+def default_cache_dir() -> Path:
+    """``$GPUNET_CACHE_DIR`` or ``~/.cache/gpunet``."""
+    return Path(os.environ.get("GPUNET_CACHE_DIR", Path.home() / ".cache" / "gpunet"))

@@ -330,15 +330,9 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
 
 
 def _local_file(uri: str, cache: Path) -> Path:
-    """A local path for ``uri``; ``s3://`` objects are fetched fresh (same-size files may differ)."""
-    from gpunet_core import storage
+    from gpunet_core.storage import fetch_file
 
-    if not storage.is_s3_uri(uri):
-        return Path(uri)
-    src = storage.parse_s3_uri(str(uri))
-    dest = cache / "s3" / src.bucket / str(Path(src.key).parent)
-    (dest / Path(src.key).name).unlink(missing_ok=True)
-    return storage.download(str(uri), dest, progress=False)
+    return fetch_file(uri, cache)
 
 
 def output_dir(requested: str) -> Path:
@@ -348,8 +342,7 @@ def output_dir(requested: str) -> Path:
     if not storage.is_s3_uri(requested):
         return Path(requested)
     src = storage.parse_s3_uri(requested)
-    cache = Path(os.environ.get("GPUNET_CACHE_DIR", Path.home() / ".cache" / "gpunet"))
-    return cache / "outputs" / src.bucket / src.key
+    return storage.default_cache_dir() / "outputs" / src.bucket / src.key
 
 
 def _resume_source(args: argparse.Namespace, output: Path, env: DistEnv) -> Path | None:

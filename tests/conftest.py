@@ -11,6 +11,26 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API server (moto_server) on 127.0.0.1 with one bucket, for the whole session."""
+    from tests import s3_server
+
+    server = s3_server.start(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch, tmp_path):
+    """Point boto3 (AWS_* variables) at the test S3 server, with a private cache dir."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPUNET_CACHE_DIR", str(tmp_path / "gpunet-cache"))
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    return s3
+
+
+@pytest.fixture(scope="session")
 def digits_small(tmp_path_factory):
     """The embedded digits dataset, 40 images per class at 32 px (320 train / 80 val)."""
     from gpunet_core.datasets import prepare_digits

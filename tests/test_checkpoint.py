@@ -192,3 +192,29 @@ def test_pretrained_lookup(tmp_path, monkeypatch, g0_sd):
     model = timm.create_model("gpunet_0", pretrained=True)
     assert torch.equal(model.state_dict()["network. layer15.net.6.bias"],
                        g0_sd["network. layer15.net.6.bias"])
+
+
+def test_checkpoint_from_s3(s3_env, tmp_path, g0_sd):
+    local = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": g0_sd, "epoch": 1}, local)
+    s3_env.client().upload_file(str(local), s3_env.bucket, "runs/a/last.pth.tar")
+    uri = f"s3://{s3_env.bucket}/runs/a/last.pth.tar"
+    model = gpunet_core.create_model("gpunet_0", checkpoint=uri)
+    assert torch.equal(model.state_dict()["network. layer15.net.6.bias"],
+                       g0_sd["network. layer15.net.6.bias"])
+    # same size, new content: a fresh fetch, not a stale cached copy
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in g0_sd.items()}
+    torch.save({"state_dict": changed, "epoch": 2}, local)
+    s3_env.client().upload_file(str(local), s3_env.bucket, "runs/a/last.pth.tar")
+    model = gpunet_core.create_model("gpunet_0", checkpoint=uri)
+    assert torch.equal(model.state_dict()["network. layer15.net.6.bias"],
+                       changed["network. layer15.net.6.bias"])
+    with pytest.raises(gpunet_core.GpunetError, match="s3://.*/runs/missing.pth"):
+        gpunet_core.create_model("gpunet_0", checkpoint=f"s3://{s3_env.bucket}/runs/missing.pth")
+
+
+def test_checkpoint_sizes_the_classifier(tmp_path):
+    small = gpunet_core.create_model("gpunet_d1", num_classes=10)
+    torch.save(small.state_dict(), tmp_path / "d1_10.pth")
+    model = gpunet_core.create_model("gpunet_d1", checkpoint=tmp_path / "d1_10.pth")
+    assert model.num_classes == 10

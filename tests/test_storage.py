@@ -8,23 +8,7 @@ import pytest
 
 from gpunet_core import datasets, storage
 from gpunet_core.errors import StorageError
-from tests import s3_server
 from tests.test_datasets import jpeg_bytes
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = s3_server.start(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    return s3
 
 
 def test_parse_s3_uri():

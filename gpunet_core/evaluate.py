@@ -1,0 +1,163 @@
+"""Validation of a GPUNet on a labelled ImageFolder: top-1/top-5, loss, speed, per-class numbers.
+
+:func:`load_inference_model` builds a model in eval mode from a shipped name or spec plus an
+optional checkpoint (NVIDIA's or the project's), sizing the classifier from the checkpoint so a
+10-class fine-tune is not silently loaded into a fresh 1000-class head. :func:`validate` runs the
+evaluation loop of NVIDIA's ``validate.py`` (timm's) and returns a JSON-able dict that the CLI
+writes with :func:`write_json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gpunet_core.errors import GpunetError
+from gpunet_core.loaders import EvalConfig, build_eval_loader
+from gpunet_core.model import GPUNet, create_model
+
+_logger = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "gpunet.validate/1"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_inference_model(model_name: str, checkpoint: str | Path | None = None, *,
+                         num_classes: int | None = None, use_ema: bool = True,
+                         trusted: bool = False) -> GPUNet:
+    """An eval-mode GPUNet; its classifier is sized like the checkpoint's unless ``num_classes``."""
+    return create_model(model_name, num_classes=num_classes, checkpoint=checkpoint,
+                        use_ema=use_ema, trusted=trusted).eval()
+
+
+def autocast_context(device: torch.device, amp: bool):
+    """Mixed precision as in validation: fp16 autocast on CUDA, bf16 autocast on the CPU."""
+    if not amp:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GpunetError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, workers: int = 4,
+             img_size: int | None = None, crop_pct: float | None = None, amp: bool = False,
+             channels_last: bool = False, device: str | torch.device | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` on ``data_dir`` (``<class>/<image>`` folders, sorted class order).
+
+    Returns top-1/top-5 (percent), mean cross-entropy loss, images per second (wall time of the
+    whole loop, data loading included, as timm's validate reports it), per-class accuracy and
+    the confusion matrix (rows: true class, columns: predicted class).
+    """
+    dev = _device(device)
+    cfg = EvalConfig.for_model(model, img_size, crop_pct)
+    loader = build_eval_loader(data_dir, cfg, batch_size=batch_size, workers=workers)
+    classes: list[str] = list(loader.dataset.classes)
+    num_classes = int(getattr(model, "num_classes", len(classes)))
+    if len(classes) != num_classes:
+        raise GpunetError(
+            f"{data_dir} has {len(classes)} class folders but the model's classifier has "
+            f"{num_classes} outputs: validate with the checkpoint trained on this dataset, or a "
+            f"directory with exactly {num_classes} class folders")
+    model = model.eval().to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    topk = min(5, num_classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc="validate", unit="batch", disable=not progress, leave=False)
+    for images, targets in bar:
+        images = images.to(dev, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(dev)
+        with autocast_context(dev, amp):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        top = logits.topk(topk, dim=1).indices
+        hits = top.eq(targets[:, None])
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+        seen += targets.numel()
+        pairs = targets.cpu() * num_classes + top[:, 0].cpu()
+        confusion += torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, num_classes)
+        bar.set_postfix(top1=f"{100.0 * correct1 / seen:.2f}")
+    elapsed = time.perf_counter() - start
+    if seen == 0:
+        raise GpunetError(f"no images found under {data_dir}")
+    per_class_total = confusion.sum(dim=1)
+    per_class = {
+        name: (float(confusion[i, i]) / float(per_class_total[i]) * 100.0
+               if per_class_total[i] else None)
+        for i, name in enumerate(classes)
+    }
+    return {
+        "schema": RESULTS_SCHEMA,
+        "top1": 100.0 * correct1 / seen,
+        "top5": 100.0 * correct5 / seen,
+        "topk": topk,
+        "loss": loss_sum / seen,
+        "images": seen,
+        "seconds": elapsed,
+        "images_per_second": seen / elapsed if elapsed > 0 else math.inf,
+        "num_classes": num_classes,
+        "classes": classes,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "img_size": cfg.img_size,
+        "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
+        "batch_size": batch_size,
+        "amp": amp,
+        "amp_dtype": None if not amp else ("float16" if dev.type == "cuda" else "bfloat16"),
+        "channels_last": channels_last,
+        "device": str(dev),
+        "torch": torch.__version__,
+    }
+
+
+def write_json(results: dict[str, Any], path: str | Path) -> Path:
+    """Write a JSON-able dict as indented JSON, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(results, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

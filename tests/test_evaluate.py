@@ -1,0 +1,111 @@
+"""validate: a GPUNet trained here on the digits split scores well above chance, reproducibly."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from gpunet_core.checkpoint import save_checkpoint
+from gpunet_core.cli import main as cli_main
+from gpunet_core.datasets import prepare_digits
+from gpunet_core.errors import GpunetError
+from gpunet_core.evaluate import load_inference_model, validate
+from gpunet_core.loaders import EvalConfig, eval_transform, open_image_folder
+from gpunet_core.model import create_model
+
+IMG = 32
+TIMING_KEYS = {"seconds", "images_per_second"}
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    """Digits train/val folders and a gpunet_0 trained on train for 40 plain AdamW steps of 16."""
+    root = tmp_path_factory.mktemp("digits")
+    prepare_digits(root, img_size=IMG, per_class=60)  # 48 train / 12 val images per class
+    train_dir, val_dir = root / "train", root / "val"
+    torch.manual_seed(0)
+    model = create_model("gpunet_0", num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+    dataset = open_image_folder(train_dir, eval_transform(EvalConfig.for_model(model, IMG, 1.0)))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor(dataset.targets)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(40):
+        idx = torch.randint(len(images), (16,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = save_checkpoint({"state_dict": model.state_dict(), "epoch": 0}, root / "digits.pth")
+    return val_dir, ckpt
+
+
+def run_validate(val_dir, ckpt, **kw):
+    model = load_inference_model("gpunet_0", ckpt)
+    return validate(model, val_dir, batch_size=32, workers=0, img_size=IMG, crop_pct=1.0,
+                    progress=False, **kw)
+
+
+def test_validate_is_sane_and_reproducible(digits_checkpoint):
+    val_dir, ckpt = digits_checkpoint
+    first, second = run_validate(val_dir, ckpt), run_validate(val_dir, ckpt)
+    assert {k: v for k, v in first.items() if k not in TIMING_KEYS} == \
+        {k: v for k, v in second.items() if k not in TIMING_KEYS}
+
+    assert first["images"] == 120 and first["num_classes"] == 10
+    assert first["classes"] == [str(d) for d in range(10)]
+    assert first["top1"] > 50.0  # chance is 10%
+    assert first["top1"] <= first["top5"] <= 100.0
+    assert 0.0 < first["loss"] < math.log(10)  # better than a uniform guess
+    assert first["images_per_second"] > 0
+    confusion = torch.tensor(first["confusion_matrix"])
+    assert confusion.shape == (10, 10) and int(confusion.sum()) == 120
+    assert confusion.sum(dim=1).tolist() == [12] * 10
+    assert first["top1"] == pytest.approx(100.0 * int(confusion.trace()) / 120)
+    for i, name in enumerate(first["classes"]):
+        assert first["per_class_accuracy"][name] == pytest.approx(100.0 * int(confusion[i, i]) / 12)
+
+
+def test_cli_results_file_matches_library_and_amp_channels_last(digits_checkpoint, tmp_path,
+                                                                capsys):
+    val_dir, ckpt = digits_checkpoint
+    reference = run_validate(val_dir, ckpt)
+    out = tmp_path / "results.json"
+    common = [str(val_dir), "--model", "gpunet_0", "--checkpoint", str(ckpt), "-b", "32", "-j",
+              "0", "--img-size", str(IMG), "--crop-pct", "1.0", "--no-progress"]
+    assert cli_main(["validate", *common, "--results-file", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    for key in ("top1", "top5", "loss", "confusion_matrix", "per_class_accuracy", "images"):
+        assert saved[key] == reference[key]
+    assert saved["model"] == "gpunet_0" and saved["checkpoint"] == str(ckpt)
+    assert json.loads(capsys.readouterr().out)["top1"] == reference["top1"]
+
+    # bf16 autocast is emulated (slow) on CPUs without bf16 units: a 3-per-class subset
+    mini = tmp_path / "mini"
+    for class_dir in sorted(val_dir.iterdir()):
+        (mini / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:3]:
+            shutil.copy(image, mini / class_dir.name / image.name)
+    fp32 = run_validate(mini, ckpt)
+    out_amp = tmp_path / "amp.json"
+    common[0] = str(mini)
+    assert cli_main(["validate", *common, "--amp", "--channels-last",
+                     "--results-file", str(out_amp)]) == 0
+    amp = json.loads(out_amp.read_text())
+    assert amp["amp"] and amp["amp_dtype"] == "bfloat16" and amp["channels_last"]
+    assert amp["images"] == 30
+    assert abs(amp["top1"] - fp32["top1"]) <= 10.0  # bf16 may flip a close call (1 in 30 = 3.3)
+    assert amp["loss"] == pytest.approx(fp32["loss"], rel=0.1, abs=0.05)
+
+
+def test_class_count_mismatch_and_missing_dir_are_clear(digits_checkpoint, tmp_path, capsys):
+    val_dir, _ = digits_checkpoint
+    with pytest.raises(GpunetError, match="10 class folders but the model's classifier has 1000"):
+        validate(create_model("gpunet_0"), val_dir, workers=0, img_size=IMG, progress=False)
+    code = cli_main(["validate", str(tmp_path / "nope"), "--model", "gpunet_0", "-j", "0"])
+    assert code == 2 and "dataset directory not found" in capsys.readouterr().err
