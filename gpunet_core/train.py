@@ -319,7 +319,7 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
         raise TrainError(f"cannot fetch pretrained weights of teacher {args.teacher!r} ({exc}); "
                          "pass --teacher-checkpoint PATH") from None
     if args.teacher_checkpoint:
-        path = _local_file(args.teacher_checkpoint, output_dir(args.output) / ".cache")
+        path = args.teacher_checkpoint
         obj = read_checkpoint(path, trusted=args.trust_checkpoint)
         state_dict, _ = extract_state_dict(obj, source=str(path))
         load_state_dict_strict(teacher, state_dict, source=str(path))
@@ -327,12 +327,6 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def _local_file(uri: str, cache: Path) -> Path:
-    from gpunet_core.storage import fetch_file
-
-    return fetch_file(uri, cache)
 
 
 def output_dir(requested: str) -> Path:
@@ -349,13 +343,13 @@ def _resume_source(args: argparse.Namespace, output: Path, env: DistEnv) -> Path
     from gpunet_core import storage
 
     if args.resume:
-        return _local_file(args.resume, output / f".resume-rank{env.rank}")
+        return storage.fetch_file(args.resume, output / f".resume-rank{env.rank}")
     if not args.auto_resume:
         return None
     if storage.is_s3_uri(args.output):
         remote = f"{args.output.rstrip('/')}/last.pth.tar"
         if storage.object_exists(storage.parse_s3_uri(remote)):
-            return _local_file(remote, output / f".resume-rank{env.rank}")
+            return storage.fetch_file(remote, output / f".resume-rank{env.rank}")
         return None
     last = output / "last.pth.tar"
     return last if last.exists() else None
@@ -500,8 +494,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.initial_checkpoint:
         from gpunet_core.checkpoint import load_checkpoint
 
-        load_checkpoint(model, _local_file(args.initial_checkpoint, output / ".cache"),
-                        trusted=args.trust_checkpoint)
+        load_checkpoint(model, args.initial_checkpoint, trusted=args.trust_checkpoint)
     img_size = args.img_size or model.pretrained_cfg["input_size"][-1]
     crop_pct = args.crop_pct if args.crop_pct is not None else model.pretrained_cfg["crop_pct"]
     teacher = None
