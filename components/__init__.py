@@ -1,1 +1,17 @@
-"""Thin KFP v2 components over gpunet_core."""
+"""KFP v2 components: each a thin typed shell over one :mod:`gpunet_core.steps` function.
+
+Lightweight Python components (imports inside the bodies) so the same code runs on a cluster
+from our images and on a laptop under ``kfp.local.SubprocessRunner(use_venv=False)``. Every
+``base_image`` comes from ``images/images.yaml`` through :func:`gpunet_core.images.image_ref`.
+"""
+
+from components.benchmark import benchmark
+from components.export_onnx import export_onnx
+from components.prepare_dataset import prepare_dataset
+from components.promote import promote
+from components.report import report
+from components.train import train_student, train_teacher
+from components.validate import validate
+
+__all__ = ["benchmark", "export_onnx", "prepare_dataset", "promote", "report", "train_student",
+           "train_teacher", "validate"]

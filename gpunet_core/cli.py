@@ -20,6 +20,8 @@ COMMANDS = {
     "models": "models",
     "spec": "spec",
     "train": "train",
+    "pipeline": "pipeline",
+    "promote": "promote",
     "prepare": "prepare",
     "bench-data": "bench_data",
     "validate": "validate",

@@ -183,3 +183,24 @@ def write_report(result_paths: Iterable[str | Path], output_dir: str | Path) -> 
     plot = plot_pareto(rows, out / "pareto.png")
     return {"table": table, "markdown": str(out / "report.md"), "json": str(out / "report.json"),
             "plot": str(plot), "measured_points": len(rows) - len(published_rows())}
+
+
+def write_html_report(result_paths: Iterable[str | Path], html_path: str | Path) -> Path:
+    """One self-contained HTML page (table + embedded Pareto PNG), e.g. a KFP visualization."""
+    import base64
+    import html
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = write_report(result_paths, tmp)
+        png = base64.b64encode(Path(result["plot"]).read_bytes()).decode("ascii")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>GPUNet report</title>"
+            "</head><body><h1>GPUNet latency vs accuracy</h1>"
+            f"<pre>{html.escape(result['table'])}</pre>"
+            f"<img alt='Pareto plot' src='data:image/png;base64,{png}'></body></html>")
+    out = Path(html_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(page)
+    tmp_out.replace(out)
+    return out

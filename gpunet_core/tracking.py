@@ -59,7 +59,8 @@ class RunTracker:
     @classmethod
     def start(cls, args, output: Path, params: dict[str, Any]) -> RunTracker:
         tags = {"git_sha": git_sha(), "model": str(args.model), "preset": str(args.preset or ""),
-                "mlflow.runName": f"train-{args.model}"}
+                "mlflow.runName": f"train-{args.model}",
+                **dict(tag.split("=", 1) for tag in getattr(args, "run_tag", []))}
         tracker = cls(output, args.experiment, f"train-{args.model}", tags)
         flat = {k: v for k, v in vars(args).items() if not k.startswith("_")}
         flat.update(params)

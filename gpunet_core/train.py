@@ -146,6 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
                    help="track the run in MLflow (MLFLOW_TRACKING_URI)")
     g.add_argument("--experiment", default="gpunet", help="MLflow experiment name")
+    g.add_argument("--run-tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra MLflow run tag (repeatable), e.g. kfp_run_id=...")
     return parser
 
 
@@ -298,6 +300,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.workers < 0:
         raise TrainError(f"-j/--workers must be >= 0, got {args.workers}")
+    for tag in args.run_tag:
+        if "=" not in tag or not tag.split("=", 1)[0]:
+            raise TrainError(f"--run-tag {tag!r}: expected KEY=VALUE")
     if args.resume and args.auto_resume:
         raise TrainError("use either --resume PATH or --auto-resume, not both")
 

@@ -1,0 +1,20 @@
+"""benchmark: latency of the ONNX export (gpunet_core.steps.benchmark)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
+from components._images import BENCH_IMAGE
+
+
+@dsl.component(base_image=BENCH_IMAGE)
+def benchmark(onnx: Input[Model], backend: str, iterations: int, mlflow_experiment: str,
+              kfp_run_id: str, metrics: Output[Metrics], results: Output[Artifact]) -> float:
+    from gpunet_core import steps
+
+    out = steps.benchmark(onnx.path, backend=backend, iterations=iterations,
+                          results_file=results.path, experiment=mlflow_experiment,
+                          kfp_run_id=kfp_run_id)
+    for key, value in out["latency_ms"].items():
+        metrics.log_metric(f"latency_ms_{key}", float(value))
+    metrics.log_metric("throughput", float(out.get("throughput", 0.0) or 0.0))
+    return float(out["latency_ms"]["median"])

@@ -1,0 +1,18 @@
+"""export_onnx: ONNX export with a parity check (gpunet_core.steps.export_onnx)."""
+
+from kfp import dsl
+from kfp.dsl import Input, Model, Output
+
+from components._images import BENCH_IMAGE
+
+
+@dsl.component(base_image=BENCH_IMAGE)
+def export_onnx(checkpoint: Input[Model], model_name: str, img_size: int, onnx: Output[Model]):
+    import os
+
+    from gpunet_core import steps
+
+    sidecar = steps.export_onnx(os.path.join(checkpoint.path, "model_best.pth.tar"), onnx.path,
+                                model=model_name, img_size=img_size)
+    onnx.metadata.update({k: sidecar[k] for k in ("opset", "parity_max_abs_diff", "input_shape")
+                          if k in sidecar})

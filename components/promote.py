@@ -1,0 +1,30 @@
+"""promote: register the candidate in MLflow and decide its alias (gpunet_core.steps.promote)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Markdown, Model, Output
+
+from components._images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Artifact],
+            bench: Input[Artifact], model_name: str, img_size: int, registered_model: str,
+            min_top1: float, max_latency_ms: float, margin: float, mlflow_experiment: str,
+            kfp_run_id: str, report: Output[Markdown]) -> str:
+    import json
+    import os
+
+    from gpunet_core import steps
+
+    with open(validation.path) as fh:
+        val = json.load(fh)
+    with open(bench.path) as fh:
+        lat = json.load(fh)
+    decision = steps.promote(os.path.join(checkpoint.path, "model_best.pth.tar"), onnx.path,
+                             val, lat, model=model_name, img_size=img_size,
+                             registered_model=registered_model, min_top1=min_top1,
+                             max_latency_ms=max_latency_ms, margin=margin,
+                             experiment=mlflow_experiment, kfp_run_id=kfp_run_id)
+    with open(report.path, "w") as fh:
+        fh.write(decision["markdown"])
+    return f"{decision['alias']}:{decision['version']}"

@@ -1,0 +1,54 @@
+"""train_teacher / train_student: torchrun training (gpunet_core.steps.train)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components._images import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epochs: int,
+                  batch_size: int, img_size: int, lr: float, optimizer: str,
+                  nproc_per_node: int, checkpoint: Output[Model]):
+    """The distillation teacher, trained in the same run (a no-op when not ``enabled``)."""
+    import os
+
+    from gpunet_core import steps
+
+    os.makedirs(checkpoint.path, exist_ok=True)
+    checkpoint.metadata["enabled"] = enabled
+    if enabled:
+        result = steps.train(dataset.path, checkpoint.path, model=model_name, epochs=epochs,
+                             batch_size=batch_size, img_size=img_size, lr=lr, opt=optimizer,
+                             nproc_per_node=nproc_per_node)
+        checkpoint.metadata.update({"model": model_name, "img_size": img_size,
+                                    "top1": result.get("top1", 0.0)})
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: str, preset: str,
+                  epochs: int, batch_size: int, img_size: int, lr: float, optimizer: str,
+                  nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,
+                  kd_weight: float, kd_temperature: float, mlflow_experiment: str,
+                  kfp_run_id: str, image: str, checkpoint: Output[Model],
+                  metrics: Output[Metrics]):
+    """The candidate GPUNet; distils from ``teacher`` when the teacher step was enabled."""
+    import os
+
+    from gpunet_core import steps
+
+    use_teacher = bool(teacher.metadata.get("enabled"))
+    result = steps.train(
+        dataset.path, checkpoint.path, model=model_name, preset=preset, epochs=epochs,
+        batch_size=batch_size, img_size=img_size, lr=lr or None, opt=optimizer or None,
+        nodes=nodes, nproc_per_node=nproc_per_node, image=image,
+        teacher=teacher_name if use_teacher else "",
+        teacher_checkpoint=os.path.join(teacher.path, "last.pth.tar") if use_teacher else "",
+        teacher_img_size=teacher_img_size if use_teacher else 0, kd_weight=kd_weight,
+        kd_temperature=kd_temperature, mlflow=bool(os.environ.get("MLFLOW_TRACKING_URI")),
+        experiment=mlflow_experiment, kfp_run_id=kfp_run_id)
+    checkpoint.metadata.update({"model": model_name, "img_size": img_size,
+                                "distilled": use_teacher})
+    for key in ("train_loss", "top1", "top5", "eval_loss", "img_per_sec"):
+        if key in result:
+            metrics.log_metric(key, float(result[key]))

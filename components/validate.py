@@ -1,0 +1,24 @@
+"""validate: accuracy of the trained checkpoint (gpunet_core.steps.validate)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from components._images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def validate(dataset: Input[Dataset], checkpoint: Input[Model], model_name: str, img_size: int,
+             mlflow_experiment: str, kfp_run_id: str, metrics: Output[Metrics],
+             confusion: Output[ClassificationMetrics], results: Output[Artifact]) -> float:
+    import os
+
+    from gpunet_core import steps
+
+    out = steps.validate(os.path.join(dataset.path, "val"),
+                         os.path.join(checkpoint.path, "model_best.pth.tar"), model=model_name,
+                         img_size=img_size, results_file=results.path,
+                         experiment=mlflow_experiment, kfp_run_id=kfp_run_id)
+    for key in ("top1", "top5", "loss", "images_per_second"):
+        metrics.log_metric(key, float(out[key]))
+    confusion.log_confusion_matrix(out["classes"], out["confusion_matrix"])
+    return float(out["top1"])

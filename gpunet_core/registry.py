@@ -1,0 +1,210 @@
+"""MLflow model registry: register trained GPUNets and promote them with aliases.
+
+One registered-model version holds both flavors of a trained model: ``pytorch`` (the module,
+for ``mlflow.pytorch.load_model``) and ``onnx`` (the exported file, for ``mlflow.onnx`` and ONNX
+Runtime), each with the same signature and input example. Versions carry their measured
+``top1`` and ``latency_ms`` as tags, which promotion compares.
+
+Promotion uses MLflow 3 aliases (no deprecated stages): the candidate becomes ``champion`` only
+when its top-1 reaches the minimum, its latency fits the budget and it beats the current champion
+by the margin; else it becomes ``challenger`` with the reason as a tag. Moving an alias is one
+registry call, so there is never a moment with two champions or none; the replaced champion
+keeps the ``previous-champion`` alias, which :func:`rollback` restores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpunet_core.errors import GpunetError
+
+_logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+PIP_REQUIREMENTS = ["torch", "onnxruntime", "numpy", "gpunet-pipeline"]
+
+
+class RegistryError(GpunetError):
+    """The MLflow registry is unreachable or does not hold what was asked for."""
+
+
+def client(tracking_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def build_model_dir(model, onnx_path: str | Path, img_size: int, dest: str | Path) -> Path:
+    """An MLflow model directory with both the ``pytorch`` and the ``onnx`` flavor."""
+    import mlflow.onnx
+    import mlflow.pytorch
+    import numpy as np
+    import onnx
+    import torch
+    from mlflow.models import Model, infer_signature
+
+    dest = Path(dest)
+    model = model.eval()
+    example = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    mlflow.pytorch.save_model(model, dest, signature=signature, input_example=example,
+                              pip_requirements=PIP_REQUIREMENTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        mlflow.onnx.save_model(onnx.load(str(onnx_path)), onnx_dir, signature=signature,
+                               input_example=example, pip_requirements=PIP_REQUIREMENTS,
+                               save_as_external_data=False)
+        onnx_conf = Model.load(onnx_dir).flavors["onnx"]
+        shutil.copy(onnx_dir / onnx_conf["data"], dest / onnx_conf["data"])
+    merged = Model.load(dest)
+    merged.add_flavor("onnx", **onnx_conf)
+    merged.save(dest / "MLmodel")
+    return dest
+
+
+def register(run_id: str, model, onnx_path: str | Path, *, name: str, img_size: int,
+             tags: dict[str, Any], tracking_uri: str | None = None) -> str:
+    """Log the model (both flavors) to ``run_id`` and register it; returns the new version."""
+    from mlflow.exceptions import MlflowException
+
+    mlc = client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(model, onnx_path, img_size, Path(tmp) / "model")
+        mlc.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    try:
+        mlc.get_registered_model(name)
+    except MlflowException:
+        mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
+    source = f"{mlc.get_run(run_id).info.artifact_uri}/model"
+    version = mlc.create_model_version(name, source, run_id=run_id,
+                                       tags={k: str(v) for k, v in tags.items()})
+    _logger.info("registered %s version %s (%s)", name, version.version, source)
+    return str(version.version)
+
+
+@dataclass
+class Decision:
+    """The outcome of a promotion or rollback, for reports and JSON."""
+
+    model: str
+    version: str
+    alias: str
+    promoted: bool
+    reason: str
+    candidate: dict[str, float | None]
+    previous_champion: dict[str, Any] | None
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def markdown(self) -> str:
+        lines = [f"# Promotion of `{self.model}` version {self.version}", "",
+                 f"**Decision:** `{self.alias}` — {self.reason}", "",
+                 "| | top-1 % | latency ms |", "|---|---:|---:|",
+                 f"| candidate v{self.version} | {_fmt(self.candidate.get('top1'))} | "
+                 f"{_fmt(self.candidate.get('latency_ms'))} |"]
+        if self.previous_champion:
+            pc = self.previous_champion
+            lines.append(f"| champion before v{pc['version']} | {_fmt(pc.get('top1'))} | "
+                         f"{_fmt(pc.get('latency_ms'))} |")
+        else:
+            lines.append("| champion before | none | |")
+        lines += ["", "Thresholds: " + ", ".join(f"{k} = {_fmt(v)}"
+                                                  for k, v in self.thresholds.items())]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _alias_version(mlc, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlc.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _tag_float(version, key: str) -> float | None:
+    value = (version.tags or {}).get(key)
+    return float(value) if value not in (None, "") else None
+
+
+def promote(name: str, version: str, *, min_top1: float = 0.0,
+            max_latency_ms: float | None = None, margin: float = 0.0,
+            tracking_uri: str | None = None) -> Decision:
+    """Give ``version`` the ``champion`` alias if it qualifies, else ``challenger``."""
+    from mlflow.exceptions import MlflowException
+
+    mlc = client(tracking_uri)
+    try:
+        candidate = mlc.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"registered model {name!r} has no version {version}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    top1, latency = _tag_float(candidate, "top1"), _tag_float(candidate, "latency_ms")
+    if top1 is None:
+        raise RegistryError(f"{name} version {version} has no 'top1' tag: register it with its "
+                            "validation result first")
+    champion = _alias_version(mlc, name, CHAMPION)
+    before = None
+    if champion is not None:
+        before = {"version": champion.version, "top1": _tag_float(champion, "top1"),
+                  "latency_ms": _tag_float(champion, "latency_ms")}
+    reasons = []
+    if top1 < min_top1:
+        reasons.append(f"top-1 {top1:.2f} is below the minimum {min_top1:.2f}")
+    if max_latency_ms is not None and (latency is None or latency > max_latency_ms):
+        reasons.append(f"latency {_fmt(latency)} ms exceeds the budget {max_latency_ms:.4g} ms")
+    if before and before["version"] == str(version):
+        reasons.append("it already is the champion")
+    elif before and before["top1"] is not None and top1 < before["top1"] + margin:
+        reasons.append(f"top-1 {top1:.2f} does not beat champion v{before['version']} "
+                       f"({before['top1']:.2f}) by the margin {margin:.2f}")
+    thresholds = {"min_top1": min_top1, "max_latency_ms": max_latency_ms, "margin": margin}
+    if reasons:
+        mlc.set_registered_model_alias(name, CHALLENGER, str(version))
+        mlc.set_model_version_tag(name, str(version), "promotion", "challenger: " + "; ".join(reasons))
+        return Decision(name, str(version), CHALLENGER, False, "; ".join(reasons),
+                        {"top1": top1, "latency_ms": latency}, before, thresholds)
+    if champion is not None:
+        mlc.set_registered_model_alias(name, PREVIOUS, champion.version)
+    mlc.set_registered_model_alias(name, CHAMPION, str(version))  # one atomic move
+    reason = ("first champion" if champion is None else
+              f"beats champion v{champion.version} by {top1 - (before['top1'] or 0):.2f} points")
+    mlc.set_model_version_tag(name, str(version), "promotion", "champion: " + reason)
+    return Decision(name, str(version), CHAMPION, True, reason,
+                    {"top1": top1, "latency_ms": latency}, before, thresholds)
+
+
+def rollback(name: str, tracking_uri: str | None = None) -> Decision:
+    """Make the previous champion the champion again (the replaced one becomes previous)."""
+    mlc = client(tracking_uri)
+    previous = _alias_version(mlc, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"registered model {name!r} has no '{PREVIOUS}' alias: nothing to "
+                            "roll back to")
+    current = _alias_version(mlc, name, CHAMPION)
+    mlc.set_registered_model_alias(name, CHAMPION, previous.version)
+    if current is not None:
+        mlc.set_registered_model_alias(name, PREVIOUS, current.version)
+    before = None if current is None else {"version": current.version,
+                                           "top1": _tag_float(current, "top1"),
+                                           "latency_ms": _tag_float(current, "latency_ms")}
+    return Decision(name, previous.version, CHAMPION, True, "rollback to the previous champion",
+                    {"top1": _tag_float(previous, "top1"),
+                     "latency_ms": _tag_float(previous, "latency_ms")}, before)

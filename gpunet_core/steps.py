@@ -1,0 +1,208 @@
+"""Pipeline steps: one function per step of the ``gpunet_training`` DAG.
+
+Each KFP component in ``components/`` is a typed shell over exactly one function here, and the
+CLI and tests call the same functions. Steps take plain values and local paths, return JSON-able
+dicts, and log into the pipeline run's MLflow run (found by the ``kfp_run_id`` tag) when a
+tracking URI is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpunet_core.errors import GpunetError
+
+_logger = logging.getLogger(__name__)
+RUN_TAG = "kfp_run_id"
+
+
+class StepError(GpunetError):
+    """A pipeline step failed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- MLflow glue
+
+
+def pipeline_run_id(kfp_run_id: str, experiment: str) -> str | None:
+    """The MLflow run of this pipeline run (tag ``kfp_run_id``), or None without tracking."""
+    if not kfp_run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    from mlflow import MlflowClient
+
+    mlc = MlflowClient()
+    exp = mlc.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlc.search_runs([exp.experiment_id], f"tags.{RUN_TAG} = '{kfp_run_id}'",
+                           max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
+def log_metrics(kfp_run_id: str, experiment: str, metrics: dict[str, float],
+                prefix: str) -> None:
+    """Log a step's numeric results into the pipeline's MLflow run (skipped when untracked)."""
+    run_id = pipeline_run_id(kfp_run_id, experiment)
+    if run_id is None:
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[
+        Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)])
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
+                    per_class: int | None = None, jobs: int = 1) -> dict[str, Any]:
+    """``digits`` (the embedded demo set) or an ImageFolder tree (local path or ``s3://``)."""
+    from gpunet_core import datasets, storage
+
+    if source == "digits":
+        summary = datasets.prepare_digits(out, img_size=img_size, per_class=per_class or None,
+                                          jobs=jobs)
+    else:
+        if not storage.is_s3_uri(source) and not Path(source).is_dir():
+            raise StepError(f"dataset source {source!r} is neither 'digits' nor an existing "
+                            "directory or s3:// prefix")
+        summary = datasets.prepare_folder(source, out, jobs=jobs)
+    return summary.manifest
+
+
+def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs: int = 1,
+          batch_size: int = 16, img_size: int = 32, lr: float | None = None,
+          opt: str | None = None, preset: str = "", nproc_per_node: int = 1, nodes: int = 1,
+          teacher: str = "", teacher_checkpoint: str = "", teacher_img_size: int = 0,
+          kd_weight: float = 1.0, kd_temperature: float = 1.0, mlflow: bool = False,
+          experiment: str = "gpunet", kfp_run_id: str = "", workers: int = 1,
+          extra_args: list[str] | None = None, image: str = "",
+          namespace: str = "gpunet") -> dict[str, Any]:
+    """Run ``gpunet train`` under torchrun (or a PyTorchJob when ``nodes > 1``)."""
+    args = [str(data), "--model", model, "--epochs", str(epochs), "-b", str(batch_size),
+            "--img-size", str(img_size), "-j", str(workers), "--output", str(out),
+            "--auto-resume"]
+    if preset:
+        args += ["--preset", preset]
+    if lr is not None:
+        args += ["--lr", str(lr)]
+    if opt:
+        args += ["--opt", opt]
+    if teacher:
+        args += ["--enable-distill", "True", "--teacher", teacher, "--kd-weight", str(kd_weight),
+                 "--kd-temperature", str(kd_temperature)]
+        if teacher_checkpoint:
+            args += ["--teacher-checkpoint", str(teacher_checkpoint)]
+        if teacher_img_size:
+            args += ["--teacher-img-size", str(teacher_img_size)]
+    if mlflow:
+        args += ["--mlflow", "--experiment", experiment]
+        if kfp_run_id:
+            args += ["--run-tag", f"{RUN_TAG}={kfp_run_id}"]
+    args += list(extra_args or [])
+    if nodes > 1:
+        from gpunet_core.pytorchjob import run_pytorchjob
+
+        return run_pytorchjob(args, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
+                              namespace=namespace, name=f"gpunet-train-{kfp_run_id or 'job'}")
+    if nproc_per_node > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc_per_node}", "--max-restarts=1", "-m", "gpunet_core",
+               "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "gpunet_core", "train", *args]
+    _logger.info("running %s", " ".join(cmd))
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node))))})
+    if result.returncode != 0:
+        raise StepError(f"training failed (exit code {result.returncode}); see the log above")
+    from gpunet_core.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(Path(out) / "last.pth.tar")
+    last = ckpt["history"][-1] if ckpt.get("history") else {}
+    return {"epochs": ckpt["epoch"], "steps": ckpt.get("steps", 0),
+            "best_top1": ckpt.get("best_top1"),
+            **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
+             crop_pct: float = 1.0, batch_size: int = 64, results_file: str | Path | None = None,
+             experiment: str = "gpunet", kfp_run_id: str = "") -> dict[str, Any]:
+    from gpunet_core.evaluate import load_inference_model, write_json
+    from gpunet_core.evaluate import validate as run_validate
+
+    net = load_inference_model(model, checkpoint)
+    results = run_validate(net, data, batch_size=batch_size, workers=0, img_size=img_size,
+                           crop_pct=crop_pct, progress=False)
+    results.update({"model": model, "checkpoint": str(checkpoint)})
+    if results_file:
+        write_json(results, results_file)
+    log_metrics(kfp_run_id, experiment, {k: results[k] for k in ("top1", "top5", "loss")},
+                prefix="val_")
+    return results
+
+
+def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
+                img_size: int) -> dict[str, Any]:
+    from gpunet_core.evaluate import load_inference_model
+    from gpunet_core.export import export_onnx as run_export
+
+    net = load_inference_model(model, checkpoint)
+    return run_export(net, output, model_name=model, img_size=img_size, dynamic_batch=True,
+                      checkpoint=checkpoint)
+
+
+def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
+              results_file: str | Path | None = None, experiment: str = "gpunet",
+              kfp_run_id: str = "") -> dict[str, Any]:
+    from gpunet_core.benchmark import run_benchmark
+    from gpunet_core.evaluate import write_json
+
+    result = run_benchmark(onnx, backend=backend, iterations=iterations)
+    if results_file:
+        write_json(result, results_file)
+    log_metrics(kfp_run_id, experiment, {f"latency_ms_{k}": v for k, v in
+                                         result["latency_ms"].items()}, prefix="bench_")
+    return result
+
+
+def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
+            bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
+            min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
+            experiment: str = "gpunet", kfp_run_id: str = "") -> dict[str, Any]:
+    """Register the candidate (pytorch + onnx flavors) and give it an alias."""
+    from gpunet_core import registry
+    from gpunet_core.evaluate import load_inference_model
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")
+    run_id = pipeline_run_id(kfp_run_id, experiment)
+    if run_id is None:
+        from mlflow import MlflowClient
+
+        mlc = MlflowClient()
+        exp = mlc.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else mlc.create_experiment(experiment)
+        run_id = mlc.create_run(exp_id, tags={RUN_TAG: kfp_run_id or "manual"}).info.run_id
+    latency = float(bench["latency_ms"]["median"])
+    version = registry.register(
+        run_id, load_inference_model(model, checkpoint), onnx, name=registered_model,
+        img_size=img_size, tags={"top1": validation["top1"], "top5": validation["top5"],
+                                 "latency_ms": latency, "latency_backend": bench.get("backend"),
+                                 "model": model, RUN_TAG: kfp_run_id})
+    decision = registry.promote(registered_model, version, min_top1=min_top1,
+                                max_latency_ms=max_latency_ms or None, margin=margin)
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, "promotion", f"{decision.alias} (v{version})")
+    return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}

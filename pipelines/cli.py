@@ -1,0 +1,347 @@
+"""``python -m pipelines`` / ``gpunet pipeline``: compile, run locally, submit, schedule, list.
+
+* ``compile``   the DAG to KFP IR YAML (``--gpus-per-node`` etc. add the cluster settings);
+* ``run-local`` the whole DAG on this machine with ``kfp.local.SubprocessRunner`` (MLflow in a
+  local sqlite file unless ``MLFLOW_TRACKING_URI`` is set), then prints a summary;
+* ``submit``    a run to a KFP server (``kfp.Client.create_run_from_pipeline_package``);
+* ``schedule``  a recurring run (cron, 5 or 6 fields) for scheduled retraining;
+* ``list-runs`` the runs of an experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpunet_core.errors import GpunetError
+
+_logger = logging.getLogger("pipelines")
+
+
+class PipelineError(GpunetError):
+    """Bad pipeline parameters, an unreachable KFP host, or a failed local run."""
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def pipeline_parameters() -> dict[str, Any]:
+    """The DAG's parameters and their defaults."""
+    import inspect
+
+    from pipelines.gpunet_training import build_pipeline
+
+    fn = build_pipeline().pipeline_func
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``k=v`` pairs typed like the DAG's defaults; unknown names are an error."""
+    known = pipeline_parameters()
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PipelineError(f"--param {pair!r}: expected NAME=VALUE")
+        name, raw = pair.split("=", 1)
+        if name not in known:
+            raise PipelineError(f"unknown pipeline parameter {name!r}; valid: "
+                                f"{', '.join(sorted(known))}")
+        default = known[name]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("true", "1")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise PipelineError(f"--param {name}={raw!r}: expected a {type(default).__name__}") from None
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- cron
+
+_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+           ("month", 1, 12), ("day of week", 0, 6))
+_NAMES = {4: ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"],
+          5: ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]}
+
+
+def _check_cron_field(token: str, index: int) -> None:
+    name, low, high = _FIELDS[index]
+
+    def number(text: str) -> int:
+        upper = text.upper()
+        if index in _NAMES and upper in _NAMES[index]:
+            return _NAMES[index].index(upper) + (1 if index == 4 else 0)
+        if not text.isdigit():
+            raise PipelineError(f"invalid cron {name} field {token!r}: {text!r} is not a number")
+        value = int(text)
+        if not low <= value <= high:
+            raise PipelineError(f"invalid cron {name} field {token!r}: {value} is outside "
+                                f"{low}-{high}")
+        return value
+
+    for part in token.split(","):
+        base, _, step = part.partition("/")
+        if step and (not step.isdigit() or int(step) == 0):
+            raise PipelineError(f"invalid cron {name} field {token!r}: bad step {step!r}")
+        if base in ("*", "?"):
+            continue
+        lo, _, hi = base.partition("-")
+        if not lo:
+            raise PipelineError(f"invalid cron {name} field {token!r}")
+        if hi and number(lo) > number(hi):
+            raise PipelineError(f"invalid cron {name} field {token!r}: range runs backwards")
+        number(lo)
+
+
+def to_kfp_cron(expression: str) -> str:
+    """KFP wants 6 fields (seconds first); accept the usual 5-field form too and validate."""
+    fields = expression.split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    if len(fields) != 6:
+        raise PipelineError(f"invalid cron expression {expression!r}: expected 5 fields "
+                            "(minute hour day-of-month month day-of-week) or 6 (seconds first)")
+    for i, token in enumerate(fields):
+        _check_cron_field(token, i)
+    return " ".join(fields)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: bool = False,
+                     dataset_pvc: str = "") -> Path:
+    from kfp import compiler
+
+    from pipelines.gpunet_training import Platform, build_pipeline
+
+    platform = Platform.cluster(gpus_per_node) if cluster or gpus_per_node else Platform()
+    if dataset_pvc:
+        platform.dataset_pvc = dataset_pvc
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    compiler.Compiler().compile(build_pipeline(platform), str(tmp))
+    os.replace(tmp, output)
+    return output
+
+
+def kfp_client(host: str, token: str | None = None):
+    import kfp
+
+    try:
+        return kfp.Client(host=host, existing_token=token or os.environ.get("KFP_TOKEN"))
+    except Exception as exc:
+        raise PipelineError(f"cannot reach the KFP API at {host}: {str(exc).splitlines()[0]}") from None
+
+
+def _call(what: str, host: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except GpunetError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{what} failed at {host}: {first}") from None
+
+
+def submit(host: str, params: dict[str, Any], *, experiment: str = "gpunet",
+           run_name: str | None = None, token: str | None = None,
+           cluster: bool = True, gpus_per_node: int = 1) -> dict[str, str]:
+    client = kfp_client(host, token)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=cluster,
+                                   gpus_per_node=gpus_per_node)
+        result = _call("submitting the run", host, client.create_run_from_pipeline_package,
+                       str(package), arguments=params, experiment_name=experiment,
+                       run_name=run_name or f"gpunet-training-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_id = result.run_id
+    return {"run_id": run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run_id}"}
+
+
+def schedule(host: str, cron: str, params: dict[str, Any], *, experiment: str = "gpunet",
+             name: str = "gpunet-retraining", max_concurrency: int = 1, catchup: bool = False,
+             token: str | None = None, gpus_per_node: int = 1) -> dict[str, str]:
+    cron6 = to_kfp_cron(cron)
+    if max_concurrency < 1:
+        raise PipelineError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    client = kfp_client(host, token)
+    exp = _call("creating the experiment", host, client.create_experiment, name=experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=True,
+                                   gpus_per_node=gpus_per_node)
+        job = _call("creating the recurring run", host, client.create_recurring_run,
+                    experiment_id=exp.experiment_id, job_name=name, cron_expression=cron6,
+                    max_concurrency=max_concurrency, no_catchup=not catchup, params=params,
+                    pipeline_package_path=str(package))
+    return {"recurring_run_id": job.recurring_run_id, "cron": cron6}
+
+
+def list_runs(host: str, *, experiment: str | None = None, token: str | None = None,
+              page_size: int = 20) -> list[dict[str, Any]]:
+    client = kfp_client(host, token)
+    exp_id = None
+    if experiment:
+        exp_id = _call("looking up the experiment", host, client.get_experiment,
+                       experiment_name=experiment).experiment_id
+    resp = _call("listing runs", host, client.list_runs, experiment_id=exp_id,
+                 page_size=page_size, sort_by="created_at desc")
+    return [{"run_id": r.run_id, "name": r.display_name, "state": r.state,
+             "created_at": str(r.created_at)} for r in (resp.runs or [])]
+
+
+def run_local(params: dict[str, Any], workdir: str | Path = "runs/local") -> dict[str, Any]:
+    """Run the whole DAG here with ``kfp.local`` and summarise the outcome from MLflow."""
+    from kfp import local
+
+    from gpunet_core import registry
+    from pipelines.gpunet_training import gpunet_training
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    experiment = params.get("mlflow_experiment", "gpunet")
+    name = params.get("registered_model", "gpunet")
+    mlc = registry.client()
+    try:
+        if mlc.get_experiment_by_name(experiment) is None:
+            artifacts = workdir / "mlartifacts"
+            mlc.create_experiment(experiment, artifact_location=artifacts.as_uri()
+                                  if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite")
+                                  else None)
+    except Exception as exc:
+        raise PipelineError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']} is not usable: "
+                            f"{str(exc).splitlines()[0]}") from None
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(workdir / "kfp"), raise_on_error=True)
+    started = time.monotonic()
+    try:
+        gpunet_training(**params)
+    except Exception as exc:
+        raise PipelineError(f"the local pipeline run failed: {str(exc).splitlines()[0]}") from None
+    elapsed = time.monotonic() - started
+    latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    tags = latest.tags or {}
+    champion = registry._alias_version(mlc, name, registry.CHAMPION)
+    return {"registered_model": name, "version": latest.version,
+            "alias": tags.get("promotion", "").split(":")[0],
+            "champion_version": champion.version if champion else None,
+            "top1": float(tags.get("top1", "nan")),
+            "latency_ms": float(tags.get("latency_ms", "nan")),
+            "latency_backend": tags.get("latency_backend"),
+            "seconds": round(elapsed, 1),
+            "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+            "kfp_outputs": str(workdir / "kfp")}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}"
+          if s["tracking_uri"].startswith("sqlite") else s["tracking_uri"])
+    return "\n".join([
+        f"pipeline finished in {s['seconds']:.0f} s",
+        f"  candidate: {s['registered_model']} v{s['version']}: top-1 {s['top1']:.2f} %, "
+        f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)",
+        f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}",
+        f"  MLflow UI: {ui}",
+        f"  step outputs: {s['kfp_outputs']}",
+    ])
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def params(p):
+        p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="pipeline parameter (repeatable); see `compile` output for names")
+
+    def server(p):
+        p.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
+        p.add_argument("--token", default=None, help="bearer token (default: $KFP_TOKEN)")
+        p.add_argument("--experiment", default="gpunet", help="KFP experiment")
+
+    p = sub.add_parser("compile", help="compile the DAG to KFP IR YAML")
+    p.add_argument("--output", "-o", default="gpunet_training.yaml")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="GPUs per training pod; > 0 also adds shm, node placement, secrets")
+    p.add_argument("--cluster", action="store_true", help="add secrets/config even without GPUs")
+    p.add_argument("--dataset-pvc", default="", help="mount this PVC at /data in data steps")
+    p = sub.add_parser("run-local", help="run the whole DAG here (kfp.local)")
+    params(p)
+    p.add_argument("--workdir", default="runs/local", help="outputs, MLflow db and artifacts")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = sub.add_parser("submit", help="submit a run to a KFP server")
+    server(p)
+    params(p)
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p = sub.add_parser("schedule", help="create a recurring (scheduled retraining) run")
+    server(p)
+    params(p)
+    p.add_argument("--cron", required=True, help="cron expression, 5 or 6 fields")
+    p.add_argument("--name", default="gpunet-retraining")
+    p.add_argument("--max-concurrency", type=int, default=1)
+    p.add_argument("--catchup", default="false", choices=("true", "false"),
+                   help="run missed intervals after a pause (default false)")
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p = sub.add_parser("list-runs", help="list runs of an experiment")
+    server(p)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "compile":
+        path = compile_pipeline(args.output, gpus_per_node=args.gpus_per_node,
+                                cluster=args.cluster, dataset_pvc=args.dataset_pvc)
+        print(f"wrote {path}")
+    elif args.action == "run-local":
+        summary = run_local(parse_params(args.param), args.workdir)
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    elif args.action == "submit":
+        print(json.dumps(submit(args.host, parse_params(args.param), experiment=args.experiment,
+                                run_name=args.run_name, token=args.token,
+                                gpus_per_node=args.gpus_per_node)))
+    elif args.action == "schedule":
+        print(json.dumps(schedule(args.host, args.cron, parse_params(args.param),
+                                  experiment=args.experiment, name=args.name,
+                                  max_concurrency=args.max_concurrency,
+                                  catchup=args.catchup == "true", token=args.token,
+                                  gpus_per_node=args.gpus_per_node)))
+    else:
+        for row in list_runs(args.host, experiment=args.experiment, token=args.token):
+            print(json.dumps(row))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except GpunetError as exc:
+        print(f"pipelines {args.action}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
