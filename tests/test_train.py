@@ -189,7 +189,7 @@ def test_killed_worker_restarts_and_resumes(digits_small, tmp_path):
     log = open(tmp_path / "torchrun.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         torchrun_cmd(2, "train", str(digits_small), "--model", "gpunet_0", "--epochs", "3",
-                     "--auto-resume", "--output", str(out), *FAST, max_restarts=1),
+                     "--auto-resume", "--output", str(out), *FAST, max_restarts=2),
         stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
