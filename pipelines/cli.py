@@ -136,7 +136,7 @@ def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: boo
         platform.dataset_pvc = dataset_pvc
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = output.with_name(f".{output.stem}.tmp.yaml")  # the compiler insists on .yaml
     compiler.Compiler().compile(build_pipeline(platform), str(tmp))
     os.replace(tmp, output)
     return output

@@ -1,0 +1,151 @@
+"""The KFP pipeline: compiled structure, platform config, submit/schedule payloads, local runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from gpunet_core.pytorchjob import pytorchjob_manifest
+from pipelines import cli
+from tests import kfp_api_server
+
+STEPS = ["prepare-dataset", "train-teacher", "train-student", "validate", "export-onnx",
+         "benchmark", "promote", "report"]
+
+
+def compiled(tmp_path, **kw):
+    path = cli.compile_pipeline(tmp_path / "p.yaml", **kw)
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return path.read_text(), docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def test_dag_steps_order_and_artifact_types(tmp_path):
+    _, spec, platform = compiled(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(STEPS) <= set(tasks)
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert deps["prepare-dataset"] == set()
+    assert deps["train-teacher"] == {"prepare-dataset"}
+    assert {"prepare-dataset", "train-teacher"} <= deps["train-student"]
+    assert "train-student" in deps["validate"] and "train-student" in deps["export-onnx"]
+    assert deps["benchmark"] == {"export-onnx"}
+    assert {"validate", "benchmark", "export-onnx", "train-student"} <= deps["promote"]
+    assert {"validate", "benchmark"} <= deps["report"]
+    comps = spec["components"]
+
+    def out_types(step):
+        outs = comps[tasks[step]["componentRef"]["name"]].get("outputDefinitions", {})
+        return {k: v["artifactType"]["schemaTitle"] for k, v in outs.get("artifacts", {}).items()}
+
+    assert out_types("prepare-dataset") == {"dataset": "system.Dataset"}
+    assert out_types("train-student") == {"checkpoint": "system.Model", "metrics": "system.Metrics"}
+    assert out_types("validate")["confusion"] == "system.ClassificationMetrics"
+    assert out_types("export-onnx") == {"onnx": "system.Model"}
+    assert out_types("benchmark")["metrics"] == "system.Metrics"
+    assert out_types("promote") == {"report": "system.Markdown"}
+    assert out_types("report") == {"html": "system.HTML"}
+    # promotion is never replayed from cache; everything else may be
+    assert tasks["promote"]["cachingOptions"] == {}
+    assert tasks["train-student"]["cachingOptions"] == {"enableCache": True}
+    assert not platform, "the laptop DAG needs no Kubernetes platform config"
+
+
+def test_cluster_platform_config_and_no_secret_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sentinel-secret-value-42")
+    text, spec, platform = compiled(tmp_path, gpus_per_node=8)
+    assert "sentinel-secret-value-42" not in text
+    execs = spec["deploymentSpec"]["executors"]
+    train = next(e for name, e in execs.items() if "train-student" in name)
+    assert train["container"]["resources"]["accelerator"]["resourceCount"] == "8"
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    student = next(v for k, v in kube.items() if "train-student" in k)
+    assert student["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    assert student["secretAsEnv"][0]["secretName"] == "gpunet-s3"
+    assert {m["keyToEnv"][0]["envVar"] for m in student["secretAsEnv"]} == {"AWS_ACCESS_KEY_ID"} or \
+        {k["envVar"] for m in student["secretAsEnv"] for k in m["keyToEnv"]} == {
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert student["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert student["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert student["pvcMount"][0]["mountPath"] == "/data"
+
+
+def test_parameters_and_cron():
+    assert cli.parse_params(["epochs=3", "enable_distill=false", "lr=0.1"]) == {
+        "epochs": 3, "enable_distill": False, "lr": 0.1}
+    with pytest.raises(cli.PipelineError, match="unknown pipeline parameter 'epoch'"):
+        cli.parse_params(["epoch=3"])
+    with pytest.raises(cli.PipelineError, match="expected a int"):
+        cli.parse_params(["epochs=three"])
+    assert cli.to_kfp_cron("0 3 * * 1") == "0 0 3 * * 1"
+    assert cli.to_kfp_cron("30 */15 9-17 * * MON-FRI") == "30 */15 9-17 * * MON-FRI"
+    for bad, message in [("0 25 * * *", "hour field '25': 25 is outside 0-23"),
+                         ("* * *", "expected 5 fields"), ("0 3 * * 1/0", "bad step"),
+                         ("0 3 32 * *", "day of month field '32'"),
+                         ("0 3 * FOO *", "'FOO' is not a number")]:
+        with pytest.raises(cli.PipelineError, match=message.replace("(", r"\(")):
+            cli.to_kfp_cron(bad)
+
+
+@pytest.fixture
+def fake_kfp():
+    server = kfp_api_server.start()
+    yield server
+    server.stop()
+
+
+def test_submit_sends_spec_and_parameters(fake_kfp):
+    out = cli.submit(fake_kfp.host, {"epochs": 3, "model_name": "gpunet_1"}, experiment="gpunet",
+                     run_name="nightly")
+    assert out == {"run_id": "run-1", "url": f"{fake_kfp.host}/#/runs/details/run-1"}
+    (req,) = fake_kfp.find("POST", "/apis/v2beta1/runs")
+    assert req.body["display_name"] == "nightly" and req.body["experiment_id"] == "exp-1"
+    assert req.body["runtime_config"]["parameters"] == {"epochs": 3, "model_name": "gpunet_1"}
+    # with a platform spec, KFP nests {"pipeline_spec": ..., "platform_spec": ...}
+    sent = req.body["pipeline_spec"]
+    assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "gpunet-training"
+    assert "train-student" in sent["pipeline_spec"]["root"]["dag"]["tasks"]
+    assert sent["platform_spec"]["platforms"]["kubernetes"]
+
+
+def test_schedule_sends_six_field_cron(fake_kfp, capsys):
+    code = cli.main(["schedule", "--host", fake_kfp.host, "--cron", "0 3 * * 1",
+                     "--param", "epochs=5", "--max-concurrency", "2"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"recurring_run_id": "rr-1",
+                                                   "cron": "0 0 3 * * 1"}
+    (req,) = fake_kfp.find("POST", "/apis/v2beta1/recurringruns")
+    assert req.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
+    assert req.body["max_concurrency"] == "2" or req.body["max_concurrency"] == 2
+    assert req.body["no_catchup"] is True and req.body["mode"] == "ENABLE"
+    assert req.body["runtime_config"]["parameters"] == {"epochs": 5}
+    assert req.body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "gpunet-training"
+
+
+def test_bad_inputs_before_anything_is_sent(fake_kfp, capsys):
+    assert cli.main(["schedule", "--host", fake_kfp.host, "--cron", "61 * * * *"]) == 2
+    assert "minute field '61'" in capsys.readouterr().err
+    assert not fake_kfp.find("POST", "/apis/v2beta1/recurringruns")
+    assert cli.main(["submit", "--host", fake_kfp.host, "--param", "nope=1"]) == 2
+    assert "unknown pipeline parameter 'nope'" in capsys.readouterr().err
+    assert cli.main(["list-runs", "--host", "http://127.0.0.1:9"]) == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_list_runs(fake_kfp, capsys):
+    assert cli.main(["list-runs", "--host", fake_kfp.host]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-1"
+
+
+def test_pytorchjob_for_two_nodes_validates():
+    from tests.test_manifests import validate
+
+    job = pytorchjob_manifest("gpunet-train-abc", ["/data/digits", "--epochs", "3"], nodes=2,
+                              nproc_per_node=4, image="ghcr.io/gpunet-pipeline/gpunet-train:v1")
+    validate(job)
+    spec = job["spec"]
+    assert spec["nprocPerNode"] == "4" and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    container = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun", "-m", "gpunet_core", "train"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
