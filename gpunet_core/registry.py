@@ -163,7 +163,7 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
     champion = _alias_version(mlc, name, CHAMPION)
     before = None
     if champion is not None:
-        before = {"version": champion.version, "top1": _tag_float(champion, "top1"),
+        before = {"version": str(champion.version), "top1": _tag_float(champion, "top1"),
                   "latency_ms": _tag_float(champion, "latency_ms")}
     reasons = []
     if top1 < min_top1:
@@ -182,7 +182,7 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
         return Decision(name, str(version), CHALLENGER, False, "; ".join(reasons),
                         {"top1": top1, "latency_ms": latency}, before, thresholds)
     if champion is not None:
-        mlc.set_registered_model_alias(name, PREVIOUS, champion.version)
+        mlc.set_registered_model_alias(name, PREVIOUS, str(champion.version))
     mlc.set_registered_model_alias(name, CHAMPION, str(version))  # one atomic move
     reason = ("first champion" if champion is None else
               f"beats champion v{champion.version} by {top1 - (before['top1'] or 0):.2f} points")
@@ -199,12 +199,12 @@ def rollback(name: str, tracking_uri: str | None = None) -> Decision:
         raise RegistryError(f"registered model {name!r} has no '{PREVIOUS}' alias: nothing to "
                             "roll back to")
     current = _alias_version(mlc, name, CHAMPION)
-    mlc.set_registered_model_alias(name, CHAMPION, previous.version)
+    mlc.set_registered_model_alias(name, CHAMPION, str(previous.version))
     if current is not None:
-        mlc.set_registered_model_alias(name, PREVIOUS, current.version)
-    before = None if current is None else {"version": current.version,
+        mlc.set_registered_model_alias(name, PREVIOUS, str(current.version))
+    before = None if current is None else {"version": str(current.version),
                                            "top1": _tag_float(current, "top1"),
                                            "latency_ms": _tag_float(current, "latency_ms")}
-    return Decision(name, previous.version, CHAMPION, True, "rollback to the previous champion",
+    return Decision(name, str(previous.version), CHAMPION, True, "rollback to the previous champion",
                     {"top1": _tag_float(previous, "top1"),
                      "latency_ms": _tag_float(previous, "latency_ms")}, before)

@@ -242,7 +242,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local") -> dic
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
     return {"registered_model": name, "version": latest.version,
             "alias": tags.get("promotion", "").split(":")[0],
-            "champion_version": champion.version if champion else None,
+            "champion_version": str(champion.version) if champion else None,
             "top1": float(tags.get("top1", "nan")),
             "latency_ms": float(tags.get("latency_ms", "nan")),
             "latency_backend": tags.get("latency_backend"),

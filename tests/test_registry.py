@@ -27,7 +27,7 @@ def add_version(mlc, top1, latency):
 
 
 def champion(mlc):
-    return mlc.get_model_version_by_alias(NAME, registry.CHAMPION).version
+    return str(mlc.get_model_version_by_alias(NAME, registry.CHAMPION).version)
 
 
 def test_first_better_worse_and_rollback(mlflow_sqlite):
@@ -40,7 +40,7 @@ def test_first_better_worse_and_rollback(mlflow_sqlite):
     better = registry.promote(NAME, v2, margin=1.0, max_latency_ms=2.0)
     assert better.promoted and champion(mlc) == v2
     assert better.previous_champion["version"] == v1
-    assert mlc.get_model_version_by_alias(NAME, registry.PREVIOUS).version == v1
+    assert str(mlc.get_model_version_by_alias(NAME, registry.PREVIOUS).version) == v1
 
     v3 = add_version(mlc, 72.5, 1.2)  # better, but not by the margin
     worse = registry.promote(NAME, v3, margin=1.0)
@@ -51,7 +51,7 @@ def test_first_better_worse_and_rollback(mlflow_sqlite):
 
     back = registry.rollback(NAME)
     assert back.version == v1 and champion(mlc) == v1
-    assert mlc.get_model_version_by_alias(NAME, registry.PREVIOUS).version == v2
+    assert str(mlc.get_model_version_by_alias(NAME, registry.PREVIOUS).version) == v2
 
 
 @pytest.mark.parametrize("top1,latency,kw,reason", [
