@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 		|| { grep -v "^WARNING: Location" $(VENV)/install.log | tail -n 30; echo "pip install failed (full log: $(VENV)/install.log)"; exit 1; }
 	@touch $(STAMP)
 
-run: setup ## the main job on the embedded default
-	$(VENV)/bin/gpunet models
+run: setup ## the whole pipeline locally (kfp.local) on the embedded digits dataset
+	$(PY) -m pipelines run-local --workdir $(RUN_DIR) $(RUN_ARGS)
 
 test: setup ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -99,3 +99,20 @@ deploy: check-secrets setup ## apply the stack: kubectl apply -k manifests/overl
 
 undeploy: check-secrets setup ## delete what deploy applied, namespace and PVC data included
 	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)
+
+# ---- the KFP pipeline on a cluster (issue 6) ------------------------------------------------------
+KFP_HOST ?=
+GPUS_PER_NODE ?= 1
+
+.PHONY: compile submit schedule
+
+compile: setup ## compile the DAG with cluster settings to gpunet_training.yaml
+	$(PY) -m pipelines compile --output gpunet_training.yaml --gpus-per-node $(GPUS_PER_NODE)
+
+submit: setup ## submit a run to Kubeflow Pipelines at $(KFP_HOST) (PARAMS="--param epochs=450 ...")
+	@[ -n "$(KFP_HOST)" ] || { echo "error: set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080" >&2; exit 2; }
+	$(PY) -m pipelines submit --host $(KFP_HOST) --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
+
+schedule: setup ## scheduled retraining at $(KFP_HOST) on CRON="0 3 * * 1"
+	@[ -n "$(KFP_HOST)" ] && [ -n "$(CRON)" ] || { echo "error: set KFP_HOST and CRON, e.g. make schedule KFP_HOST=http://localhost:8080 CRON='0 3 * * 1'" >&2; exit 2; }
+	$(PY) -m pipelines schedule --host $(KFP_HOST) --cron "$(CRON)" --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)

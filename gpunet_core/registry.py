@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpunet_core import tracking  # noqa: F401  (MLflow client environment defaults)
 from gpunet_core.errors import GpunetError
 
 _logger = logging.getLogger(__name__)

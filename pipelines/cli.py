@@ -240,7 +240,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local") -> dic
     latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     tags = latest.tags or {}
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
-    return {"registered_model": name, "version": latest.version,
+    return {"registered_model": name, "version": str(latest.version),
             "alias": tags.get("promotion", "").split(":")[0],
             "champion_version": str(champion.version) if champion else None,
             "top1": float(tags.get("top1", "nan")),
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     elif args.action == "run-local":
         summary = run_local(parse_params(args.param), args.workdir)
-        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+        print(json.dumps(summary) if args.json else format_summary(summary))
     elif args.action == "submit":
         print(json.dumps(submit(args.host, parse_params(args.param), experiment=args.experiment,
                                 run_name=args.run_name, token=args.token,

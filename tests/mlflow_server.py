@@ -34,17 +34,19 @@ class MlflowServer:
             self.process.wait()
 
 
-def start(root: Path, port: int | None = None, timeout_s: float = 120.0) -> MlflowServer:
+def start(root: Path, port: int | None = None, timeout_s: float = 120.0,
+          artifacts_destination: str | None = None,
+          extra_env: dict[str, str] | None = None) -> MlflowServer:
     """Start ``mlflow server`` (one worker, no job runner: ~0.5 GB) and wait until healthy."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+           "MLFLOW_DISABLE_TELEMETRY": "true", **(extra_env or {})}
     log = open(root / "server.log", "ab")  # noqa: SIM115 (lives as long as the server)
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
+         "--artifacts-destination", artifacts_destination or str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
