@@ -206,12 +206,30 @@ def list_runs(host: str, *, experiment: str | None = None, token: str | None = N
              "created_at": str(r.created_at)} for r in (resp.runs or [])]
 
 
+def preflight(params: dict[str, Any]) -> None:
+    """Check what can be checked here before any step starts (dataset source, S3 access)."""
+    from gpunet_core import storage
+
+    source = params.get("dataset_source", "digits")
+    if source == "digits":
+        return
+    if storage.is_s3_uri(source):
+        storage.check_bucket(storage.parse_s3_uri(source))  # credentials, endpoint, bucket
+        if not storage.list_objects(storage.parse_s3_uri(source)):
+            raise PipelineError(f"dataset_source {source}: no objects under that prefix")
+    elif not Path(source).is_dir():
+        raise PipelineError(f"dataset_source {source!r} does not exist: pass 'digits', an "
+                            "ImageFolder directory or an s3:// prefix")
+
+
 def run_local(params: dict[str, Any], workdir: str | Path = "runs/local") -> dict[str, Any]:
     """Run the whole DAG here with ``kfp.local`` and summarise the outcome from MLflow."""
     from kfp import local
 
     from gpunet_core import registry
     from pipelines.gpunet_training import gpunet_training
+
+    preflight(params)
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

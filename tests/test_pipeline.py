@@ -135,6 +135,18 @@ def test_bad_inputs_before_anything_is_sent(fake_kfp, capsys):
     assert "http://127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_run_local_preflight_fails_before_the_dag(tmp_path, capsys, s3_env, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    work = tmp_path / "w"
+    assert cli.main(["run-local", "--workdir", str(work), "--param",
+                     f"dataset_source={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["run-local", "--workdir", str(work), "--param",
+                     "dataset_source=s3://no-such-bucket/data"]) == 2
+    assert "no-such-bucket" in capsys.readouterr().err
+    assert not (work / "kfp").exists()
+
+
 def test_list_runs(fake_kfp, capsys):
     assert cli.main(["list-runs", "--host", fake_kfp.host]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-1"
