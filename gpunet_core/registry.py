@@ -59,8 +59,10 @@ def build_model_dir(model, onnx_path: str | Path, img_size: int, dest: str | Pat
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
+    # pickle keeps the GPUNet module itself (any batch size, its attributes); torch.export's
+    # "pt2" would specialise the batch dimension to the example's
     mlflow.pytorch.save_model(model, dest, signature=signature, input_example=example,
-                              pip_requirements=PIP_REQUIREMENTS)
+                              pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = Path(tmp) / "onnx"
         mlflow.onnx.save_model(onnx.load(str(onnx_path)), onnx_dir, signature=signature,
