@@ -8,7 +8,7 @@ from components._images import TRAIN_IMAGE
 
 @dsl.component(base_image=TRAIN_IMAGE)
 def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epochs: int,
-                  batch_size: int, img_size: int, lr: float, optimizer: str,
+                  batch_size: int, img_size: int, lr: float, optimizer: str, augment: str,
                   nproc_per_node: int, checkpoint: Output[Model]):
     """The distillation teacher, trained in the same run (a no-op when not ``enabled``)."""
     import os
@@ -20,7 +20,7 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
     if enabled:
         result = steps.train(dataset.path, checkpoint.path, model=model_name, epochs=epochs,
                              batch_size=batch_size, img_size=img_size, lr=lr, opt=optimizer,
-                             nproc_per_node=nproc_per_node)
+                             augment=augment, nproc_per_node=nproc_per_node)
         checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                     "top1": result.get("top1", 0.0)})
 
@@ -28,7 +28,7 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
 @dsl.component(base_image=TRAIN_IMAGE)
 def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: str, preset: str,
                   epochs: int, batch_size: int, img_size: int, lr: float, optimizer: str,
-                  nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,
+                  augment: str, nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,
                   kd_weight: float, kd_temperature: float, mlflow_experiment: str,
                   kfp_run_id: str, image: str, checkpoint: Output[Model],
                   metrics: Output[Metrics]):
@@ -41,7 +41,7 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
     result = steps.train(
         dataset.path, checkpoint.path, model=model_name, preset=preset, epochs=epochs,
         batch_size=batch_size, img_size=img_size, lr=lr or None, opt=optimizer or None,
-        nodes=nodes, nproc_per_node=nproc_per_node, image=image,
+        augment=augment, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
         teacher=teacher_name if use_teacher else "",
         teacher_checkpoint=os.path.join(teacher.path, "last.pth.tar") if use_teacher else "",
         teacher_img_size=teacher_img_size if use_teacher else 0, kd_weight=kd_weight,

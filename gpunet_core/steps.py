@@ -20,6 +20,7 @@ from gpunet_core.errors import GpunetError
 
 _logger = logging.getLogger(__name__)
 RUN_TAG = "kfp_run_id"
+AUGMENT = {"recipe": [], "light": ["--aa", "", "--reprob", "0", "--scale", "0.5", "1.0"]}
 
 
 class StepError(GpunetError):
@@ -86,12 +87,19 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
           teacher: str = "", teacher_checkpoint: str = "", teacher_img_size: int = 0,
           kd_weight: float = 1.0, kd_temperature: float = 1.0, mlflow: bool = False,
           experiment: str = "gpunet", kfp_run_id: str = "", workers: int = 1,
-          extra_args: list[str] | None = None, image: str = "",
+          extra_args: list[str] | None = None, image: str = "", augment: str = "recipe",
           namespace: str = "gpunet") -> dict[str, Any]:
-    """Run ``gpunet train`` under torchrun (or a PyTorchJob when ``nodes > 1``)."""
+    """Run ``gpunet train`` under torchrun (or a PyTorchJob when ``nodes > 1``).
+
+    ``augment``: ``recipe`` keeps NVIDIA's augmentation (RandAugment, 0.08-1 crops, random
+    erasing; or the preset's); ``light`` (no RandAugment/erasing, 0.5-1 crops) suits tiny images
+    and few epochs, as in the laptop demo.
+    """
+    if augment not in AUGMENT:
+        raise StepError(f"augment must be one of {sorted(AUGMENT)}, got {augment!r}")
     args = [str(data), "--model", model, "--epochs", str(epochs), "-b", str(batch_size),
             "--img-size", str(img_size), "-j", str(workers), "--output", str(out),
-            "--auto-resume"]
+            "--auto-resume", *AUGMENT[augment]]
     if preset:
         args += ["--preset", preset]
     if lr is not None:

@@ -88,6 +88,7 @@ def build_pipeline(platform: Platform | None = None):
         img_size: int = 32,
         lr: float = 0.002,
         optimizer: str = "adamw",
+        augment: str = "light",
         nodes: int = 1,
         nproc_per_node: int = 2,
         enable_distill: bool = True,
@@ -115,13 +116,14 @@ def build_pipeline(platform: Platform | None = None):
         teacher = c.train_teacher(dataset=data.outputs["dataset"], enabled=enable_distill,
                                   model_name=teacher_name, epochs=teacher_epochs,
                                   batch_size=batch_size, img_size=teacher_img_size, lr=lr,
-                                  optimizer=optimizer, nproc_per_node=nproc_per_node)
+                                  optimizer=optimizer, augment=augment,
+                                  nproc_per_node=nproc_per_node)
         p.gpu(p.credentials(teacher))
 
         student = c.train_student(
             dataset=data.outputs["dataset"], teacher=teacher.outputs["checkpoint"],
             model_name=model_name, preset=preset, epochs=epochs, batch_size=batch_size,
-            img_size=img_size, lr=lr, optimizer=optimizer, nodes=nodes,
+            img_size=img_size, lr=lr, optimizer=optimizer, augment=augment, nodes=nodes,
             nproc_per_node=nproc_per_node, teacher_name=teacher_name,
             teacher_img_size=teacher_img_size, kd_weight=kd_weight,
             kd_temperature=kd_temperature, mlflow_experiment=mlflow_experiment,
