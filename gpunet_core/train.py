@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="load NVIDIA's hyper-parameters for this model (flags override)")
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="gpunet_0", help="model name or JSON spec (default gpunet_0)")
+    g.add_argument("--model", default="gpunet_0",
+                   help="model name or JSON spec (default gpunet_0); other timm model names "
+                        "train from scratch (e.g. efficientnet_b0, for comparisons)")
     g.add_argument("--num-classes", type=_positive_int, default=None,
                    help="classes (default: the dataset's)")
     g.add_argument("--drop", type=_non_negative_float, default=None,
@@ -473,7 +475,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from timm.utils import ModelEmaV3, NativeScaler
 
     from gpunet_core import loaders
-    from gpunet_core.model import count_parameters, create_model
+    from gpunet_core.model import count_parameters, create_any_model
 
     _check_args(args)
     env = setup_distributed()
@@ -489,8 +491,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainError(f"--num-classes {num_classes} but {train_root} has {len(classes)} classes "
                          f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
 
-    model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
-                         drop_path_rate=args.drop_connect)
+    model = create_any_model(args.model, num_classes=num_classes, drop_rate=args.drop,
+                             drop_path_rate=args.drop_connect)
     if args.initial_checkpoint:
         from gpunet_core.checkpoint import load_checkpoint
 
