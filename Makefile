@@ -99,3 +99,12 @@ deploy: check-secrets setup ## apply the stack: kubectl apply -k manifests/overl
 
 undeploy: check-secrets setup ## delete what deploy applied, namespace and PVC data included
 	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)
+
+# ---- benchmarks (issue 9) ---------------------------------------------------------------------
+# Full run (~15 min on a 2-core CPU): bench/results/<date>-<host>.json + BENCHMARKS.md.
+# Smoke run: make bench BENCH_ARGS=--quick (writes bench/results/*-quick.json and quick.md).
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: setup ## performance side by side -> bench/results/*.json + BENCHMARKS.md (BENCH_ARGS=--quick)
+	$(PY) bench/run.py $(BENCH_ARGS)

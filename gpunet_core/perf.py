@@ -63,6 +63,7 @@ class BenchConfig:
     train_batch: int = 16
     train_steps: int = 12  # timed steps (bare loop) and steps per epoch (gpunet train)
     train_workers: int = 1
+    train_repeats: int = 2
     data_img_size: int = 224
     data_images: int = 160
     data_batch: int = 32
@@ -84,12 +85,12 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        base = dict(models=("gpunet_0",), train_models=("gpunet_0",), train_img_size=32,
-                    train_batch=4, train_steps=3, data_img_size=64, data_images=24,
+        base = dict(sections=tuple(x for x in SECTIONS if x != "scaling"), models=("gpunet_0",), train_models=("gpunet_0",), train_img_size=32,
+                    train_batch=4, train_steps=3, train_repeats=1, data_img_size=64, data_images=24,
                     data_batch=4, data_workers=(1,), data_backends=("pil",), batches=(1,),
                     inference_backends=("eager", "onnxruntime"), time_budget_s=0.2,
                     max_iterations=3, min_iterations=1, compile_batches=(), scaling_procs=(),
-                    max_call_s=30.0)
+                    max_call_s=30.0)  # sections: torchrun takes too long for a smoke run
         base.update(overrides)
         return cls(**base)
 
@@ -281,32 +282,48 @@ def gpunet_train_loop(name: str, data: Path, output: Path, *, img_size: int, bat
             "command": "gpunet train " + " ".join(argv[1:])}
 
 
+TRAIN_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("foreach=False (timm's CPU default)", {"foreach": False}),
+    ("foreach=True", {"foreach": True}),
+    ("foreach=False + loss.item() per step", {"foreach": False, "host_sync": True}),
+)
+
+
 def bench_train(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     """gpunet train vs the bare loop, per model, plus hot-path variants on the first model."""
     per_epoch = cfg.train_batch * cfg.train_steps
     data = make_jpeg_dataset(work / f"train-{cfg.train_img_size}", images=per_epoch,
                              classes=10, val_images=10, seed=1,
                              size=(cfg.train_img_size * 5 // 4, cfg.train_img_size))
+    common = dict(img_size=cfg.train_img_size, batch=cfg.train_batch, steps=cfg.train_steps)
     rows = []
     for name in cfg.train_models:
+        # bare loop before and after, so drifting machine load hits both sides alike
         _logger.info("train: %s bare loop", name)
-        bare = bare_train_loop(name, img_size=cfg.train_img_size, batch=cfg.train_batch,
-                               steps=cfg.train_steps)
+        bare = [bare_train_loop(name, **common)]
         _logger.info("train: %s under gpunet train", name)
         ours = gpunet_train_loop(name, data, work / f"run-{name}", img_size=cfg.train_img_size,
                                  batch=cfg.train_batch, workers=cfg.train_workers)
-        rows.append({"model": name, "bare": bare, "gpunet_train": ours,
-                     "ratio": ours["img_per_sec"] / bare["img_per_sec"]})
-    variants = []
+        if cfg.train_repeats > 1:
+            _logger.info("train: %s bare loop again", name)
+            bare.append(bare_train_loop(name, **common))
+        ceiling = sum(b["img_per_sec"] for b in bare) / len(bare)
+        rows.append({"model": name, "bare": {**bare[0], "img_per_sec": ceiling,
+                                              "img_per_sec_runs": [b["img_per_sec"] for b in bare]},
+                     "gpunet_train": ours, "ratio": ours["img_per_sec"] / ceiling})
+    variants: list[dict[str, Any]] = []
     if cfg.train_models:
         name = cfg.train_models[0]
-        common = dict(img_size=cfg.train_img_size, batch=cfg.train_batch, steps=cfg.train_steps)
-        for label, kwargs in (("foreach=False (timm's CPU default)", {"foreach": False}),
-                              ("foreach=True", {"foreach": True}),
-                              ("foreach=True + loss.item() per step", {"foreach": True,
-                                                                        "host_sync": True})):
-            _logger.info("train: %s bare loop, %s", name, label)
-            variants.append({"variant": label, **bare_train_loop(name, **common, **kwargs)})
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in TRAIN_VARIANTS}
+        for _ in range(cfg.train_repeats):  # interleaved rounds, median per variant
+            for label, kwargs in TRAIN_VARIANTS:
+                _logger.info("train: %s bare loop, %s", name, label)
+                runs[label].append(bare_train_loop(name, **common, **kwargs))
+        for label, results in runs.items():
+            results.sort(key=lambda r: r["img_per_sec"])
+            med = results[len(results) // 2]
+            variants.append({"variant": label, **med,
+                             "img_per_sec_runs": [r["img_per_sec"] for r in results]})
     return {"img_size": cfg.train_img_size, "batch": cfg.train_batch,
             "steps_per_epoch": cfg.train_steps, "workers": cfg.train_workers,
             "dataset": {"path": str(data), **dataset_stats(data)}, "models": rows,
@@ -452,9 +469,6 @@ def bench_inference(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     from gpunet_core.model import list_models
 
     models = cfg.models or tuple(list_models())
-    unknown = sorted(set(models) - set(list_models()))
-    if unknown:
-        raise BenchmarkError(f"unknown model(s) {unknown}: use names from `gpunet models`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rows = [bench_inference_model(name, cfg, work) for name in models]
@@ -554,9 +568,10 @@ def host_name() -> str:
 
 
 def results_path(results_dir: str | Path, when: dt.datetime | None = None,
-                 host: str | None = None) -> Path:
+                 host: str | None = None, suffix: str = "") -> Path:
+    """``<results_dir>/<date>-<host><suffix>.json``."""
     when = when or dt.datetime.now()
-    return Path(results_dir) / f"{when:%Y-%m-%d}-{host or host_name()}.json"
+    return Path(results_dir) / f"{when:%Y-%m-%d}-{host or host_name()}{suffix}.json"
 
 
 def run_all(cfg: BenchConfig) -> dict[str, Any]:
@@ -566,6 +581,12 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
     unknown = sorted(set(cfg.sections) - set(SECTIONS))
     if unknown:
         raise BenchmarkError(f"unknown section(s) {unknown}: use {', '.join(SECTIONS)}")
+    from gpunet_core.model import list_models
+
+    unknown = sorted(set(cfg.models) - set(list_models()))
+    if unknown:
+        raise BenchmarkError(f"unknown model(s) {unknown} for --models: use names from "
+                             "`gpunet models`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with contextlib.ExitStack() as stack:
@@ -813,8 +834,9 @@ def build_parser() -> Any:
         "regenerate BENCHMARKS.md from it.")
     p.add_argument("--quick", action="store_true",
                    help="seconds-long smoke run (tiny sizes, gpunet_0 only, no torchrun)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help="comma-separated subset of %(default)s")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
+                        "--quick: all but scaling)")
     p.add_argument("--models", default="", help="inference models (default: all 7)")
     p.add_argument("--train-models", default=None,
                    help="training comparison models (default gpunet_0,efficientnet_b0)")
@@ -836,9 +858,10 @@ def build_parser() -> Any:
                    help="JSON list of {name, wall_s, compute_s} from a KFP local run")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--output", default=None, help="results JSON (default: "
-                   "<results-dir>/<date>-<host>.json)")
-    p.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"),
-                   help="markdown to regenerate ('' to skip)")
+                   "<results-dir>/<date>-<host>.json, -quick.json with --quick)")
+    p.add_argument("--markdown", default=None,
+                   help="markdown to regenerate ('' to skip; default BENCHMARKS.md, or "
+                        "<results-dir>/quick.md with --quick)")
     p.add_argument("--notes", default=str(REPO / "bench" / "notes.md"),
                    help="markdown appended to BENCHMARKS.md when it exists")
     p.add_argument("--render", default=None, metavar="JSON",
@@ -847,7 +870,9 @@ def build_parser() -> Any:
 
 
 def config_from_args(args: Any) -> BenchConfig:
-    overrides: dict[str, Any] = {"sections": _csv(args.sections)}
+    overrides: dict[str, Any] = {}
+    if args.sections:
+        overrides["sections"] = _csv(args.sections)
     if args.models:
         overrides["models"] = _csv(args.models)
     if args.train_models is not None:
@@ -885,10 +910,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = args.render
         else:
             results = run_all(config_from_args(args))
-            out = Path(args.output) if args.output else results_path(args.results_dir)
+            out = Path(args.output) if args.output else \
+                results_path(args.results_dir, suffix="-quick" if args.quick else "")
             write_json(results, out)
             print(f"results: {out}")
             source = out
+        if args.markdown is None:
+            args.markdown = str(Path(args.results_dir) / "quick.md") if args.quick \
+                else str(REPO / "BENCHMARKS.md")
         if args.markdown:
             shown = Path(source)
             with contextlib.suppress(ValueError):
