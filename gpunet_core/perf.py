@@ -76,6 +76,7 @@ class BenchConfig:
     min_iterations: int = 2
     max_call_s: float = 6.0  # skip a cell whose single call is predicted slower than this
     compile_batches: tuple[int, ...] = (1,)
+    compile_models: tuple[str, ...] = ("gpunet_0",)  # empty = every inference model
     scaling_procs: tuple[int, ...] = (1, 2)
     scaling_img_size: int = 32
     threads: int | None = None
@@ -417,6 +418,8 @@ def bench_inference_model(name: str, cfg: BenchConfig, work: Path) -> dict[str, 
         if "compile" in cells:
             if batch not in cfg.compile_batches:
                 cells["compile"][str(batch)] = {"skipped": "batch not in --compile-batches"}
+            elif cfg.compile_models and name not in cfg.compile_models:
+                cells["compile"][str(batch)] = {"skipped": "model not in --compile-models"}
             else:
                 _logger.info("inference: %s torch.compile b%d", name, batch)
                 compiled = torch.compile(eager_model, dynamic=False)
@@ -846,6 +849,9 @@ def build_parser() -> Any:
     p.add_argument("--compile-batches", default=None,
                    help="batch sizes that torch.compile is timed at (default 1: compiling costs "
                         "about a minute per model and shape on a small CPU)")
+    p.add_argument("--compile-models", default=None,
+                   help="models that torch.compile is timed for (default gpunet_0; 'all' for "
+                        "every model: about 2 minutes of compiling each on a 2-core CPU)")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="timed seconds per latency cell; iterations adapt (default 2)")
     p.add_argument("--max-call-s", type=float, default=None,
@@ -881,6 +887,9 @@ def config_from_args(args: Any) -> BenchConfig:
         overrides["inference_backends"] = _csv(args.inference_backends)
     if args.batches:
         overrides["batches"] = _ints(args.batches)
+    if args.compile_models is not None:
+        overrides["compile_models"] = () if args.compile_models == "all" \
+            else _csv(args.compile_models)
     if args.compile_batches is not None:
         overrides["compile_batches"] = _ints(args.compile_batches)
     for key in ("time_budget_s", "max_call_s", "threads", "work_dir"):

@@ -452,19 +452,35 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False)
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` shows figures (every ``interval`` steps and the last)."""
+        return step % self.interval == 0 or step == self.total
+
+    def tick(self) -> None:
+        """Advance the bar without figures (no host sync)."""
+        if self.enabled and self.bar is not None:
+            self.bar.update(1)
+
     def update(self, step: int, loss: float, img_per_sec: float) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{img_per_sec:.0f}")
-        elif step % self.interval == 0 or step == self.total:
+        elif self.due(step):
             _logger.info("epoch %d step %d/%d loss %.4f %.1f img/s", self.epoch, step,
                          self.total, loss, img_per_sec)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _check_finite(sums: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop on a non-finite loss; checked when logging, not per step (that would sync)."""
+    if not torch.isfinite(sums).all():
+        raise TrainError(f"loss became {sums[0].item()} in epoch {epoch} (by step {step}): "
+                         "lower --lr or disable --amp")
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -592,7 +608,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             break
         loaders.set_epoch(train_loader, epoch)
         train_model.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd (per-sample sums)
+        # loss, ce, kd per-sample sums, kept on the device: read (a host sync) only when logging
+        sums = torch.zeros(3, dtype=torch.float64, device=env.device)
         input_px: dict[str, int] = {}
         seen, data_wait, t_epoch = 0, 0.0, time.perf_counter()
         progress = _Progress(steps_per_epoch, epoch, env.is_main, args.log_interval)
@@ -624,9 +641,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                      input_px["teacher_px"], input_px["student_px"])
                 kd = kd_loss(output_logits, teacher_logits, args.kd_temperature)
                 loss = ce + args.kd_weight * kd
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: "
-                                 "lower --lr or disable --amp")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler(loss, optimizer, parameters=model.parameters())
@@ -639,14 +653,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             scheduler.step_update(state.steps)
             n = target.shape[0]
             seen += n
-            sums += torch.tensor([loss.item() * n, ce.item() * n, kd.item() * n],
-                                 dtype=torch.float64)
-            progress.update(step, sums[0].item() / seen,
-                            seen * env.world_size / (time.perf_counter() - t_epoch))
+            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double() * n
+            if progress.due(step):
+                _check_finite(sums, epoch, step)
+                progress.update(step, sums[0].item() / seen,
+                                seen * env.world_size / (time.perf_counter() - t_epoch))
+            else:
+                progress.tick()
             t_data = time.perf_counter()
             if state.steps >= max_steps:
                 break
         progress.close()
+        _check_finite(sums, epoch, step)
         elapsed = time.perf_counter() - t_epoch
         if env.distributed:
             red = torch.tensor([*sums.tolist(), seen], dtype=torch.float64, device=env.device)
