@@ -55,7 +55,8 @@ def test_quick_run_writes_the_results_schema(quick_run):
     assert row["ratio"] == pytest.approx(row["gpunet_train"]["img_per_sec"]
                                          / row["bare"]["img_per_sec"])
     assert 0 <= row["gpunet_train"]["data_wait_frac"] < 1
-    assert row["gpunet_train"]["steps"] == 2 * s["train"]["steps_per_epoch"]
+    assert row["gpunet_train"]["steps"] == 3 * s["train"]["steps_per_epoch"]
+    assert len(row["gpunet_train"]["img_per_sec_epochs"]) == 2  # warm epochs only
     assert set(row["bare"]["ms_per_step"]) == {"fwd_bwd", "optimizer", "ema"}
     assert [v["variant"] for v in s["train"]["variants"]] == [v for v, _ in perf.TRAIN_VARIANTS]
 
