@@ -686,8 +686,6 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
              f"- torch {fp.get('torch')} ({fp.get('torch_threads')} threads), onnxruntime "
              f"{fp.get('onnxruntime')}, TensorRT {fp.get('tensorrt') or 'not installed'}",
              f"- total benchmark time: {_fmt(results.get('total_seconds'), 0)} s", ""]
-    if notes:
-        lines += [notes.strip(), ""]
 
     t = s.get("train")
     if t:
@@ -810,6 +808,8 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
                 lines.append(f"| {r['procs']} | {_fmt(r['img_per_sec'])} | {e} | "
                              f"{100 * r['data_wait_frac']:.1f} % |")
             lines.append("")
+    if notes:
+        lines += [notes.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
