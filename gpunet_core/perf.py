@@ -607,6 +607,7 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpunet-bench-")))
         started = time.perf_counter()
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         sections: dict[str, Any] = {}
         timings: dict[str, float] = {}
         for name in SECTIONS:
@@ -633,6 +634,10 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
             "host": host_name(), "quick": cfg.extra.get("quick", False),
             "fingerprint": fingerprint(), "config": config, "targets": TARGETS,
             "section_seconds": timings, "total_seconds": time.perf_counter() - started,
+            # other processes on the machine skew every figure: a load above the core count
+            # while measuring means the run should be repeated on an idle machine
+            "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]
+                                  if hasattr(os, "getloadavg") else None},
             "sections": sections}
 
 
@@ -657,6 +662,11 @@ def _ratio(value: float | None, target: float | None = None, higher_is_better: b
         ok = value >= target if higher_is_better else value <= target
         text += " ✅" if ok else " ❌"
     return text
+
+
+def _load(results: dict[str, Any]) -> str:
+    load = results.get("load_average_1min") or {}
+    return " / ".join(_fmt(load.get(k), 2) for k in ("start", "end"))
 
 
 def _cell_text(stats: dict[str, Any] | None) -> str:
@@ -685,7 +695,9 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
              f"GPU: {gpu['name'] if gpu else 'none'}",
              f"- torch {fp.get('torch')} ({fp.get('torch_threads')} threads), onnxruntime "
              f"{fp.get('onnxruntime')}, TensorRT {fp.get('tensorrt') or 'not installed'}",
-             f"- total benchmark time: {_fmt(results.get('total_seconds'), 0)} s", ""]
+             f"- total benchmark time: {_fmt(results.get('total_seconds'), 0)} s; 1-min load "
+             f"average at start / end: {_load(results)} (above the core count: other processes "
+             "shared the CPU and the figures are noisy)", ""]
 
     t = s.get("train")
     if t:
