@@ -116,3 +116,12 @@ submit: setup ## submit a run to Kubeflow Pipelines at $(KFP_HOST) (PARAMS="--pa
 schedule: setup ## scheduled retraining at $(KFP_HOST) on CRON="0 3 * * 1"
 	@[ -n "$(KFP_HOST)" ] && [ -n "$(CRON)" ] || { echo "error: set KFP_HOST and CRON, e.g. make schedule KFP_HOST=http://localhost:8080 CRON='0 3 * * 1'" >&2; exit 2; }
 	$(PY) -m pipelines schedule --host $(KFP_HOST) --cron "$(CRON)" --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
+
+# ---- benchmarks (issue 9) ---------------------------------------------------------------------
+# Full run (~15 min on a 2-core CPU): bench/results/<date>-<host>.json + BENCHMARKS.md.
+# Smoke run: make bench BENCH_ARGS=--quick (writes bench/results/*-quick.json and quick.md).
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: setup ## performance side by side -> bench/results/*.json + BENCHMARKS.md (BENCH_ARGS=--quick)
+	$(PY) bench/run.py $(BENCH_ARGS)

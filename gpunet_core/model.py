@@ -545,6 +545,28 @@ def create_model(name_or_spec: str | Path | dict | list | ArchSpec, *,
     return model
 
 
+def create_any_model(name_or_spec: str | Path | dict | list | ArchSpec, *,
+                     num_classes: int | None = None, drop_rate: float | None = None,
+                     drop_path_rate: float | None = None) -> nn.Module:
+    """A GPUNet (name or spec, see :func:`create_model`), else timm's model of that name.
+
+    The timm fallback (random weights) lets ``gpunet train`` and ``make bench`` run the
+    GPUNet paper's comparison models, e.g. ``efficientnet_b0``, under the same recipe.
+    """
+    if isinstance(name_or_spec, str) and name_or_spec not in MODEL_INFO \
+            and not name_or_spec.endswith(".json") and not Path(name_or_spec).exists():
+        import timm
+
+        if timm.is_model(name_or_spec):
+            kwargs = {k: v for k, v in (("drop_rate", drop_rate),
+                                        ("drop_path_rate", drop_path_rate)) if v is not None}
+            if num_classes is not None:
+                kwargs["num_classes"] = num_classes
+            return timm.create_model(name_or_spec, pretrained=False, **kwargs)
+    return create_model(name_or_spec, num_classes=num_classes, drop_rate=drop_rate,
+                        drop_path_rate=drop_path_rate)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

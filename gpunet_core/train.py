@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="load NVIDIA's hyper-parameters for this model (flags override)")
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="gpunet_0", help="model name or JSON spec (default gpunet_0)")
+    g.add_argument("--model", default="gpunet_0",
+                   help="model name or JSON spec (default gpunet_0); other timm model names "
+                        "train from scratch (e.g. efficientnet_b0, for comparisons)")
     g.add_argument("--num-classes", type=_positive_int, default=None,
                    help="classes (default: the dataset's)")
     g.add_argument("--drop", type=_non_negative_float, default=None,
@@ -455,19 +457,35 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False)
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` shows figures (every ``interval`` steps and the last)."""
+        return step % self.interval == 0 or step == self.total
+
+    def tick(self) -> None:
+        """Advance the bar without figures (no host sync)."""
+        if self.enabled and self.bar is not None:
+            self.bar.update(1)
+
     def update(self, step: int, loss: float, img_per_sec: float) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{img_per_sec:.0f}")
-        elif step % self.interval == 0 or step == self.total:
+        elif self.due(step):
             _logger.info("epoch %d step %d/%d loss %.4f %.1f img/s", self.epoch, step,
                          self.total, loss, img_per_sec)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _check_finite(sums: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop on a non-finite loss; checked when logging, not per step (that would sync)."""
+    if not torch.isfinite(sums).all():
+        raise TrainError(f"loss became {sums[0].item()} in epoch {epoch} (by step {step}): "
+                         "lower --lr or disable --amp")
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -478,7 +496,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from timm.utils import ModelEmaV3, NativeScaler
 
     from gpunet_core import loaders
-    from gpunet_core.model import count_parameters, create_model
+    from gpunet_core.model import count_parameters, create_any_model
 
     _check_args(args)
     env = setup_distributed()
@@ -494,8 +512,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainError(f"--num-classes {num_classes} but {train_root} has {len(classes)} classes "
                          f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
 
-    model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
-                         drop_path_rate=args.drop_connect)
+    model = create_any_model(args.model, num_classes=num_classes, drop_rate=args.drop,
+                             drop_path_rate=args.drop_connect)
     if args.initial_checkpoint:
         from gpunet_core.checkpoint import load_checkpoint
 
@@ -595,7 +613,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             break
         loaders.set_epoch(train_loader, epoch)
         train_model.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd (per-sample sums)
+        # loss, ce, kd per-sample sums, kept on the device: read (a host sync) only when logging
+        sums = torch.zeros(3, dtype=torch.float64, device=env.device)
         input_px: dict[str, int] = {}
         seen, data_wait, t_epoch = 0, 0.0, time.perf_counter()
         progress = _Progress(steps_per_epoch, epoch, env.is_main, args.log_interval)
@@ -627,9 +646,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                      input_px["teacher_px"], input_px["student_px"])
                 kd = kd_loss(output_logits, teacher_logits, args.kd_temperature)
                 loss = ce + args.kd_weight * kd
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: "
-                                 "lower --lr or disable --amp")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler(loss, optimizer, parameters=model.parameters())
@@ -642,14 +658,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             scheduler.step_update(state.steps)
             n = target.shape[0]
             seen += n
-            sums += torch.tensor([loss.item() * n, ce.item() * n, kd.item() * n],
-                                 dtype=torch.float64)
-            progress.update(step, sums[0].item() / seen,
-                            seen * env.world_size / (time.perf_counter() - t_epoch))
+            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double() * n
+            if progress.due(step):
+                _check_finite(sums, epoch, step)
+                progress.update(step, sums[0].item() / seen,
+                                seen * env.world_size / (time.perf_counter() - t_epoch))
+            else:
+                progress.tick()
             t_data = time.perf_counter()
             if state.steps >= max_steps:
                 break
         progress.close()
+        _check_finite(sums, epoch, step)
         elapsed = time.perf_counter() - t_epoch
         if env.distributed:
             red = torch.tensor([*sums.tolist(), seen], dtype=torch.float64, device=env.device)

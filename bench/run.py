@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""`make bench`: run gpunet_core.perf (see its docstring and `bench/run.py --help`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpunet_core.perf import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`make bench` harness (gpunet_core.perf): a quick run writes the agreed JSON and markdown.
+
+No timing assertions here: speed targets live in the benchmark output, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpunet_core import perf
+from gpunet_core.errors import BenchmarkError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    timings = out / "steps.json"
+    timings.write_text(json.dumps([{"name": "prepare", "wall_s": 10.0, "compute_s": 9.0},
+                                   {"name": "train", "wall_s": 30.0, "compute_s": 28.0}]))
+    proc = _run("--quick", "--results-dir", str(out), "--work-dir", str(out / "work"),
+                "--pipeline-timings", str(timings))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(out.glob("*-quick.json"))
+    assert len(results) == 1, list(out.iterdir())
+    return results[0], out / "quick.md", json.loads(results[0].read_text())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_results_schema(quick_run):
+    path, _, res = quick_run
+    assert path.name.endswith(f"-{perf.host_name()}-quick.json")
+    assert res["schema"] == perf.PERF_SCHEMA and res["quick"] is True
+    assert res["fingerprint"]["torch"] and res["targets"] == perf.TARGETS
+    s = res["sections"]
+    assert set(s) == {"train", "data", "inference", "pipeline"}  # quick mode: no torchrun
+    assert not any("error" in v for v in s.values()), s
+
+    (row,) = s["train"]["models"]
+    assert row["model"] == "gpunet_0"
+    assert row["bare"]["img_per_sec"] > 0 and row["gpunet_train"]["img_per_sec"] > 0
+    assert row["ratio"] == pytest.approx(row["gpunet_train"]["img_per_sec"]
+                                         / row["bare"]["img_per_sec"])
+    assert 0 <= row["gpunet_train"]["data_wait_frac"] < 1
+    assert row["gpunet_train"]["steps"] == 3 * s["train"]["steps_per_epoch"]
+    assert len(row["gpunet_train"]["img_per_sec_epochs"]) == 2  # warm epochs only
+    assert set(row["bare"]["ms_per_step"]) == {"fwd_bwd", "optimizer", "ema"}
+    assert [v["variant"] for v in s["train"]["variants"]] == [v for v, _ in perf.TRAIN_VARIANTS]
+
+    (data,) = s["data"]["rows"]
+    assert data["backend"] == "pil" and data["images_per_s"] > 0
+    assert data["images_per_s_per_worker"] == data["images_per_s"] / data["workers"]
+
+    (inf,) = s["inference"]["rows"]
+    assert inf["model"] == "gpunet_0" and inf["img_size"] == 320
+    assert inf["latency_ms"]["eager"]["1"]["median"] > 0
+    assert inf["latency_ms"]["onnxruntime"]["1"]["median"] > 0
+    assert inf["published_fp16_ms"] == {"a100": 0.46, "v100": 0.63}
+
+    p = s["pipeline"]
+    assert p["status"] == "measured" and p["overhead_frac"] == pytest.approx(3 / 40)
+
+
+@pytest.mark.slow
+def test_markdown_is_regenerated_from_the_json(quick_run, tmp_path):
+    path, md, res = quick_run
+    text = md.read_text()
+    for heading in ("## Training step throughput", "## Input pipeline", "## Inference latency",
+                    "## Pipeline overhead"):
+        assert heading in text
+    row = res["sections"]["train"]["models"][0]
+    assert f"{row['ratio']:.2f}" in text
+    eager = res["sections"]["inference"]["rows"][0]["latency_ms"]["eager"]["1"]["median"]
+    assert f"{eager:,.1f}" in text
+    again = tmp_path / "again.md"
+    proc = _run("--render", str(path), "--markdown", str(again))
+    assert proc.returncode == 0, proc.stderr
+    assert again.read_text() == text.replace(str(path), str(path))
+
+
+def test_pipeline_overhead_split():
+    res = perf.pipeline_overhead([{"name": "a", "wall_s": 4, "compute_s": 3},
+                                  {"name": "b", "wall_s": 6, "compute_s": 6}], total_wall_s=12)
+    assert res["overhead_s"] == pytest.approx(3) and res["overhead_frac"] == pytest.approx(0.25)
+    assert [st["overhead_s"] for st in res["steps"]] == [1, 0]
+    with pytest.raises(BenchmarkError, match="compute_s"):
+        perf.pipeline_overhead([{"name": "a", "wall_s": 1, "compute_s": 2}])
+    with pytest.raises(BenchmarkError, match="numeric"):
+        perf.pipeline_overhead([{"name": "a"}])
+    assert "pending" in perf.bench_pipeline(perf.BenchConfig())["status"]
+
+
+def test_rendered_photos_are_imagenet_like(tmp_path):
+    from PIL import Image
+
+    root = perf.make_jpeg_dataset(tmp_path, images=3, classes=2, val_images=1)
+    files = sorted((root / "train").rglob("*.jpg"))
+    assert len(files) == 3 and len(list((root / "val").rglob("*.jpg"))) == 1
+    assert Image.open(files[0]).size == (500, 375)
+    assert all(f.stat().st_size > 20_000 for f in files)  # not flat colour: compresses like photos
+    stamp = (root / ".complete.json").stat().st_mtime_ns
+    perf.make_jpeg_dataset(tmp_path, images=3, classes=2, val_images=1)
+    assert (root / ".complete.json").stat().st_mtime_ns == stamp  # reused, not re-rendered
+
+
+def test_markdown_shows_skips_errors_and_pending():
+    res = {"fingerprint": {}, "sections": {
+        "inference": {"batches": [1, 32], "backends": ["eager", "tensorrt"], "torch_threads": 2,
+                      "rows": [{"model": "gpunet_0", "img_size": 320,
+                                "published_fp16_ms": {"a100": 0.46, "v100": 0.63},
+                                "latency_ms": {"eager": {"1": {"median": 50.0},
+                                                         "32": {"skipped": "slow"}},
+                                               "tensorrt": {"1": {"skipped": "no GPU"},
+                                                            "32": {"error": "boom"}}}}]},
+        "pipeline": perf.bench_pipeline(perf.BenchConfig()),
+        "scaling": {"model": "gpunet_0", "img_size": 32, "batch_per_proc": 8,
+                    "efficiency": {"2": 0.8},
+                    "rows": [{"procs": 1, "img_per_sec": 10.0, "data_wait_frac": 0.01},
+                             {"procs": 2, "img_per_sec": 16.0, "data_wait_frac": 0.02}]},
+        "data": {"error": "DataError: no images"}}}
+    text = perf.render_markdown(res)
+    assert "| gpunet_0 | 320 | 50.0 | skip | skip | error |" in text
+    assert "pending the pipeline issue" in text
+    assert "| 2 | 16.0 | 0.80 | 2.0 % |" in text
+    assert "Failed: DataError: no images" in text
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    proc = _run("--sections", "train,nope", "--results-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "unknown section(s) ['nope']" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("--quick", "--models", "gpunet_9", "--results-dir", str(tmp_path))
+    assert proc.returncode == 2 and "unknown model(s) ['gpunet_9']" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_training_loop_still_stops_on_a_non_finite_loss():
+    """The per-step isfinite() host sync moved to the logging points; the check itself stays."""
+    import torch
+
+    from gpunet_core.train import TrainError, _check_finite, _Progress
+
+    _check_finite(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), 0, 5)
+    with pytest.raises(TrainError, match=r"loss became nan in epoch 3 \(by step 7\)"):
+        _check_finite(torch.tensor([float("nan"), 1.0, 0.0], dtype=torch.float64), 3, 7)
+    progress = _Progress(total=10, epoch=0, enabled=False, interval=4)
+    assert [s for s in range(1, 11) if progress.due(s)] == [4, 8, 10]
