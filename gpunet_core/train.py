@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,8 +203,25 @@ def setup_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                store=_rendezvous_store(rank, world_size), rank=rank,
+                                world_size=world_size, timeout=timedelta(minutes=10))
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
+    """The torchrun store, namespaced by restart round.
+
+    torchrun's agent keeps one TCPStore across worker restarts; without a per-round prefix the
+    restarted workers read the peer addresses the killed round left there and gloo's mesh
+    connect hangs or is refused.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store,
+                          timeout=timedelta(minutes=10))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"gpunet/restart{restart}", store)
 
 
 def autocast_for(device: torch.device, amp: bool):
