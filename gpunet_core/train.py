@@ -25,7 +25,6 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +38,7 @@ import yaml
 from torch import nn
 
 from gpunet_core.errors import GpunetError
+from gpunet_core.evaluate import autocast_context
 from gpunet_core.presets import PRESETS, load_preset
 
 _logger = logging.getLogger("gpunet_core.train")
@@ -222,13 +222,6 @@ def _rendezvous_store(rank: int, world_size: int) -> dist.Store:
                           timeout=timedelta(minutes=10))
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"gpunet/restart{restart}", store)
-
-
-def autocast_for(device: torch.device, amp: bool):
-    if not amp:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- losses
@@ -446,7 +439,7 @@ def evaluate(model: nn.Module, loader, env: DistEnv, amp: bool, channels_last: b
         images, target = images.to(env.device), target.to(env.device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_for(env.device, amp):
+        with autocast_context(env.device, amp):
             output = model(images)
         output = output.float()
         k = min(5, output.shape[1])
@@ -647,7 +640,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                        align_corners=False)
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_for(env.device, args.amp):
+            with autocast_context(env.device, args.amp):
                 output_logits = train_model(images)
                 ce = criterion(output_logits.float(), target)
             loss = ce
