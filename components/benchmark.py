@@ -7,14 +7,14 @@ from components._images import BENCH_IMAGE
 
 
 @dsl.component(base_image=BENCH_IMAGE)
-def benchmark(onnx: Input[Model], backend: str, iterations: int, mlflow_experiment: str,
-              kfp_run_id: str, metrics: Output[Metrics], results: Output[Artifact]) -> float:
+def benchmark(onnx: Input[Model], backend: str, iterations: int, metrics: Output[Metrics],
+              results: Output[Artifact]) -> float:
     from gpunet_core import steps
 
     out = steps.benchmark(onnx.path, backend=backend, iterations=iterations,
-                          results_file=results.path, experiment=mlflow_experiment,
-                          kfp_run_id=kfp_run_id)
+                          results_file=results.path)
     for key, value in out["latency_ms"].items():
         metrics.log_metric(f"latency_ms_{key}", float(value))
     metrics.log_metric("throughput", float(out.get("throughput", 0.0) or 0.0))
+    steps.write_artifact_json(metrics.path, metrics.metadata)  # a file: cacheable by kfp.local
     return float(out["latency_ms"]["median"])

@@ -30,7 +30,7 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
                   epochs: int, batch_size: int, img_size: int, lr: float, optimizer: str,
                   augment: str, nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,
                   kd_weight: float, kd_temperature: float, mlflow_experiment: str,
-                  kfp_run_id: str, image: str, checkpoint: Output[Model],
+                  image: str, checkpoint: Output[Model],
                   metrics: Output[Metrics]):
     """The candidate GPUNet; distils from ``teacher`` when the teacher step was enabled."""
     import os
@@ -46,9 +46,10 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
         teacher_checkpoint=os.path.join(teacher.path, "last.pth.tar") if use_teacher else "",
         teacher_img_size=teacher_img_size if use_teacher else 0, kd_weight=kd_weight,
         kd_temperature=kd_temperature, mlflow=bool(os.environ.get("MLFLOW_TRACKING_URI")),
-        experiment=mlflow_experiment, kfp_run_id=kfp_run_id)
+        experiment=mlflow_experiment)
     checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                 "distilled": use_teacher})
     for key in ("train_loss", "top1", "top5", "eval_loss", "img_per_sec"):
         if key in result:
             metrics.log_metric(key, float(result[key]))
+    steps.write_artifact_json(metrics.path, metrics.metadata)  # a file: cacheable by kfp.local

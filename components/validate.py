@@ -8,7 +8,7 @@ from components._images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE)
 def validate(dataset: Input[Dataset], checkpoint: Input[Model], model_name: str, img_size: int,
-             mlflow_experiment: str, kfp_run_id: str, metrics: Output[Metrics],
+             metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], results: Output[Artifact]) -> float:
     import os
 
@@ -16,9 +16,10 @@ def validate(dataset: Input[Dataset], checkpoint: Input[Model], model_name: str,
 
     out = steps.validate(os.path.join(dataset.path, "val"),
                          os.path.join(checkpoint.path, "model_best.pth.tar"), model=model_name,
-                         img_size=img_size, results_file=results.path,
-                         experiment=mlflow_experiment, kfp_run_id=kfp_run_id)
+                         img_size=img_size, results_file=results.path)
     for key in ("top1", "top5", "loss", "images_per_second"):
         metrics.log_metric(key, float(out[key]))
     confusion.log_confusion_matrix(out["classes"], out["confusion_matrix"])
+    steps.write_artifact_json(metrics.path, metrics.metadata)  # files: cacheable by kfp.local
+    steps.write_artifact_json(confusion.path, confusion.metadata)
     return float(out["top1"])

@@ -1,9 +1,11 @@
 """Pipeline steps: one function per step of the ``gpunet_training`` DAG.
 
 Each KFP component in ``components/`` is a typed shell over exactly one function here, and the
-CLI and tests call the same functions. Steps take plain values and local paths, return JSON-able
-dicts, and log into the pipeline run's MLflow run (found by the ``kfp_run_id`` tag) when a
-tracking URI is configured.
+CLI and tests call the same functions. Steps take plain values and local paths and return
+JSON-able dicts. Every step but :func:`promote` is a pure function of its inputs, so KFP may
+serve it from its cache when a pipeline is re-run; MLflow is written by training (its own run,
+whose id it leaves in ``<output>/mlflow_run_id``) and by :func:`promote`, which adds the
+validation and latency figures to that run and tags it with the pipeline run (``kfp_run_id``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class StepError(GpunetError):
 
 
 def pipeline_run_id(kfp_run_id: str, experiment: str) -> str | None:
-    """The MLflow run of this pipeline run (tag ``kfp_run_id``), or None without tracking."""
+    """The MLflow run tagged with this pipeline run (``kfp_run_id``), or None."""
     if not kfp_run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
         return None
     from mlflow import MlflowClient
@@ -45,21 +47,50 @@ def pipeline_run_id(kfp_run_id: str, experiment: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def log_metrics(kfp_run_id: str, experiment: str, metrics: dict[str, float],
-                prefix: str) -> None:
-    """Log a step's numeric results into the pipeline's MLflow run (skipped when untracked)."""
-    run_id = pipeline_run_id(kfp_run_id, experiment)
-    if run_id is None:
-        return
+def training_run_id(checkpoint: str | Path) -> str | None:
+    """The MLflow run that trained ``checkpoint`` (``mlflow_run_id`` beside it), if it exists."""
+    marker = Path(checkpoint).parent / "mlflow_run_id"
+    if not marker.is_file():
+        return None
+    run_id = marker.read_text().strip()
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        _logger.warning("training run %s (from %s) is not in this MLflow; a new run is used",
+                        run_id, marker)
+        return None
+    return run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], prefix: str) -> None:
+    """Log numeric results into ``run_id`` once (a cached step's figures are not re-logged)."""
     import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    mlc = MlflowClient()
+    existing = mlc.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[
-        Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)])
+    batch = [Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and existing.get(f"{prefix}{k}") != float(v)]
+    if batch:
+        mlc.log_batch(run_id, metrics=batch)
+
+
+def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a metrics-type artifact's values to its file too (atomically).
+
+    KFP keeps Metrics in the artifact's metadata only; with no file at the artifact's URI a
+    cache (``kfp.local``'s treats a missing file as a miss) would re-run the step every time.
+    """
+    from gpunet_core.evaluate import write_json
+
+    write_json(dict(data), path)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -144,8 +175,8 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
 
 
 def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
-             crop_pct: float = 1.0, batch_size: int = 64, results_file: str | Path | None = None,
-             experiment: str = "gpunet", kfp_run_id: str = "") -> dict[str, Any]:
+             crop_pct: float = 1.0, batch_size: int = 64,
+             results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.evaluate import load_inference_model, write_json
     from gpunet_core.evaluate import validate as run_validate
 
@@ -155,8 +186,6 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     results.update({"model": model, "checkpoint": str(checkpoint)})
     if results_file:
         write_json(results, results_file)
-    log_metrics(kfp_run_id, experiment, {k: results[k] for k in ("top1", "top5", "loss")},
-                prefix="val_")
     return results
 
 
@@ -171,16 +200,13 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
 
 
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
-              results_file: str | Path | None = None, experiment: str = "gpunet",
-              kfp_run_id: str = "") -> dict[str, Any]:
+              results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.benchmark import run_benchmark
     from gpunet_core.evaluate import write_json
 
     result = run_benchmark(onnx, backend=backend, iterations=iterations)
     if results_file:
         write_json(result, results_file)
-    log_metrics(kfp_run_id, experiment, {f"latency_ms_{k}": v for k, v in
-                                         result["latency_ms"].items()}, prefix="bench_")
     return result
 
 
@@ -188,20 +214,29 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
             experiment: str = "gpunet", kfp_run_id: str = "") -> dict[str, Any]:
-    """Register the candidate (pytorch + onnx flavors) and give it an alias."""
+    """Register the candidate (pytorch + onnx flavors) and give it an alias.
+
+    The version's source run is the MLflow run that trained ``checkpoint`` (else the pipeline
+    run's, else a new one); the validation and latency figures are logged into it.
+    """
+    from mlflow import MlflowClient
+
     from gpunet_core import registry
     from gpunet_core.evaluate import load_inference_model
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")
-    run_id = pipeline_run_id(kfp_run_id, experiment)
+    mlc = MlflowClient()
+    run_id = training_run_id(checkpoint) or pipeline_run_id(kfp_run_id, experiment)
     if run_id is None:
-        from mlflow import MlflowClient
-
-        mlc = MlflowClient()
         exp = mlc.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else mlc.create_experiment(experiment)
-        run_id = mlc.create_run(exp_id, tags={RUN_TAG: kfp_run_id or "manual"}).info.run_id
+        run_id = mlc.create_run(exp_id).info.run_id
+    mlc.set_tag(run_id, RUN_TAG, kfp_run_id or "manual")
+    log_metrics(run_id, {k: validation[k] for k in ("top1", "top5", "loss") if k in validation},
+                prefix="val_")
+    log_metrics(run_id, {f"latency_ms_{k}": v for k, v in bench["latency_ms"].items()},
+                prefix="bench_")
     latency = float(bench["latency_ms"]["median"])
     version = registry.register(
         run_id, load_inference_model(model, checkpoint), onnx, name=registered_model,
@@ -210,7 +245,5 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
                                  "model": model, RUN_TAG: kfp_run_id})
     decision = registry.promote(registered_model, version, min_top1=min_top1,
                                 max_latency_ms=max_latency_ms or None, margin=margin)
-    from mlflow import MlflowClient
-
-    MlflowClient().set_tag(run_id, "promotion", f"{decision.alias} (v{version})")
+    mlc.set_tag(run_id, "promotion", f"{decision.alias} (v{version})")
     return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}

@@ -2,16 +2,27 @@
 
 Settings come the standard way: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or any other
 boto3 credential source), endpoint from ``AWS_ENDPOINT_URL`` or an explicit ``endpoint`` argument
-(MinIO-style stores). Large files go up as parallel multipart uploads (boto3 ``TransferConfig``),
-transient failures are retried by botocore's retry config, and every upload is verified by
-listing what landed (key set and sizes) before the caller writes its completion marker.
+(MinIO-style stores). Large files go up as parallel multipart uploads (boto3 ``TransferConfig``).
+
+Reliability: every upload carries a SHA-256 checksum that the server verifies on receipt
+(``ChecksumAlgorithm``), and afterwards each object's stored checksum is compared with the local
+file's. Short blips are retried by botocore (standard mode); a longer outage once a transfer is
+under way is retried here with exponential backoff for ``GPUNET_S3_RETRY_SECONDS`` (default 300),
+resuming with what is still missing. S3 never shows a partial object under its final key, and
+callers write their completion marker (a dataset's manifest) only after a verified upload. The
+first contact (:func:`check_bucket`) fails fast instead: a wrong endpoint is a setting to fix.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +31,8 @@ from gpunet_core.errors import StorageError
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+PART_SIZE = 8 * MiB  # multipart threshold and part size: checksums of larger files are composite
+CHECKSUM = "SHA256"
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,9 @@ def s3_client(endpoint: str | None = None, *, max_attempts: int = 5,
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
                     max_pool_connections=max_pool_connections, connect_timeout=10,
-                    read_timeout=60, s3={"addressing_style": "path"} if endpoint else None)
+                    read_timeout=60, s3={"addressing_style": "path"} if endpoint else None,
+                    request_checksum_calculation="when_supported",
+                    response_checksum_validation="when_supported")
     # a fresh session: boto3's default session caches credentials from the first call
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region,
                                           config=config)
@@ -78,8 +93,122 @@ def transfer_config(jobs: int = 8):
     """Parallel multipart transfers: 8 MiB parts, ``jobs`` threads."""
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
+    return TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
                           max_concurrency=max(1, jobs), use_threads=True)
+
+
+def retry_budget_s() -> float:
+    """Seconds an interrupted transfer keeps retrying (``GPUNET_S3_RETRY_SECONDS``, default 300)."""
+    raw = os.environ.get("GPUNET_S3_RETRY_SECONDS", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StorageError(f"GPUNET_S3_RETRY_SECONDS={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise StorageError(f"GPUNET_S3_RETRY_SECONDS={raw!r} must be >= 0")
+    return value
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection trouble or a 5xx/throttling reply: worth retrying (credentials are not)."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from s3transfer.exceptions import RetriesExceededError, S3UploadFailedError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError
+                      | ConnectTimeoutError | ResponseStreamingError | ConnectionError):
+            return True
+        if isinstance(exc, ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling")
+        if isinstance(exc, S3UploadFailedError) and any(
+                word in str(exc) for word in ("Connection", "connect", "timed out", "endpoint")):
+            return True
+        if isinstance(exc, RetriesExceededError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def with_retries(action: str, uri: S3Uri | str, attempt: Callable[[], object], *,
+                 budget_s: float | None = None, first_delay_s: float = 1.0,
+                 max_delay_s: float = 30.0):
+    """Call ``attempt()`` until it succeeds, retrying transient S3 errors with backoff.
+
+    Waits 1, 2, 4, ... s (with jitter, capped at ``max_delay_s``) while the total stays within
+    ``budget_s`` (default :func:`retry_budget_s`); a non-transient error is raised at once.
+    Every failure is translated by :func:`storage_error`.
+    """
+    budget = retry_budget_s() if budget_s is None else budget_s
+    start = time.monotonic()
+    delay, tries = first_delay_s, 0
+    while True:
+        tries += 1
+        try:
+            return attempt()
+        except _boto_errors() as exc:
+            elapsed = time.monotonic() - start
+            if not is_transient(exc):
+                raise storage_error(exc, uri, action) from None
+            if elapsed + delay > budget:
+                err = storage_error(exc, uri, action)
+                raise StorageError(
+                    f"{err} -- still failing after {tries} attempt(s) over {elapsed:.0f} s "
+                    f"(retry budget GPUNET_S3_RETRY_SECONDS={budget:g}); nothing incomplete is "
+                    "visible under the final keys: fix the store and re-run to resume") from None
+            wait = min(max_delay_s, delay) * random.uniform(0.8, 1.2)
+            log.warning("%s %s: S3 unavailable (%s); retry %d in %.1f s", action, uri,
+                        str(exc).splitlines()[0][:160], tries, wait)
+            time.sleep(wait)
+            delay *= 2
+
+
+def local_checksum(path: Path, part_size: int = PART_SIZE) -> str:
+    """The SHA-256 checksum S3 stores for ``path`` uploaded with our transfer config.
+
+    Single-part objects: base64(sha256(data)); multipart ones (size > ``part_size``): the
+    composite base64(sha256(concat(sha256(part)))) of ``part_size`` parts.
+    """
+    size = path.stat().st_size
+    whole, parts = hashlib.sha256(), []
+    with open(path, "rb") as fh:
+        while chunk := fh.read(part_size):
+            if size <= part_size:
+                whole.update(chunk)
+            else:
+                parts.append(hashlib.sha256(chunk).digest())
+    if size <= part_size:
+        return base64.b64encode(whole.digest()).decode()
+    return base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
+
+
+def remote_checksum(uri: S3Uri, client) -> str | None:
+    """The object's stored SHA-256 checksum (composite ``-N`` suffix dropped), or None."""
+    head = client.head_object(Bucket=uri.bucket, Key=uri.key, ChecksumMode="ENABLED")
+    value = head.get("ChecksumSHA256")
+    return value.split("-")[0] if value else None
+
+
+def verify_checksums(files: list[tuple[Path, str]], dest: S3Uri, client, jobs: int = 8) -> list[str]:
+    """Keys (relative to ``dest``) whose stored checksum differs from the local file's."""
+    def check(item: tuple[Path, str]) -> str | None:
+        path, rel = item
+        remote = with_retries("verify", dest.join(rel), lambda: remote_checksum(dest.join(rel),
+                                                                               client))
+        return None if remote == local_checksum(path) else rel
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return [rel for rel in pool.map(check, files) if rel is not None]
 
 
 def storage_error(exc: Exception, uri: S3Uri | str, action: str) -> StorageError:
@@ -149,15 +278,19 @@ def check_bucket(uri: S3Uri, client=None) -> None:
 def list_objects(uri: S3Uri, client=None) -> dict[str, int]:
     """``{key relative to the prefix: size}`` of every object under ``uri``'s prefix."""
     client = client or s3_client()
-    out: dict[str, int] = {}
-    prefix = uri.prefix
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket,
-                                                                      Prefix=prefix):
-            for obj in page.get("Contents", []):
-                out[obj["Key"][len(prefix):]] = int(obj["Size"])
+        return _list(uri, client)
     except _boto_errors() as exc:
         raise storage_error(exc, uri, "list") from None
+
+
+def _list(uri: S3Uri, client) -> dict[str, int]:
+    out: dict[str, int] = {}
+    prefix = uri.prefix
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket,
+                                                                  Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"][len(prefix):]] = int(obj["Size"])
     return out
 
 
@@ -184,45 +317,64 @@ def read_bytes(uri: S3Uri, client=None) -> bytes:
 
 
 def upload_files(files: Iterable[tuple[Path, str]], dest: S3Uri, *, client=None, jobs: int = 8,
-                 skip_existing: bool = True, progress: bool = True) -> int:
+                 skip_existing: bool = True, progress: bool = True,
+                 retry_budget: float | None = None) -> int:
     """Upload ``(local path, key relative to dest)`` pairs in parallel, then verify.
 
-    Objects already present with the same size are skipped (resume). After the upload the
-    prefix is listed and every file must be there with its local size, else StorageError.
-    Returns the number of files actually uploaded.
+    Objects already present with the same size are skipped (resume). Each upload carries a
+    SHA-256 checksum the server checks; afterwards every uploaded object's stored checksum must
+    equal the local file's and every file must be listed with its size, else StorageError. An
+    outage mid-transfer is retried with backoff (see :func:`with_retries`), each round sending
+    only what has not landed yet. Returns the number of files actually uploaded.
     """
-    from boto3.s3.transfer import create_transfer_manager
-    from tqdm import tqdm
-
     client = client or s3_client(max_pool_connections=max(10, jobs * 2))
-    check_bucket(dest, client)
+    check_bucket(dest, client)  # fail fast on a wrong endpoint/bucket/credentials
     files = [(Path(p), rel) for p, rel in files]
     present = list_objects(dest, client) if skip_existing else {}
     todo = [(p, rel) for p, rel in files if present.get(rel) != p.stat().st_size]
-    window = max(64, jobs * 16)
-    try:
-        with create_transfer_manager(client, transfer_config(jobs)) as manager, tqdm(
-                total=len(todo), unit="file", desc=f"upload {dest}", disable=not progress,
-                leave=False) as bar:
-            pending = []
-            for path, rel in todo:
-                pending.append(manager.upload(str(path), dest.bucket, dest.join(rel).key))
-                if len(pending) >= window:
-                    for fut in pending:
-                        fut.result()
-                        bar.update()
-                    pending = []
-            for fut in pending:
-                fut.result()
-                bar.update()
-    except _boto_errors() as exc:
-        raise storage_error(exc, dest, "upload to") from None
-    landed = list_objects(dest, client)
-    bad = [rel for p, rel in files if landed.get(rel) != p.stat().st_size]
+    remaining = list(todo)
+
+    def send() -> None:
+        nonlocal remaining
+        if len(remaining) < len(todo):  # a retry: skip what landed in the previous round
+            landed = _list(dest, client)
+            remaining = [(p, rel) for p, rel in remaining if landed.get(rel) != p.stat().st_size]
+        _transfer_up(remaining, dest, client, jobs, progress)
+        remaining = []
+
+    with_retries("upload to", dest, send, budget_s=retry_budget)
+    bad = verify_checksums(todo, dest, client, jobs)
+    landed = with_retries("list", dest, lambda: _list(dest, client), budget_s=retry_budget)
+    bad += [rel for p, rel in files if landed.get(rel) != p.stat().st_size and rel not in bad]
     if bad:
         raise StorageError(f"upload to {dest} could not be verified: {len(bad)} object(s) missing "
-                           f"or with the wrong size (first: {bad[0]}); re-run to resume")
+                           f"or with the wrong checksum/size (first: {bad[0]}); re-run to resume")
     return len(todo)
+
+
+def _transfer_up(files: list[tuple[Path, str]], dest: S3Uri, client, jobs: int,
+                 progress: bool) -> None:
+    """One round of parallel uploads with server-verified SHA-256 checksums."""
+    from boto3.s3.transfer import create_transfer_manager
+    from tqdm import tqdm
+
+    window = max(64, jobs * 16)
+    extra = {"ChecksumAlgorithm": CHECKSUM}
+    with create_transfer_manager(client, transfer_config(jobs)) as manager, tqdm(
+            total=len(files), unit="file", desc=f"upload {dest}", disable=not progress,
+            leave=False) as bar:
+        pending = []
+        for path, rel in files:
+            pending.append(manager.upload(str(path), dest.bucket, dest.join(rel).key,
+                                          extra_args=extra))
+            if len(pending) >= window:
+                for fut in pending:
+                    fut.result()
+                    bar.update()
+                pending = []
+        for fut in pending:
+            fut.result()
+            bar.update()
 
 
 def upload_dir(local_dir: str | Path, uri: str | S3Uri, *, exclude: Iterable[str] = (),
@@ -271,9 +423,10 @@ def download(uri: str, dest: str | Path, *, client=None, jobs: int = 8,
         if not objects:
             raise StorageError(f"nothing found at {uri}: no such object and no objects under "
                                "that prefix; check the path")
-    todo = {rel: size for rel, size in objects.items() if not rel.endswith("/") and not (
-        (dest / rel).is_file() and (dest / rel).stat().st_size == size)}
-    try:
+
+    def fetch() -> None:
+        todo = {rel: size for rel, size in objects.items() if not rel.endswith("/") and not (
+            (dest / rel).is_file() and (dest / rel).stat().st_size == size)}
         with create_transfer_manager(client, transfer_config(jobs)) as manager, tqdm(
                 total=len(todo), unit="file", desc=f"download {uri}", disable=not progress,
                 leave=False) as bar:
@@ -285,8 +438,8 @@ def download(uri: str, dest: str | Path, *, client=None, jobs: int = 8,
             for fut in futures:
                 fut.result()
                 bar.update()
-    except _boto_errors() as exc:
-        raise storage_error(exc, src, "download") from None
+
+    with_retries("download", src, fetch)  # each round fetches only what is still missing
     return dest / next(iter(objects)) if single else dest
 
 

@@ -222,8 +222,14 @@ def preflight(params: dict[str, Any]) -> None:
                             "ImageFolder directory or an s3:// prefix")
 
 
-def run_local(params: dict[str, Any], workdir: str | Path = "runs/local") -> dict[str, Any]:
-    """Run the whole DAG here with ``kfp.local`` and summarise the outcome from MLflow."""
+def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
+              cache: bool = True) -> dict[str, Any]:
+    """Run the whole DAG here with ``kfp.local`` and summarise the outcome from MLflow.
+
+    With ``cache`` (the default, as on a cluster) a step whose inputs match an earlier run in
+    the same ``workdir`` is served from ``<workdir>/kfp-cache`` instead of running again, so a
+    re-run after a failure resumes after the last finished step; promotion always runs.
+    """
     from kfp import local
 
     from gpunet_core import registry
@@ -248,7 +254,8 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local") -> dic
         raise PipelineError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']} is not usable: "
                             f"{str(exc).splitlines()[0]}") from None
     local.init(runner=local.SubprocessRunner(use_venv=False),
-               pipeline_root=str(workdir / "kfp"), raise_on_error=True)
+               pipeline_root=str(workdir / "kfp"), raise_on_error=True,
+               enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
     started = time.monotonic()
     try:
         gpunet_training(**params)
@@ -308,6 +315,8 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
     params(p)
     p.add_argument("--workdir", default="runs/local", help="outputs, MLflow db and artifacts")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run every step even when an earlier run in --workdir has its result")
     p = sub.add_parser("submit", help="submit a run to a KFP server")
     server(p)
     params(p)
@@ -333,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
                                 cluster=args.cluster, dataset_pvc=args.dataset_pvc)
         print(f"wrote {path}")
     elif args.action == "run-local":
-        summary = run_local(parse_params(args.param), args.workdir)
+        summary = run_local(parse_params(args.param), args.workdir, cache=not args.no_cache)
         print(json.dumps(summary) if args.json else format_summary(summary))
     elif args.action == "submit":
         print(json.dumps(submit(args.host, parse_params(args.param), experiment=args.experiment,

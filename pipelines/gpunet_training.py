@@ -127,20 +127,16 @@ def build_pipeline(platform: Platform | None = None):
             nproc_per_node=nproc_per_node, teacher_name=teacher_name,
             teacher_img_size=teacher_img_size, kd_weight=kd_weight,
             kd_temperature=kd_temperature, mlflow_experiment=mlflow_experiment,
-            kfp_run_id=run_id, image=train_image)
+            image=train_image)
         p.gpu(p.credentials(student))
         student.set_retry(num_retries=1)  # resumes from its last checkpoint
 
         val = c.validate(dataset=data.outputs["dataset"], checkpoint=student.outputs["checkpoint"],
-                         model_name=model_name, img_size=img_size,
-                         mlflow_experiment=mlflow_experiment, kfp_run_id=run_id)
-        p.credentials(val)
+                         model_name=model_name, img_size=img_size)
         onnx = c.export_onnx(checkpoint=student.outputs["checkpoint"], model_name=model_name,
                              img_size=img_size)
         bench = c.benchmark(onnx=onnx.outputs["onnx"], backend=bench_backend,
-                            iterations=bench_iterations, mlflow_experiment=mlflow_experiment,
-                            kfp_run_id=run_id)
-        p.credentials(bench)
+                            iterations=bench_iterations)
         if p.gpus_per_node:
             bench.set_accelerator_type(p.accelerator).set_accelerator_limit(1)
 
