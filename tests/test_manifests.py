@@ -254,8 +254,11 @@ def test_stack_contents_and_overlays(rendered):
         args = mlflow["args"]
         assert "--serve-artifacts" in args
         assert "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
-        assert any(a.startswith("--backend-store-uri=postgresql://") and "$(POSTGRES_PASSWORD)"
-                   in a for a in args)
+        env = {e["name"]: e for e in mlflow["env"]}
+        assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://")
+        assert "$(POSTGRES_PASSWORD)" in env["MLFLOW_BACKEND_STORE_URI"]["value"]
+        assert not [a for a in args if "PASSWORD" in a]  # the command line is world-readable
+        assert "--app-name=basic-auth" in args
         hosts = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1]
         assert {"gpunet-mlflow", "gpunet-mlflow:5000",
                 "gpunet-mlflow.gpunet.svc.cluster.local:5000"} <= set(hosts.split(","))
