@@ -25,7 +25,7 @@ class PyTorchJobError(GpunetError):
 def pytorchjob_manifest(name: str, train_args: list[str], *, nodes: int, nproc_per_node: int,
                         image: str, gpus_per_node: int | None = None,
                         service_account: str = "gpunet-pipeline",
-                        env_from_secrets: tuple[str, ...] = ("gpunet-s3",),
+                        env_from_secrets: tuple[str, ...] = ("gpunet-s3", "gpunet-mlflow-auth"),
                         config_map: str = "gpunet-config", data_pvc: str = "gpunet-dataset-cache",
                         backoff_limit: int = 3, shm_size: str = "16Gi") -> dict[str, Any]:
     """The PyTorchJob for ``nodes`` x ``nproc_per_node`` workers running ``gpunet train``."""

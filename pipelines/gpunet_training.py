@@ -41,11 +41,18 @@ class Platform:
                                                        "effect": "NoSchedule"}]), **kw)
 
     def credentials(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
-        """S3 keys from the Secret, endpoints and MLflow URI from the ConfigMap (names only)."""
+        """S3 keys and the MLflow login from Secrets, endpoints and MLflow URI from the
+        ConfigMap (names only: no value is baked into the compiled spec)."""
         if self.use_secrets:
             kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
                 "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+            # the MLflow server runs with basic auth (manifests/base/mlflow.yaml); MLflow's
+            # client sends these as HTTP basic credentials
+            kubernetes.use_secret_as_env(task, secret_name="gpunet-mlflow-auth",
+                                         secret_key_to_env={
+                                             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
             kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP,
                                              config_map_key_to_env={
                                                  "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",

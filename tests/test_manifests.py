@@ -136,7 +136,8 @@ def policy_violations(objects: list[dict]) -> list[str]:
                 for kind in ("requests", "limits"):
                     if not {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})):
                         bad.append(f"{where}/{c['name']}: no cpu/memory {kind}")
-                if obj["kind"] in LONG_RUNNING:
+                # init containers run to completion: Kubernetes rejects probes on them
+                if obj["kind"] in LONG_RUNNING and c in pod["containers"]:
                     for probe in ("readinessProbe", "livenessProbe"):
                         if probe not in c:
                             bad.append(f"{where}/{c['name']}: no {probe}")
@@ -208,7 +209,8 @@ def test_secrets_only_from_generated_env_files(rendered):
     values = rendered["secrets"]
     for target in ("overlays/local", "overlays/gpu"):
         secrets = {o["metadata"]["name"]: o for o in rendered[target] if o["kind"] == "Secret"}
-        assert set(secrets) == {"gpunet-s3", "gpunet-postgres"}
+        assert set(secrets) == {"gpunet-s3", "gpunet-postgres", "gpunet-mlflow-auth",
+                                "gpunet-mlflow-server"}
         for secret in secrets.values():
             assert "stringData" not in secret
             decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
@@ -252,8 +254,11 @@ def test_stack_contents_and_overlays(rendered):
         args = mlflow["args"]
         assert "--serve-artifacts" in args
         assert "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
-        assert any(a.startswith("--backend-store-uri=postgresql://") and "$(POSTGRES_PASSWORD)"
-                   in a for a in args)
+        env = {e["name"]: e for e in mlflow["env"]}
+        assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://")
+        assert "$(POSTGRES_PASSWORD)" in env["MLFLOW_BACKEND_STORE_URI"]["value"]
+        assert not [a for a in args if "PASSWORD" in a]  # the command line is world-readable
+        assert "--app-name=basic-auth" in args
         hosts = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1]
         assert {"gpunet-mlflow", "gpunet-mlflow:5000",
                 "gpunet-mlflow.gpunet.svc.cluster.local:5000"} <= set(hosts.split(","))
@@ -301,6 +306,7 @@ def test_deploy_without_env_files_names_the_templates_to_copy(tmp_path):
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode != 0
     for name in ("manifests/base/secrets/s3.env", "manifests/base/secrets/postgres.env",
-                 "manifests/overlays/gpu/s3.env"):
+                 "manifests/base/secrets/mlflow-auth.env",
+                 "manifests/base/secrets/mlflow-server.env", "manifests/overlays/gpu/s3.env"):
         assert f"cp {name}.example {name}" in res.stderr, res.stderr
     assert "kubectl" not in res.stdout  # stopped before touching any cluster

@@ -65,9 +65,11 @@ def test_cluster_platform_config_and_no_secret_values(tmp_path, monkeypatch):
     student = next(v for k, v in kube.items() if "train-student" in k)
     assert student["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
     assert student["secretAsEnv"][0]["secretName"] == "gpunet-s3"
-    assert {m["keyToEnv"][0]["envVar"] for m in student["secretAsEnv"]} == {"AWS_ACCESS_KEY_ID"} or \
-        {k["envVar"] for m in student["secretAsEnv"] for k in m["keyToEnv"]} == {
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    from_secret = {m["secretName"]: {k["envVar"] for k in m["keyToEnv"]}
+                   for m in student["secretAsEnv"]}
+    assert from_secret == {"gpunet-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           "gpunet-mlflow-auth": {"MLFLOW_TRACKING_USERNAME",
+                                                  "MLFLOW_TRACKING_PASSWORD"}}
     assert student["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert student["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert student["pvcMount"][0]["mountPath"] == "/data"
