@@ -31,7 +31,13 @@ import torch
 
 from gpunet_core.errors import BenchmarkError
 from gpunet_core.evaluate import sha256_file
-from gpunet_core.export import OnnxInfo, fixed_input, inspect_onnx, onnxruntime_session
+from gpunet_core.export import (
+    MAX_BATCH,
+    OnnxInfo,
+    fixed_input,
+    inspect_onnx,
+    onnxruntime_session,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -330,8 +336,17 @@ def run_benchmark(onnx: str | Path, *, backend: str = "auto", precision: str | N
         raise BenchmarkError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise BenchmarkError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-    if batch < 1 or iterations < 1 or warmup_ms < 0:
-        raise BenchmarkError("--batch and --iterations must be >= 1 and --warmup-ms >= 0")
+    if not 1 <= batch <= MAX_BATCH:
+        raise BenchmarkError(f"--batch must be in [1, {MAX_BATCH}], got {batch}")
+    if iterations < 1:
+        raise BenchmarkError(f"--iterations must be >= 1, got {iterations}")
+    if not 0 <= warmup_ms < float("inf"):  # also NaN
+        raise BenchmarkError(f"--warmup-ms must be a finite number >= 0, got {warmup_ms}")
+    if threads is not None and threads < 1:
+        raise BenchmarkError(f"--threads must be >= 1, got {threads}; leave it out for the "
+                             "runtime's default")
+    if workspace_mib < 1:
+        raise BenchmarkError(f"--workspace-mib must be >= 1, got {workspace_mib}")
     info = inspect_onnx(onnx)
     if info.batch is not None and info.batch != batch:
         raise BenchmarkError(f"{info.path} was exported with a fixed batch of {info.batch}; "

@@ -69,7 +69,8 @@ def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
 
     path = fetch_file(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}; check the path (a local "
+                              ".pth/.pth.tar file or an s3:// URI)")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; pass the .pth/.pth.tar file")
     try:
@@ -91,8 +92,8 @@ def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
     except Exception as exc:  # torch raises many types for damaged files (KeyError, EOFError, ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
-            f"({first})") from None
+            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint; "
+            f"copy or download it again (torch.load: {first})") from None
 
 
 def extract_state_dict(obj: Any, *, use_ema: bool = True,
@@ -169,7 +170,8 @@ def _mismatch_error(source: str, model: nn.Module, state_dict: Mapping[str, torc
     if guess:
         lines.append(f"  the checkpoint fits model '{guess}': pass --model {guess}")
     else:
-        lines.append("  was it saved from a different architecture or spec?")
+        lines.append("  was it saved from a different architecture or spec? pass the --model "
+                     "(name or JSON spec) it was trained with")
     return CheckpointError("\n".join(lines))
 
 

@@ -368,7 +368,9 @@ def prepare_digits(out: str | Path, *, img_size: int = 32, val_fraction: float =
     if not 8 <= img_size <= 1024:
         raise DataError(f"--img-size must be in [8, 1024], got {img_size}")
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if per_class is not None and per_class < 2:
+        raise DataError(f"--per-class must be >= 2, got {per_class}")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -376,8 +378,6 @@ def prepare_digits(out: str | Path, *, img_size: int = 32, val_fraction: float =
     indices = list(range(len(digits.target)))
     classes = [str(c) for c in sorted(set(digits.target.tolist()))]
     if per_class is not None:
-        if per_class < 2:
-            raise DataError(f"--per-class must be >= 2, got {per_class}")
         keep: list[int] = []
         for label in sorted(set(digits.target.tolist())):
             keep += [i for i in indices if digits.target[i] == label][:per_class]
@@ -427,7 +427,8 @@ def prepare_folder(src: str | Path, out: str | Path, *, jobs: int = 1,
     else:
         root = Path(src)
     if not root.is_dir():
-        raise DataError(f"source folder not found: {src}")
+        raise DataError(f"source folder not found: {src}; pass an existing "
+                        "SRC/{train,val}/<class>/<images> tree or an s3:// prefix")
     splits = [s for s in SPLITS if (root / s).is_dir()]
     if not splits:
         raise DataError(f"{src} has no train/ or val/ directory; expected "
@@ -514,6 +515,16 @@ def _open_tar(path: str | Path, what: str) -> tarfile.TarFile:
         raise DataError(f"{what} {path} is not a readable tar archive: {exc}") from None
 
 
+def _tar_files(path: str | Path, what: str) -> list[str]:
+    """Names of the regular files in a tar archive; a truncated or damaged one is a DataError."""
+    with _open_tar(path, what) as tar:
+        try:
+            return [m.name for m in tar.getmembers() if m.isfile()]
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            raise DataError(f"{what} {path} is truncated or damaged ({exc}); download it "
+                            "again") from None
+
+
 def _tar_stat(path: str | Path) -> dict[str, Any]:
     st = Path(path).stat()
     return {"name": Path(path).name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -536,8 +547,7 @@ def prepare_imagenet(out: str | Path, *, train_tar: str | Path | None = None,
     classes_by_split: dict[str, set[str]] = {}
     train_members: list[str] = []
     if train_tar is not None:
-        with _open_tar(train_tar, "train archive") as tar:
-            train_members = [m.name for m in tar.getmembers() if m.isfile()]
+        train_members = _tar_files(train_tar, "train archive")
         not_tars = [n for n in train_members if not n.endswith(".tar")]
         if not_tars:
             raise DataError(f"{train_tar} should hold one <wnid>.tar per class, found "
@@ -548,8 +558,7 @@ def prepare_imagenet(out: str | Path, *, train_tar: str | Path | None = None,
     val_names: dict[str, str] = {}
     if val_tar is not None:
         labels = read_val_labels(val_labels)
-        with _open_tar(val_tar, "validation archive") as tar:
-            val_names = {Path(m.name).stem: m.name for m in tar.getmembers() if m.isfile()}
+        val_names = {Path(n).stem: n for n in _tar_files(val_tar, "validation archive")}
         unlabeled = sorted(set(val_names) - set(labels))
         missing = sorted(set(labels) - set(val_names))
         if unlabeled:

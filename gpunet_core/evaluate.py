@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from gpunet_core.errors import GpunetError
 from gpunet_core.loaders import EvalConfig, build_eval_loader
-from gpunet_core.model import GPUNet, create_model
+from gpunet_core.model import GPUNet, check_img_size, create_model
 
 _logger = logging.getLogger(__name__)
 
@@ -60,10 +60,26 @@ def autocast_context(device: torch.device, amp: bool):
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise GpunetError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GpunetError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
     return device
+
+
+def check_options(*, batch_size: int, workers: int, img_size: int | None,
+                  crop_pct: float | None, device: str | torch.device | None) -> torch.device:
+    """Validate the evaluation flags (before any model or data work); returns the device."""
+    if batch_size < 1:
+        raise GpunetError(f"-b/--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise GpunetError(f"-j/--workers must be >= 0 (0: load in this process), got {workers}")
+    check_img_size(img_size)
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise GpunetError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    return _device(device)
 
 
 @torch.inference_mode()
@@ -77,7 +93,8 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
     whole loop, data loading included, as timm's validate reports it), per-class accuracy and
     the confusion matrix (rows: true class, columns: predicted class).
     """
-    dev = _device(device)
+    dev = check_options(batch_size=batch_size, workers=workers, img_size=img_size,
+                        crop_pct=crop_pct, device=device)
     cfg = EvalConfig.for_model(model, img_size, crop_pct)
     loader = build_eval_loader(data_dir, cfg, batch_size=batch_size, workers=workers)
     classes: list[str] = list(loader.dataset.classes)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -39,8 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpunet_core.errors import ExportError
+from gpunet_core.errors import ExportError, GpunetError
 from gpunet_core.evaluate import sha256_file, write_json
+from gpunet_core.model import check_img_size
 from gpunet_core.storage import fetch_file
 
 _logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-4
 PARITY_SEED = 0
 SIDECAR_SCHEMA = "gpunet.onnx-export/1"
+MAX_BATCH = 4096  # also the upper bound of the dynamic batch axis
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     kwargs: dict[str, Any] = {}
     if exporter == "dynamo":
         if dynamic_batch:
-            kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+            kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1,
+                                                                  max=MAX_BATCH)}}
         kwargs.update(dynamo=True, external_data=False, optimize=True)
     else:
         if dynamic_batch:
@@ -159,6 +163,28 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
             lg.setLevel(level)
 
 
+def check_options(*, batch: int, opset: int, exporter: str, img_size: int | None,
+                  tolerance: float | None) -> None:
+    """Validate the export flags (before any model work); ExportError names the bad one."""
+    if not 1 <= batch <= MAX_BATCH:
+        raise ExportError(f"--batch must be in [1, {MAX_BATCH}], got {batch}")
+    if exporter not in OPSETS:
+        raise ExportError(f"unknown exporter {exporter!r}: use one of {', '.join(OPSETS)}")
+    low, high = OPSETS[exporter]
+    if not low <= opset <= high:
+        raise ExportError(f"--opset {opset} is not supported by the {exporter} exporter: use "
+                          f"{low}..{high} (default {DEFAULT_OPSET})")
+    if img_size is not None and img_size < 32:
+        raise ExportError(f"--img-size must be >= 32 (GPUNet downsamples 32x), got {img_size}")
+    try:
+        check_img_size(img_size, minimum=32)
+    except GpunetError as exc:
+        raise ExportError(str(exc)) from None
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"--tolerance must be a finite number > 0, got {tolerance}; leave it "
+                          "out for the default 1e-4 + 1e-4 * max|logit|")
+
+
 def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
                 img_size: int | None = None, batch: int = 1, dynamic_batch: bool = False,
                 opset: int = DEFAULT_OPSET, checkpoint: str | Path | None = None,
@@ -172,18 +198,10 @@ def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
     """
     import onnx
 
-    if batch < 1:
-        raise ExportError(f"--batch must be >= 1, got {batch}")
-    if exporter not in OPSETS:
-        raise ExportError(f"unknown exporter {exporter!r}: use one of {', '.join(OPSETS)}")
-    low, high = OPSETS[exporter]
-    if not low <= opset <= high:
-        raise ExportError(f"--opset {opset} is not supported by the {exporter} exporter: use "
-                          f"{low}..{high} (default {DEFAULT_OPSET})")
     cfg = dict(getattr(model, "pretrained_cfg", {}))
-    img_size = int(img_size or cfg.get("input_size", (3, 224, 224))[-1])
-    if img_size < 32:
-        raise ExportError(f"--img-size must be >= 32 (GPUNet downsamples 32x), got {img_size}")
+    img_size = int(cfg.get("input_size", (3, 224, 224))[-1] if img_size is None else img_size)
+    check_options(batch=batch, opset=opset, exporter=exporter, img_size=img_size,
+                  tolerance=tolerance)
     model = model.eval()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

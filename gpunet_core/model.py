@@ -24,7 +24,7 @@ from timm.layers import drop_path
 from timm.models import register_model
 from torch import nn
 
-from gpunet_core.errors import UnknownModelError
+from gpunet_core.errors import GpunetError, UnknownModelError
 from gpunet_core.spec import ArchSpec, load_spec
 
 _logger = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DROP_RATE = 0.2
 DEFAULT_DROP_PATH_RATE = 0.2  # non-D family only; the D family has no drop path upstream
 BN_EPS = {False: 1e-3, True: 1e-5}  # keyed by ``distill`` (block family)
+# Largest input resolution a command accepts: GPUNets run at 224-560 px; far larger values are
+# typos that would only exhaust memory (100000 px is 120 GB per image).
+MAX_IMG_SIZE = 2048
 
 # The shipped family: NVIDIA's config file, eval crop, published figures (README of
 # NVIDIA/DeepLearningExamples GPUNet): ImageNet top-1 and TensorRT8 FP16 batch-1 latency in ms.
@@ -73,6 +76,13 @@ def _model_info(name: str) -> dict[str, Any]:
             f"unknown model {name!r}: valid names are {', '.join(MODEL_INFO)} "
             "(or pass the path of a GPUNet JSON spec)")
     return MODEL_INFO[name]
+
+
+def check_img_size(value: int | None, flag: str = "--img-size", minimum: int = 8) -> None:
+    """A resolution flag must be ``None`` (the model's own) or in ``[minimum, MAX_IMG_SIZE]``."""
+    if value is not None and not minimum <= value <= MAX_IMG_SIZE:
+        raise GpunetError(f"{flag} must be in [{minimum}, {MAX_IMG_SIZE}] pixels, got {value}; "
+                          "leave it out to use the model's own resolution")
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -440,7 +450,7 @@ def build_model(spec: str | Path | dict | list | ArchSpec, *, num_classes: int |
     _check_rate("drop_rate", drop_rate)
     _check_rate("drop_path_rate", drop_path_rate)
     if num_classes < 1:
-        raise UnknownModelError(f"num_classes must be >= 1, got {num_classes}")
+        raise UnknownModelError(f"num_classes (--num-classes) must be >= 1, got {num_classes}")
 
     network = nn.Sequential()
     last = len(arch.layers) - 1

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -69,7 +70,85 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
         except ValueError:
             raise PipelineError(f"--param {name}={raw!r}: expected a {type(default).__name__}") from None
         out[name] = value
+    check_params(out, known)
     return out
+
+
+# minimum values of the DAG's numeric parameters (each is passed on to a step's flag)
+_AT_LEAST = {"epochs": 1, "teacher_epochs": 1, "batch_size": 1, "nodes": 1, "nproc_per_node": 1,
+             "bench_iterations": 1, "lr": 0.0, "kd_weight": 0.0, "min_top1": 0.0,
+             "max_latency_ms": 0.0}
+
+
+def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    """Range and name checks of pipeline parameters, so a bad value fails here and not in a
+    step an hour into the run."""
+    import math
+
+    from gpunet_core.model import MAX_IMG_SIZE, list_models
+
+    def bad(name: str, why: str) -> PipelineError:
+        return PipelineError(f"--param {name}={params[name]!r}: {why}")
+
+    for name, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(name, "expected a finite number")
+        if name in _AT_LEAST and value < _AT_LEAST[name]:
+            raise bad(name, f"must be >= {_AT_LEAST[name]}")
+    for name, low in (("img_size", 32), ("teacher_img_size", 8)):
+        if name in params and not low <= params[name] <= MAX_IMG_SIZE:
+            raise bad(name, f"must be in [{low}, {MAX_IMG_SIZE}] pixels")
+    if "dataset_img_size" in params and not 8 <= params["dataset_img_size"] <= 1024:
+        raise bad("dataset_img_size", "must be in [8, 1024] pixels")
+    if params.get("dataset_per_class", 0) != 0 and params["dataset_per_class"] < 2:
+        raise bad("dataset_per_class", "must be 0 (all images) or >= 2")
+    if "kd_temperature" in params and params["kd_temperature"] <= 0:
+        raise bad("kd_temperature", "must be > 0")
+    if params.get("min_top1", 0.0) > 100:
+        raise bad("min_top1", "is a top-1 accuracy in percent: must be in [0, 100]")
+    if "model_name" in params and params["model_name"] not in list_models() \
+            and not params["model_name"].endswith(".json"):
+        raise bad("model_name", f"unknown model; valid names are {', '.join(list_models())} "
+                                "(or the path of a GPUNet JSON spec)")
+    if params.get("teacher_name"):
+        import timm
+
+        import gpunet_core  # noqa: F401  (registers gpunet_* with timm)
+
+        if not timm.is_model(params["teacher_name"]):
+            raise bad("teacher_name", "not a timm model name (see timm.list_models()), e.g. "
+                                      "gpunet_1 or tf_efficientnet_b0")
+    if params.get("preset"):
+        from gpunet_core.presets import PRESETS
+
+        if params["preset"] not in PRESETS:
+            raise bad("preset", f"valid presets are {', '.join(sorted(PRESETS))} (or empty)")
+    if "augment" in params:
+        from gpunet_core.steps import AUGMENT
+
+        if params["augment"] not in AUGMENT:
+            raise bad("augment", f"valid values are {', '.join(sorted(AUGMENT))}")
+    if "bench_backend" in params:
+        from gpunet_core.benchmark import BACKENDS
+
+        if params["bench_backend"] not in BACKENDS:
+            raise bad("bench_backend", f"valid backends are {', '.join(BACKENDS)}")
+    if params.get("optimizer"):
+        import torch
+        from timm.optim import create_optimizer_v2
+
+        try:
+            create_optimizer_v2(torch.nn.Linear(1, 1), opt=params["optimizer"])
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise bad("optimizer", "not a timm optimizer name; e.g. adamw, sgd or rmsproptf") \
+                from None
+    merged = {**(defaults or {}), **params}
+    if merged.get("enable_distill") and "img_size" in merged and "teacher_img_size" in merged \
+            and merged["teacher_img_size"] < merged["img_size"]:
+        raise PipelineError(f"--param teacher_img_size={merged['teacher_img_size']} is smaller "
+                            f"than img_size={merged['img_size']}: the student sees a downsample "
+                            "of the teacher's batch; raise teacher_img_size or pass "
+                            "enable_distill=false")
 
 
 # --------------------------------------------------------------------------- cron
@@ -127,6 +206,7 @@ def to_kfp_cron(expression: str) -> str:
 
 def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: bool = False,
                      dataset_pvc: str = "") -> Path:
+    check_gpus_per_node(gpus_per_node)
     from kfp import compiler
 
     from pipelines.gpunet_training import Platform, build_pipeline
@@ -135,11 +215,25 @@ def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: boo
     if dataset_pvc:
         platform.dataset_pvc = dataset_pvc
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.tmp.yaml")  # the compiler insists on .yaml
-    compiler.Compiler().compile(build_pipeline(platform), str(tmp))
-    os.replace(tmp, output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(build_pipeline(platform), str(tmp))
+        os.replace(tmp, output)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(output) else ""
+        raise PipelineError(f"cannot write {output}: {exc.strerror or exc}{where}; choose "
+                            "another --output") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return output
+
+
+def check_gpus_per_node(gpus_per_node: int) -> None:
+    if gpus_per_node < 0:
+        raise PipelineError(f"--gpus-per-node must be >= 0 (0: no GPU settings), got "
+                            f"{gpus_per_node}")
 
 
 def kfp_client(host: str, token: str | None = None):
@@ -164,6 +258,7 @@ def _call(what: str, host: str, fn, *args, **kwargs):
 def submit(host: str, params: dict[str, Any], *, experiment: str = "gpunet",
            run_name: str | None = None, token: str | None = None,
            cluster: bool = True, gpus_per_node: int = 1) -> dict[str, str]:
+    check_gpus_per_node(gpus_per_node)
     client = kfp_client(host, token)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=cluster,
@@ -181,6 +276,7 @@ def schedule(host: str, cron: str, params: dict[str, Any], *, experiment: str = 
     cron6 = to_kfp_cron(cron)
     if max_concurrency < 1:
         raise PipelineError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    check_gpus_per_node(gpus_per_node)
     client = kfp_client(host, token)
     exp = _call("creating the experiment", host, client.create_experiment, name=experiment)
     with tempfile.TemporaryDirectory() as tmp:

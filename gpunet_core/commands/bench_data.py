@@ -34,7 +34,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    from gpunet_core.errors import GpunetError
+    from gpunet_core.model import check_img_size
+
+    check_img_size(args.img_size)
+    if args.batch_size < 1:
+        raise GpunetError(f"-b/--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise GpunetError(f"-j/--workers must be >= 0 (0: load in this process), got "
+                          f"{args.workers}")
+    if args.batches < 1:
+        raise GpunetError(f"--batches must be >= 1, got {args.batches}")
+    if not 0 < args.crop_pct <= 1:
+        raise GpunetError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+
+
 def benchmark(args: argparse.Namespace) -> list[dict]:
+    check_args(args)
     root = Path(args.root) / args.split
     rows = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:

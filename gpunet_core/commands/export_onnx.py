@@ -6,7 +6,14 @@ import argparse
 import json
 
 from gpunet_core.commands._model_args import add_model_args, model_from_args
-from gpunet_core.export import DEFAULT_EXPORTER, DEFAULT_OPSET, OPSETS, export_onnx, sidecar_path
+from gpunet_core.export import (
+    DEFAULT_EXPORTER,
+    DEFAULT_OPSET,
+    OPSETS,
+    check_options,
+    export_onnx,
+    sidecar_path,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_options(batch=args.batch, opset=args.opset, exporter=args.exporter,
+                  img_size=args.img_size, tolerance=args.tolerance)  # before loading anything
     model = model_from_args(args)
     sidecar = export_onnx(model, args.output, model_name=args.model, img_size=args.img_size,
                           batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset,

@@ -1,0 +1,360 @@
+"""The case table of the bad-input corpus.
+
+A :class:`Case` is one bad input handed to one entry point:
+
+* ``gpunet``: ``gpunet_core.cli.main(argv)`` (``python -m gpunet_core`` when ``subprocess``);
+* ``pipelines``: ``pipelines.cli.main(argv)`` (``python -m pipelines``);
+* ``step``: ``gpunet_core.steps.<step>(*args, **kwargs)`` with the values a KFP component
+  passes (artifact paths such as ``<checkpoint>/model_best.pth.tar``).
+
+Placeholders in arguments: ``{in}`` the broken inputs of :mod:`tests.bad_inputs.inputs`,
+``{out}`` the case's own empty directory (also the working directory and the cache home),
+``{digits}`` the prepared ``digits_small`` dataset, ``{port}`` a closed 127.0.0.1 port,
+``{repo}`` the repository root.
+
+Every case must fail with exit code 2, print no traceback, and name what is wrong and how to
+fix it (``expect``: fragments that must all appear in the message). Output promises:
+``outputs`` must not exist afterwards; ``existing`` files are written before the run and must
+be byte-for-byte and mtime unchanged; no other file may appear under ``{out}`` except below a
+``leaves`` path (the resumable staging of ``prepare``), and no temp file may appear anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    entry: str  # "gpunet" | "pipelines" | "step"
+    argv: tuple[str, ...] = ()
+    expect: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    existing: tuple[str, ...] = ()
+    leaves: tuple[str, ...] = ()
+    env: dict[str, str | None] = field(default_factory=dict)
+    step: str = ""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    subprocess: bool = False
+    exit_code: int = 2
+
+
+BUCKET = "s3://gpunet-bad-inputs"
+# no credentials anywhere: AWS_* unset, no shared files, no instance metadata lookups
+NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                  "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None, "AWS_ENDPOINT_URL": None,
+                  "AWS_ENDPOINT_URL_S3": None, "AWS_SHARED_CREDENTIALS_FILE": "{out}/no-creds",
+                  "AWS_CONFIG_FILE": "{out}/no-config", "AWS_EC2_METADATA_DISABLED": "true",
+                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": None,
+                  "AWS_CONTAINER_CREDENTIALS_FULL_URI": None}
+# credentials, but the endpoint is a closed port on this machine
+WRONG_ENDPOINT = {**NO_CREDENTIALS, "AWS_ACCESS_KEY_ID": "gpunet-bad-inputs",
+                  "AWS_SECRET_ACCESS_KEY": "gpunet-bad-inputs",
+                  "AWS_ENDPOINT_URL": "http://127.0.0.1:{port}"}
+NO_MLFLOW = {"MLFLOW_TRACKING_URI": None}
+
+RUN = "{out}/run"
+TRAIN_OUTPUTS = tuple(f"{RUN}/{name}" for name in ("last.pth.tar", "model_best.pth.tar",
+                                                   "args.yaml", "summary.csv"))
+# the smallest sane training command line, so each case fails on its one bad input
+TRAIN = ("train", "{digits}", "--output", RUN, "-j", "0", "-b", "8", "--img-size", "32",
+         "--epochs", "1", "--max-steps", "1")
+VALIDATE = ("validate", "{in}/folder/val", "-j", "0", "--no-progress",
+            "--results-file", "{out}/results.json")
+EXPORT = ("export-onnx", "-o", "{out}/model.onnx")
+EXPORT_OUTPUTS = ("{out}/model.onnx", "{out}/model.onnx.json")
+PREPARE_OUT = ("--out", "{out}/ds", "-j", "1", "--no-progress")
+DATASET_OUTPUTS = ("{out}/ds/manifest.json", "{out}/ds/SHA256SUMS")
+RUN_LOCAL = ("run-local", "--workdir", "{out}/work")
+SERVER = ("--host", "http://127.0.0.1:{port}")
+
+
+def gpunet(id: str, argv: tuple[str, ...], expect: tuple[str, ...], **kw: Any) -> Case:
+    return Case(id, "gpunet", argv, expect, **kw)
+
+
+def pipelines(id: str, argv: tuple[str, ...], expect: tuple[str, ...], **kw: Any) -> Case:
+    return Case(id, "pipelines", argv, expect, **kw)
+
+
+def step(id: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+         expect: tuple[str, ...], **kw: Any) -> Case:
+    return Case(id, "step", expect=expect, step=name, args=args, kwargs=kwargs, **kw)
+
+
+CASES: list[Case] = [
+    # ------------------------------------------------------------ gpunet spec: JSON specs
+    gpunet("spec-not-json", ("spec", "{in}/spec_not_json.json"),
+           ("invalid GPUNet spec", "spec_not_json.json", "not valid JSON", "line 1 column")),
+    gpunet("spec-empty-file", ("spec", "{in}/spec_empty.json"),
+           ("spec_empty.json", "not valid JSON")),
+    gpunet("spec-channel-mismatch", ("spec", "{in}/spec_channel_mismatch.json"),
+           ("entry 2, field 'num_in_channels'", "channel mismatch: 3 but entry 1")),
+    gpunet("spec-unknown-layer-type", ("spec", "{in}/spec_unknown_layer.json"),
+           ("entry 5, field 'layer_type'", "unknown layer type 'transformer'")),
+    gpunet("spec-no-layers-list", ("spec", "{in}/spec_no_layers.json"),
+           ("spec_no_layers.json", "must be a non-empty JSON list of layer entries")),
+    gpunet("spec-missing-file", ("spec", "{in}/no_such_spec.json"),
+           ("no_such_spec.json", "file not found")),
+    gpunet("spec-unknown-model", ("spec", "gpunet_42"),
+           ("unknown model 'gpunet_42'", "valid names are gpunet_0", "JSON spec")),
+    gpunet("spec-zero-classes", ("spec", "gpunet_0", "--num-classes", "0"),
+           ("--num-classes", "must be >= 1, got 0")),
+    gpunet("spec-classes-not-a-number", ("spec", "gpunet_0", "--num-classes", "ten"),
+           ("argument --num-classes: invalid int value: 'ten'",)),
+
+    # ------------------------------------------------------------ gpunet train
+    gpunet("train-model-spec-malformed",
+           (*TRAIN, "--model", "{in}/spec_channel_mismatch.json"),
+           ("spec_channel_mismatch.json", "entry 2, field 'num_in_channels'"),
+           outputs=TRAIN_OUTPUTS),
+    gpunet("train-unknown-model", (*TRAIN, "--model", "gpunet_42"),
+           ("unknown model 'gpunet_42'", "valid names are"), outputs=TRAIN_OUTPUTS),
+    gpunet("train-zero-batch", (*TRAIN, "-b", "0"),
+           ("argument -b/--batch-size: must be >= 1, got 0",), outputs=(RUN,)),
+    gpunet("train-negative-epochs", (*TRAIN, "--epochs", "-3"),
+           ("argument --epochs: must be >= 1, got -3",), outputs=(RUN,)),
+    gpunet("train-nan-lr", (*TRAIN, "--lr", "nan"),
+           ("argument --lr: must be a finite number >= 0, got nan",), outputs=(RUN,)),
+    gpunet("train-absurd-img-size", (*TRAIN, "--img-size", "100000"),
+           ("--img-size must be in [8, 2048] pixels, got 100000",), outputs=(RUN,)),
+    gpunet("train-negative-workers", (*TRAIN, "-j", "-1"),
+           ("-j/--workers must be >= 0, got -1",), outputs=(RUN,)),
+    gpunet("train-unknown-optimizer", (*TRAIN, "--opt", "adamw9"),
+           ("--opt 'adamw9' is not usable", "rmsproptf"), outputs=(RUN,)),
+    gpunet("train-unknown-scheduler", (*TRAIN, "--sched", "linear9"),
+           ("--sched 'linear9' is not usable", "cosine"), outputs=(RUN,)),
+    gpunet("train-crop-scale-out-of-range", (*TRAIN, "--scale", "2", "1"),
+           ("--scale 2 1", "0 < MIN <= MAX <= 1"), outputs=(RUN,)),
+    gpunet("train-initial-checkpoint-truncated",
+           (*TRAIN, "--initial-checkpoint", "{in}/truncated.pth"),
+           ("cannot read checkpoint", "truncated.pth", "copy or download it again"),
+           outputs=TRAIN_OUTPUTS),
+    gpunet("train-initial-checkpoint-pickled",
+           (*TRAIN, "--initial-checkpoint", "{in}/pickled.pth.tar"),
+           ("stores pickled Python objects", "argparse.Namespace", "--trust-checkpoint"),
+           outputs=TRAIN_OUTPUTS),
+    gpunet("train-initial-checkpoint-wrong-architecture",
+           (*TRAIN, "--model", "gpunet_1", "--initial-checkpoint", "{in}/g0_10.pth"),
+           ("does not fit this model (gpunet_1)", "pass --model gpunet_0"),
+           outputs=TRAIN_OUTPUTS),
+    gpunet("train-resume-from-plain-weights", (*TRAIN, "--resume", "{in}/linear.pth"),
+           ("cannot resume from", "linear.pth", "use --initial-checkpoint"),
+           outputs=TRAIN_OUTPUTS),
+    gpunet("train-missing-dataset", ("train", "{in}/no_dataset", "--output", RUN),
+           ("dataset directory not found", "no_dataset/train"), outputs=TRAIN_OUTPUTS),
+    gpunet("train-batch-larger-than-dataset", (*TRAIN, "-b", "100000"),
+           ("batch size 100000", "larger than the training set", "lower -b"),
+           outputs=TRAIN_OUTPUTS),
+    gpunet("train-s3-output-without-credentials",
+           ("train", "{digits}", "--output", f"{BUCKET}/run", *TRAIN[4:]),
+           ("no S3 credentials found", "AWS_ACCESS_KEY_ID"), env=NO_CREDENTIALS,
+           outputs=("{out}/cache/gpunet/outputs",)),
+
+    # ------------------------------------------------------------ gpunet validate
+    gpunet("validate-checkpoint-truncated",
+           (*VALIDATE, "--model", "gpunet_0", "--checkpoint", "{in}/truncated.pth"),
+           ("cannot read checkpoint", "truncated, corrupt", "copy or download it again"),
+           existing=("{out}/results.json",)),
+    gpunet("validate-checkpoint-wrong-architecture",
+           (*VALIDATE, "--model", "gpunet_1", "--checkpoint", "{in}/g0_10.pth"),
+           ("does not fit this model (gpunet_1)", "the checkpoint fits model 'gpunet_0'",
+            "pass --model gpunet_0"), outputs=("{out}/results.json",)),
+    gpunet("validate-checkpoint-pickled",
+           (*VALIDATE, "--model", "gpunet_0", "--checkpoint", "{in}/pickled.pth.tar"),
+           ("argparse.Namespace", "pass trusted=True (CLI: --trust-checkpoint)"),
+           existing=("{out}/results.json",), subprocess=True),
+    gpunet("validate-class-count-mismatch",
+           (*VALIDATE, "--model", "gpunet_0", "--checkpoint", "{in}/g0_10.pth",
+            "--img-size", "32"),
+           ("has 2 class folders but the model's classifier has 10 outputs",
+            "validate with the checkpoint trained on this dataset"),
+           existing=("{out}/results.json",)),
+    gpunet("validate-negative-workers", (*VALIDATE, "--model", "gpunet_0", "-j", "-1"),
+           ("-j/--workers must be >= 0", "got -1"), outputs=("{out}/results.json",)),
+    gpunet("validate-zero-batch", (*VALIDATE, "--model", "gpunet_0", "-b", "0"),
+           ("-b/--batch-size must be >= 1, got 0",), outputs=("{out}/results.json",)),
+    gpunet("validate-zero-img-size", (*VALIDATE, "--model", "gpunet_0", "--img-size", "0"),
+           ("--img-size must be in [8, 2048] pixels, got 0", "leave it out"),
+           outputs=("{out}/results.json",)),
+    gpunet("validate-unknown-device", (*VALIDATE, "--model", "gpunet_0", "--device", "tpu"),
+           ("--device 'tpu' is not a device", "use cpu, cuda or cuda:N"),
+           outputs=("{out}/results.json",)),
+    gpunet("validate-s3-checkpoint-wrong-endpoint",
+           (*VALIDATE, "--model", "gpunet_0", "--checkpoint", f"{BUCKET}/ckpt/model.pth"),
+           ("cannot reach the S3 endpoint", "127.0.0.1:{port}", "check AWS_ENDPOINT_URL"),
+           env=WRONG_ENDPOINT, outputs=("{out}/results.json", "{out}/cache/gpunet/files")),
+
+    # ------------------------------------------------------------ gpunet export-onnx
+    gpunet("export-checkpoint-truncated",
+           (*EXPORT, "--model", "gpunet_0", "--checkpoint", "{in}/truncated.pth"),
+           ("cannot read checkpoint", "truncated.pth"), existing=EXPORT_OUTPUTS),
+    gpunet("export-checkpoint-foreign",
+           (*EXPORT, "--model", "gpunet_0", "--checkpoint", "{in}/linear.pth"),
+           ("does not fit this model (gpunet_0)", "unexpected keys", "pass the --model"),
+           outputs=EXPORT_OUTPUTS),
+    gpunet("export-checkpoint-pickled",
+           (*EXPORT, "--model", "gpunet_0", "--checkpoint", "{in}/pickled.pth.tar"),
+           ("stores pickled Python objects", "--trust-checkpoint"), outputs=EXPORT_OUTPUTS),
+    gpunet("export-unsupported-opset", (*EXPORT, "--model", "gpunet_0", "--opset", "99"),
+           ("--opset 99 is not supported by the torchscript exporter", "use 13..20"),
+           outputs=EXPORT_OUTPUTS),
+    gpunet("export-absurd-batch", (*EXPORT, "--model", "gpunet_0", "--batch", "100000"),
+           ("--batch must be in [1, 4096], got 100000",), existing=EXPORT_OUTPUTS),
+    gpunet("export-negative-tolerance",
+           (*EXPORT, "--model", "gpunet_0", "--img-size", "32", "--tolerance", "-1"),
+           ("--tolerance must be a finite number > 0, got -1.0", "leave it out"),
+           outputs=EXPORT_OUTPUTS),
+    gpunet("export-zero-img-size", (*EXPORT, "--model", "gpunet_0", "--img-size", "0"),
+           ("--img-size must be >= 32", "got 0"), outputs=EXPORT_OUTPUTS),
+    gpunet("export-unknown-model", (*EXPORT, "--model", "gpunet_d9"),
+           ("unknown model 'gpunet_d9'", "valid names are"), outputs=EXPORT_OUTPUTS),
+
+    # ------------------------------------------------------------ gpunet prepare
+    gpunet("prepare-folder-truncated-jpeg", ("prepare", "folder", "{in}/folder", *PREPARE_OUT),
+           ("1 of 7 images are undecodable", "--max-bad-fraction",
+            "the dataset was not marked complete"),
+           outputs=DATASET_OUTPUTS, leaves=("{out}/ds/train", "{out}/ds/val",
+                                            "{out}/ds/quarantine")),
+    gpunet("prepare-folder-missing-source", ("prepare", "folder", "{in}/nope", *PREPARE_OUT),
+           ("source folder not found", "SRC/{train,val}/<class>/<images>"),
+           outputs=("{out}/ds",)),
+    gpunet("prepare-folder-without-splits",
+           ("prepare", "folder", "{in}/folder_flat", *PREPARE_OUT),
+           ("has no train/ or val/ directory", "SRC/train/<class>/<images>"),
+           outputs=("{out}/ds",)),
+    gpunet("prepare-folder-bad-fraction-flag",
+           ("prepare", "folder", "{in}/folder", *PREPARE_OUT, "--max-bad-fraction", "1.5"),
+           ("--max-bad-fraction must be in [0, 1), got 1.5",), outputs=("{out}/ds",)),
+    gpunet("prepare-imagenet-truncated-archive",
+           ("prepare", "imagenet", "--train-tar", "{in}/train_truncated.tar", *PREPARE_OUT),
+           ("train archive", "train_truncated.tar is truncated or damaged", "download it again"),
+           outputs=("{out}/ds",), subprocess=True),
+    gpunet("prepare-imagenet-truncated-class-archive",
+           ("prepare", "imagenet", "--train-tar", "{in}/train_class_truncated.tar",
+            *PREPARE_OUT),
+           ("n01440764.tar", "the archive is damaged - download it again"),
+           outputs=DATASET_OUTPUTS, leaves=("{out}/ds/train",)),
+    gpunet("prepare-imagenet-not-a-tar",
+           ("prepare", "imagenet", "--train-tar", "{in}/not_a_tar.tar", *PREPARE_OUT),
+           ("not_a_tar.tar is not a readable tar archive",), outputs=("{out}/ds",)),
+    gpunet("prepare-imagenet-malformed-labels",
+           ("prepare", "imagenet", "--val-tar", "{in}/val.tar", "--val-labels",
+            "{in}/labels_bad.txt", *PREPARE_OUT),
+           ("labels_bad.txt:2: expected 'filename wnid'",), outputs=("{out}/ds",)),
+    gpunet("prepare-digits-tiny-img-size",
+           ("prepare", "digits", "--img-size", "4", *PREPARE_OUT),
+           ("--img-size must be in [8, 1024], got 4",), outputs=("{out}/ds",)),
+    gpunet("prepare-s3-output-without-credentials",
+           ("prepare", "folder", "{in}/folder", "--out", f"{BUCKET}/ds", "--no-progress"),
+           ("no S3 credentials found", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+           env=NO_CREDENTIALS, outputs=("{out}/cache",)),
+    gpunet("prepare-s3-source-wrong-endpoint",
+           ("prepare", "folder", f"{BUCKET}/src", *PREPARE_OUT),
+           ("cannot reach the S3 endpoint", "--s3-endpoint"), env=WRONG_ENDPOINT,
+           outputs=("{out}/ds", "{out}/cache")),
+
+    # ------------------------------------------------------------ bench, bench-data, report
+    gpunet("bench-missing-onnx", ("bench", "--onnx", "{in}/missing.onnx", "-o", "{out}/b.json"),
+           ("ONNX file not found", "gpunet export-onnx"), outputs=("{out}/b.json",)),
+    gpunet("bench-corrupt-onnx", ("bench", "--onnx", "{in}/corrupt.onnx", "-o", "{out}/b.json"),
+           ("corrupt.onnx is not a readable ONNX model", "corrupt or truncated"),
+           existing=("{out}/b.json",)),
+    gpunet("bench-zero-iterations",
+           ("bench", "--onnx", "{in}/corrupt.onnx", "--iterations", "0", "-o", "{out}/b.json"),
+           ("--iterations must be >= 1, got 0",), outputs=("{out}/b.json",)),
+    gpunet("bench-data-negative-workers",
+           ("bench-data", "{in}/folder", "--backends", "pil", "-j", "-1"),
+           ("-j/--workers must be >= 0", "got -1")),
+    gpunet("report-malformed-result", ("report", "{in}/bad_result.json", "-o", "{out}/report"),
+           ("cannot read result file", "bad_result.json"), outputs=("{out}/report",)),
+
+    # ------------------------------------------------------------ python -m pipelines
+    pipelines("schedule-cron-minute-out-of-range",
+              ("schedule", *SERVER, "--cron", "61 * * * *"),
+              ("invalid cron minute field '61'", "outside 0-59"), subprocess=True),
+    pipelines("schedule-cron-three-fields", ("schedule", *SERVER, "--cron", "* * *"),
+              ("invalid cron expression '* * *'", "expected 5 fields")),
+    pipelines("schedule-zero-concurrency",
+              ("schedule", *SERVER, "--cron", "0 3 * * *", "--max-concurrency", "0"),
+              ("--max-concurrency must be >= 1, got 0",)),
+    pipelines("submit-unknown-param", ("submit", *SERVER, "--param", "epoch=3"),
+              ("unknown pipeline parameter 'epoch'", "valid: ", "epochs")),
+    pipelines("submit-negative-gpus", ("submit", *SERVER, "--gpus-per-node", "-2"),
+              ("--gpus-per-node must be >= 0", "got -2")),
+    pipelines("run-local-unknown-param", (*RUN_LOCAL, "--param", "nope=1"),
+              ("unknown pipeline parameter 'nope'", "valid: augment"),
+              outputs=("{out}/work",), env=NO_MLFLOW, subprocess=True),
+    pipelines("run-local-param-without-value", (*RUN_LOCAL, "--param", "epochs"),
+              ("--param 'epochs'", "expected NAME=VALUE"), outputs=("{out}/work",)),
+    pipelines("run-local-param-not-a-number", (*RUN_LOCAL, "--param", "epochs=three"),
+              ("--param epochs='three'", "expected a int"), outputs=("{out}/work",)),
+    pipelines("run-local-param-negative-epochs", (*RUN_LOCAL, "--param", "epochs=-1"),
+              ("--param epochs=-1", "must be >= 1"), outputs=("{out}/work",)),
+    pipelines("run-local-param-nan-lr", (*RUN_LOCAL, "--param", "lr=nan"),
+              ("--param lr=nan", "expected a finite number"), outputs=("{out}/work",)),
+    pipelines("run-local-param-unknown-model", (*RUN_LOCAL, "--param", "model_name=gpunet_42"),
+              ("--param model_name='gpunet_42'", "valid names are gpunet_0"),
+              outputs=("{out}/work",)),
+    pipelines("run-local-param-teacher-smaller-than-student",
+              (*RUN_LOCAL, "--param", "img_size=64", "--param", "teacher_img_size=32"),
+              ("teacher_img_size=32 is smaller than img_size=64", "enable_distill=false"),
+              outputs=("{out}/work",)),
+    pipelines("run-local-missing-dataset-source",
+              (*RUN_LOCAL, "--param", "dataset_source={in}/no_dataset"),
+              ("no_dataset' does not exist", "pass 'digits', an ImageFolder directory"),
+              outputs=("{out}/work",), env=NO_MLFLOW),
+    pipelines("run-local-s3-source-without-credentials",
+              (*RUN_LOCAL, "--param", f"dataset_source={BUCKET}/data"),
+              ("no S3 credentials found", "AWS_SECRET_ACCESS_KEY"),
+              outputs=("{out}/work",), env={**NO_CREDENTIALS, **NO_MLFLOW}),
+    pipelines("compile-negative-gpus",
+              ("compile", "-o", "{out}/pipeline.yaml", "--gpus-per-node", "-1"),
+              ("--gpus-per-node must be >= 0", "got -1"), outputs=("{out}/pipeline.yaml",)),
+    pipelines("compile-output-below-a-file", ("compile", "-o", "{out}/taken/pipeline.yaml"),
+              ("cannot write", "taken/pipeline.yaml", "choose another --output"),
+              existing=("{out}/taken",)),
+
+    # ------------------------------------------------------------ steps, as components call them
+    step("step-prepare-unknown-source", "prepare_dataset", ("imagenet21k", "{out}/dataset"),
+         {"img_size": 32, "per_class": None},
+         ("dataset source 'imagenet21k'", "neither 'digits' nor an existing directory"),
+         outputs=("{out}/dataset",)),
+    step("step-prepare-one-image-per-class", "prepare_dataset", ("digits", "{out}/dataset"),
+         {"img_size": 32, "per_class": 1}, ("--per-class must be >= 2, got 1",),
+         outputs=("{out}/dataset",)),
+    step("step-train-unknown-augment", "train", ("{digits}", "{out}/checkpoint"),
+         {"model": "gpunet_0", "epochs": 1, "img_size": 32, "augment": "heavy"},
+         ("augment must be one of ['light', 'recipe']", "'heavy'"),
+         outputs=("{out}/checkpoint/last.pth.tar",)),
+    step("step-train-zero-epochs", "train", ("{digits}", "{out}/checkpoint"),
+         {"model": "gpunet_0", "epochs": 0, "batch_size": 8, "img_size": 32, "workers": 0},
+         ("training failed (exit code 2)", "argument --epochs: must be >= 1, got 0"),
+         outputs=("{out}/checkpoint/last.pth.tar", "{out}/checkpoint/args.yaml"),
+         env={"PYTHONPATH": "{repo}"}),  # the step runs `python -m gpunet_core train`
+    step("step-validate-checkpoint-truncated", "validate",
+         ("{in}/folder/val", "{in}/ckpt_dir/model_best.pth.tar"),
+         {"model": "gpunet_0", "img_size": 32, "results_file": "{out}/results/results.json"},
+         ("cannot read checkpoint", "model_best.pth.tar", "truncated, corrupt"),
+         outputs=("{out}/results",)),
+    step("step-validate-zero-img-size", "validate", ("{in}/folder/val", "{in}/g0_10.pth"),
+         {"model": "gpunet_0", "img_size": 0, "results_file": "{out}/results/results.json"},
+         ("--img-size must be in [8, 2048] pixels, got 0",), outputs=("{out}/results",)),
+    step("step-export-tiny-img-size", "export_onnx", ("{in}/g0_10.pth", "{out}/onnx/model.onnx"),
+         {"model": "gpunet_0", "img_size": 8}, ("--img-size must be >= 32", "got 8"),
+         outputs=("{out}/onnx",)),
+    step("step-benchmark-zero-iterations", "benchmark", ("{in}/corrupt.onnx",),
+         {"backend": "auto", "iterations": 0, "results_file": "{out}/results/bench.json"},
+         ("--iterations must be >= 1, got 0",), outputs=("{out}/results",)),
+    step("step-benchmark-unknown-backend", "benchmark", ("{in}/corrupt.onnx",),
+         {"backend": "tpu", "iterations": 10, "results_file": "{out}/results/bench.json"},
+         ("unknown backend 'tpu'", "use one of auto, tensorrt"), outputs=("{out}/results",)),
+    step("step-promote-without-mlflow", "promote",
+         ("{in}/g0_10.pth", "{in}/corrupt.onnx", {"top1": 50.0, "top5": 90.0},
+          {"latency_ms": {"median": 1.0}}),
+         {"model": "gpunet_0", "img_size": 32, "registered_model": "gpunet"},
+         ("promotion needs MLflow", "set MLFLOW_TRACKING_URI"), env=NO_MLFLOW),
+]
