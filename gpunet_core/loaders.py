@@ -208,6 +208,70 @@ def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 25
         pin_memory=torch.cuda.is_available(), persistent_workers=False, drop_last=False)
 
 
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed determined by ``parts`` (e.g. run seed, epoch, sample index)."""
+    import hashlib
+
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _EpochIndexSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` from a DistributedSampler so each sample knows its epoch."""
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """Augments sample ``i`` of epoch ``e`` with RNGs seeded from ``(seed, e, i)``.
+
+    The random crops/flips/RandAugment/erasing a sample gets then depend on nothing else: not
+    on the number of loader workers, not on which worker process or rank loads it, not on
+    whether the run was restarted. A run resumed at an epoch boundary thus sees exactly the
+    batches of an uninterrupted one. In the main process (``workers=0``) the global RNG states
+    are restored afterwards, so model-side randomness (dropout, drop-path) is untouched.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        import random
+
+        import numpy as np
+
+        epoch, index = key
+        seed = derive_seed(self.seed, epoch, index)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(),
+                                         torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
 def build_train_loader(root: str | Path, cfg: TrainConfig, *, batch_size: int = 256,
                        workers: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0,
                        drop_last: bool = True, backend: str = "pil",
@@ -216,7 +280,8 @@ def build_train_loader(root: str | Path, cfg: TrainConfig, *, batch_size: int = 
 
     Sharding has ``DistributedSampler`` semantics: each of ``world_size`` ranks sees a
     disjoint ``1/world_size`` share of a per-epoch permutation (padded to equal length);
-    call :func:`set_epoch` at the start of every epoch to reshuffle.
+    call :func:`set_epoch` at the start of every epoch to reshuffle. With the pil backend the
+    order and each sample's augmentation are functions of ``(seed, epoch, index)`` only.
     """
     _check_batch(batch_size)
     if not 0 <= rank < world_size:
@@ -230,9 +295,10 @@ def build_train_loader(root: str | Path, cfg: TrainConfig, *, batch_size: int = 
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                   shuffle=True, seed=seed, drop_last=False)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        _SeededSamples(dataset, seed), batch_size=batch_size,
+        sampler=_EpochIndexSampler(sampler), num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        drop_last=drop_last)
+        drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
 
 
 def set_epoch(loader, epoch: int) -> None:

@@ -623,6 +623,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if state.steps >= max_steps:
             break
         loaders.set_epoch(train_loader, epoch)
+        # every epoch starts from RNG states set by (seed, rank, epoch): a run resumed at an
+        # epoch boundary continues exactly as an uninterrupted one (dropout, drop-path)
+        seed_everything(loaders.derive_seed(args.seed, env.rank, epoch))
         train_model.train()
         # loss, ce, kd per-sample sums, kept on the device: read (a host sync) only when logging
         sums = torch.zeros(3, dtype=torch.float64, device=env.device)

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import signal
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +12,7 @@ from gpunet_core.checkpoint import read_checkpoint
 from gpunet_core.presets import PRESETS, load_preset
 from gpunet_core.train import build_parser, kd_loss, resolve_args
 from tests import mlflow_server as mlflow_server_helper
-from tests.train_helpers import FAST, REPO, env, gpunet_cmd, run, torchrun_cmd
+from tests.train_helpers import FAST, gpunet_cmd, read_summary, run, torchrun_cmd
 
 COMMON = {"sched": "step", "decay_epochs": 2.4, "decay_rate": 0.97, "opt": "rmsproptf",
           "opt_eps": 0.001, "workers": 8, "epochs": 450, "warmup_lr": 1e-6,
@@ -97,11 +90,6 @@ def test_negative_batch_is_a_usage_error(digits_small):
     assert result.returncode == 2 and "must be >= 1" in result.stderr
 
 
-def read_summary(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
-
-
 @pytest.mark.slow
 def test_torchrun_two_workers_learn_and_stay_in_sync(digits_small, tmp_path):
     out = tmp_path / "ddp"
@@ -169,50 +157,6 @@ def test_distillation_teacher_sees_its_resolution(digits_small, tmp_path):
         assert total == pytest.approx(ce + 0.5 * kd, rel=1e-4)
 
 
-def _worker_pids(parent: int) -> list[int]:
-    """Direct children of ``parent`` running gpunet (torchrun's workers)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and b"gpunet_core" in cmdline:
-            pids.append(int(stat.parent.name))
-    return sorted(pids)
-
-
-@pytest.mark.slow
-def test_killed_worker_restarts_and_resumes(digits_small, tmp_path):
-    out = tmp_path / "kill"
-    log = open(tmp_path / "torchrun.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        torchrun_cmd(2, "train", str(digits_small), "--model", "gpunet_0", "--epochs", "3",
-                     "--auto-resume", "--output", str(out), *FAST, max_restarts=2),
-        stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not (out / "last.pth.tar").exists():
-            assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(1.0)  # into epoch 1
-        victims = _worker_pids(proc.pid)
-        assert len(victims) == 2, victims
-        os.kill(victims[1], signal.SIGKILL)
-        assert proc.wait(timeout=900) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    text = (tmp_path / "torchrun.log").read_text()
-    assert "resumed from" in text, text[-3000:]
-    rows = read_summary(out / "summary.csv")
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    assert read_checkpoint(out / "last.pth.tar")["epoch"] == 3
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     server = mlflow_server_helper.start(tmp_path / "mlflow")
@@ -246,33 +190,3 @@ def test_mlflow_run_has_params_metrics_and_artifacts(digits_small, tmp_path, mlf
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"summary.csv", "args.yaml", "model_best.pth.tar"} <= artifacts
     assert runs[0].info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_mlflow_outage_spools_and_sends_later(digits_small, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from gpunet_core.tracking import flush_spool
-
-    port = mlflow_server_helper.free_port()
-    out = tmp_path / "offline"
-    result = run(gpunet_cmd("train", str(digits_small), "--model", "gpunet_0", "--epochs", "1",
-                            "--max-steps", "3", "--output", str(out), "--mlflow", *FAST),
-                 timeout=900, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MLflow unreachable" in result.stderr
-    spooled = (out / "mlflow_spool.jsonl").read_text().splitlines()
-    assert [json.loads(line)["op"] for line in spooled][:2] == ["params", "metrics"]
-    server = mlflow_server_helper.start(tmp_path / "late", port=port)
-    try:
-        os.environ["MLFLOW_TRACKING_URI"] = server.uri
-        assert flush_spool(out) == 0
-        assert flush_spool(out) == 0  # nothing sent twice
-        client = MlflowClient(server.uri)
-        runs = client.search_runs([client.get_experiment_by_name("gpunet").experiment_id])
-        assert len(runs) == 1
-        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "top1")] == [0]
-        assert runs[0].data.params["model"] == "gpunet_0"
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        server.stop()

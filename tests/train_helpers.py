@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -32,3 +33,22 @@ def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
 def run(cmd: list[str], timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env(**extra_env),
                           timeout=timeout, cwd=REPO)
+
+
+def read_summary(path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Direct children of ``parent`` running gpunet (torchrun's workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"gpunet_core" in cmdline:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
