@@ -125,3 +125,14 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: setup ## performance side by side -> bench/results/*.json + BENCHMARKS.md (BENCH_ARGS=--quick)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# ---- reliability (issue 8) -----------------------------------------------------------------------
+.PHONY: reliability
+REL_DIR := .work/reliability
+
+reliability: setup ## fault injection + bad inputs + security checks -> docs/reliability.md
+	@mkdir -p $(REL_DIR) && rm -f $(REL_DIR)/observations.jsonl
+	GPUNET_RELIABILITY_LOG=$(abspath $(REL_DIR))/observations.jsonl $(PY) -m pytest -p no:cacheprovider \
+		tests/faults tests/bad_inputs tests/test_security.py tests/test_mlflow_auth.py \
+		--junitxml $(REL_DIR)/junit.xml $(PYTEST_ARGS)
+	$(PY) -m tests.faults.report $(REL_DIR)/observations.jsonl $(REL_DIR)/junit.xml -o docs/reliability.md

@@ -10,11 +10,13 @@ validation and latency figures to that run and tags it with the pipeline run (``
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,44 @@ AUGMENT = {"recipe": [], "light": ["--aa", "", "--reprob", "0", "--scale", "0.5"
 
 class StepError(GpunetError):
     """A pipeline step failed; the message says which and why."""
+
+
+TIMINGS_ENV = "GPUNET_STEP_TIMINGS"
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def timed(fn):
+    """Record a step's compute time (and its process's age) to ``$GPUNET_STEP_TIMINGS``.
+
+    The pipeline's overhead (process start, imports, artifact copies, MLflow logging) is the
+    run's wall time minus the steps' compute (see :func:`gpunet_core.perf.pipeline_overhead`).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        path = os.environ.get(TIMINGS_ENV)
+        if path:
+            compute = time.perf_counter() - start
+            age = _process_age_s()
+            name = fn.__name__ + (f"({kwargs['model']})" if kwargs.get("model") else "")
+            entry = {"name": name, "compute_s": round(compute, 3),
+                     "wall_s": round(max(compute, age if age is not None else compute), 3)}
+            with open(path, "a") as fh:  # one short line per step: appends do not interleave
+                fh.write(json.dumps(entry) + "\n")
+        return result
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- MLflow glue
@@ -96,6 +136,7 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the steps
 
 
+@timed
 def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
                     per_class: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """``digits`` (the embedded demo set) or an ImageFolder tree (local path or ``s3://``)."""
@@ -112,6 +153,7 @@ def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
     return summary.manifest
 
 
+@timed
 def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs: int = 1,
           batch_size: int = 16, img_size: int = 32, lr: float | None = None,
           opt: str | None = None, preset: str = "", nproc_per_node: int = 1, nodes: int = 1,
@@ -161,10 +203,11 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
     else:
         cmd = [sys.executable, "-m", "gpunet_core", "train", *args]
     _logger.info("running %s", " ".join(cmd))
-    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
+    code, reason = _run_streaming(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node))))})
-    if result.returncode != 0:
-        raise StepError(f"training failed (exit code {result.returncode}); see the log above")
+    if code != 0:
+        raise StepError(f"training failed (exit code {code}): "
+                        f"{reason or 'no error message; see the log above'}")
     from gpunet_core.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(Path(out) / "last.pth.tar")
@@ -174,12 +217,28 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
             **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
 
 
+def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``cmd`` with its output passed through; returns (exit code, its last error line)."""
+    reason = ""
+    with subprocess.Popen(cmd, env=env, stdout=None, stderr=subprocess.PIPE, text=True,
+                          bufsize=1) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if ": error: " in line:  # `gpunet <cmd>: error: <what>; <how to fix>`
+                reason = line.split(": error: ", 1)[1].strip()
+    return proc.returncode, reason
+
+
+@timed
 def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
              crop_pct: float = 1.0, batch_size: int = 64,
              results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.evaluate import load_inference_model, write_json
     from gpunet_core.evaluate import validate as run_validate
+    from gpunet_core.model import check_img_size
 
+    check_img_size(img_size)  # before the checkpoint is read
     net = load_inference_model(model, checkpoint)
     results = run_validate(net, data, batch_size=batch_size, workers=0, img_size=img_size,
                            crop_pct=crop_pct, progress=False)
@@ -189,16 +248,20 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     return results
 
 
+@timed
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
+    from gpunet_core import export
     from gpunet_core.evaluate import load_inference_model
-    from gpunet_core.export import export_onnx as run_export
 
+    export.check_options(batch=1, opset=export.DEFAULT_OPSET, exporter=export.DEFAULT_EXPORTER,
+                         img_size=img_size, tolerance=None)  # before the checkpoint is read
     net = load_inference_model(model, checkpoint)
-    return run_export(net, output, model_name=model, img_size=img_size, dynamic_batch=True,
-                      checkpoint=checkpoint)
+    return export.export_onnx(net, output, model_name=model, img_size=img_size,
+                              dynamic_batch=True, checkpoint=checkpoint)
 
 
+@timed
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.benchmark import run_benchmark
@@ -210,6 +273,7 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     return result
 
 
+@timed
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,

@@ -328,7 +328,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     """
     from kfp import local
 
-    from gpunet_core import registry
+    from gpunet_core import registry, steps
     from pipelines.gpunet_training import gpunet_training
 
     preflight(params)
@@ -352,12 +352,16 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(workdir / "kfp"), raise_on_error=True,
                enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
+    timings = workdir / "step_timings.jsonl"
+    timings.unlink(missing_ok=True)
+    os.environ[steps.TIMINGS_ENV] = str(timings)  # each step appends its compute time
     started = time.monotonic()
     try:
         gpunet_training(**params)
     except Exception as exc:
         raise PipelineError(f"the local pipeline run failed: {str(exc).splitlines()[0]}") from None
     elapsed = time.monotonic() - started
+    overhead = _overhead(timings, elapsed)
     latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     tags = latest.tags or {}
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
@@ -368,15 +372,31 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             "latency_ms": float(tags.get("latency_ms", "nan")),
             "latency_backend": tags.get("latency_backend"),
             "seconds": round(elapsed, 1),
+            "overhead": overhead,
             "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
             "kfp_outputs": str(workdir / "kfp")}
+
+
+def _overhead(timings: Path, elapsed: float) -> dict[str, Any] | None:
+    """The run's wall time split into the steps' compute and everything else (None if no
+    step recorded its time, e.g. when every step came from the cache)."""
+    from gpunet_core.perf import pipeline_overhead
+
+    entries = [json.loads(line) for line in timings.read_text().splitlines()
+               if line.strip()] if timings.exists() else []
+    if not entries:
+        return None
+    return pipeline_overhead(entries, total_wall_s=elapsed)
 
 
 def format_summary(s: dict[str, Any]) -> str:
     ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}"
           if s["tracking_uri"].startswith("sqlite") else s["tracking_uri"])
     return "\n".join([
-        f"pipeline finished in {s['seconds']:.0f} s",
+        f"pipeline finished in {s['seconds']:.0f} s" + (
+            f" ({s['overhead']['compute_s']:.0f} s in the steps' own work, "
+            f"{100 * s['overhead']['overhead_frac']:.0f} % process start, imports, artifact "
+            "copies and logging)" if s.get("overhead") else ""),
         f"  candidate: {s['registered_model']} v{s['version']}: top-1 {s['top1']:.2f} %, "
         f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)",
         f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}",

@@ -109,3 +109,24 @@ def test_class_count_mismatch_and_missing_dir_are_clear(digits_checkpoint, tmp_p
         validate(create_model("gpunet_0"), val_dir, workers=0, img_size=IMG, progress=False)
     code = cli_main(["validate", str(tmp_path / "nope"), "--model", "gpunet_0", "-j", "0"])
     assert code == 2 and "dataset directory not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gpunet_0", "gpunet_d1"])
+def test_fold_batchnorm_keeps_outputs_and_removes_every_bn(name):
+    from gpunet_core.evaluate import fold_batchnorm
+    from gpunet_core.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    for mod in model.modules():  # statistics far from the identity, so folding matters
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batchnorm(model)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), atol=1e-5)
+    count = lambda m: sum(isinstance(q, torch.nn.BatchNorm2d) for q in m.modules())  # noqa: E731
+    assert count(folded) == 0 and count(model) > 20  # the original is left as it was

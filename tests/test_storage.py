@@ -39,6 +39,49 @@ def test_upload_verify_download_roundtrip(s3_env, tmp_path):
         storage.download(f"s3://{s3_env.bucket}/no/such/thing", tmp_path / "x", progress=False)
 
 
+def test_uploads_carry_server_checked_sha256_and_are_verified(s3_env, tmp_path):
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(b"checksum me")
+    big.write_bytes(bytes(range(256)) * (40 * 1024 * 10))  # 10 MiB: a composite checksum
+    uri = storage.parse_s3_uri(f"s3://{s3_env.bucket}/sums/")
+    storage.upload_files([(small, "small.bin"), (big, "big.bin")], uri, progress=False)
+    client = s3_env.client()
+    for path in (small, big):
+        head = client.head_object(Bucket=s3_env.bucket, Key=f"sums/{path.name}",
+                                  ChecksumMode="ENABLED")
+        assert head["ChecksumSHA256"].split("-")[0] == storage.local_checksum(path)
+    # an object replaced behind our back (same size, other bytes) fails verification
+    client.put_object(Bucket=s3_env.bucket, Key="sums/small.bin", Body=b"checksum ME",
+                      ChecksumAlgorithm="SHA256")
+    assert storage.verify_checksums([(small, "small.bin"), (big, "big.bin")], uri,
+                                    storage.s3_client()) == ["small.bin"]
+
+
+def test_retries_stop_at_the_budget_with_a_clear_message(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    with pytest.raises(StorageError, match="retry budget GPUNET_S3_RETRY_SECONDS=2"):
+        storage.with_retries("upload to", "s3://b/p", down, budget_s=2, first_delay_s=0.2)
+    assert 2 <= len(calls) <= 5  # backed off: 0.2, 0.4, 0.8 s ... within 2 s
+    calls.clear()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    from botocore.exceptions import ClientError
+
+    def refused():
+        calls.append(1)
+        raise ClientError({"Error": {"Code": "InvalidAccessKeyId"}}, "PutObject")
+
+    with pytest.raises(StorageError, match="rejected the credentials"):
+        storage.with_retries("upload to", "s3://b/p", refused, budget_s=30)
+    assert len(calls) == 1  # not transient: no retry
+
+
 def test_wrong_bucket_and_wrong_credentials(s3, s3_env, tmp_path, monkeypatch):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):

@@ -47,3 +47,13 @@ def proxied_s3_env(s3, s3_proxy, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint)
     monkeypatch.setenv("GPUNET_S3_RETRY_SECONDS", "60")
     return s3
+
+
+@pytest.fixture(scope="session")
+def digits_tiny(tmp_path_factory):
+    """The embedded digits dataset, 16 images per class at 32 px (128 train / 32 val)."""
+    from gpunet_core.datasets import prepare_digits
+
+    out = tmp_path_factory.mktemp("digits_tiny")
+    prepare_digits(out, img_size=32, per_class=16)
+    return out

@@ -20,8 +20,7 @@ from tests.train_helpers import run
 
 pytestmark = pytest.mark.faults
 
-PARAMS = ["dataset_per_class=12", "epochs=1", "enable_distill=false", "nproc_per_node=1",
-          "bench_iterations=10"]
+TINY = ["dataset_per_class=20", "epochs=1", "teacher_epochs=1", "bench_iterations=10"]
 EXPENSIVE = {"prepare-dataset", "train-teacher", "train-student", "export-onnx"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -56,11 +55,20 @@ def run_local(workdir, params):
 
 
 @pytest.mark.slow
-def test_rerun_after_a_failed_step_reuses_finished_steps(tmp_path, observe):
+def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, monkeypatch,
+                                                                   observe):
+    """The make-run DAG (teacher + 2 torchrun workers, tiny): its benchmark step fails (TensorRT
+    asked for, no GPU); the re-run with the default backend takes every finished step from the
+    cache, then registers and promotes; a third run with other settings becomes challenger."""
+    import mlflow.onnx
+    import mlflow.pytorch
+    import onnxruntime
+    import torch
     from mlflow import MlflowClient
+    from mlflow.models import Model
 
-    work = tmp_path / "work"
-    failed, first_s = run_local(work, PARAMS + ["bench_backend=tensorrt"])  # no GPU here
+    work = tmp_path / "local"
+    failed, first_s = run_local(work, TINY + ["bench_backend=tensorrt"])
     assert failed.returncode != 0
     assert "Traceback" not in failed.stderr.splitlines()[-1]
     assert "the local pipeline run failed" in failed.stderr, failed.stderr[-3000:]
@@ -69,23 +77,57 @@ def test_rerun_after_a_failed_step_reuses_finished_steps(tmp_path, observe):
                               r"Task '?([\w-]+)'? finished with status SUCCESS")
     assert done_first >= EXPENSIVE, done_first
 
-    again, second_s = run_local(work, PARAMS + ["bench_backend=onnxruntime"])
+    again, second_s = run_local(work, TINY)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     logs = again.stdout + again.stderr
     hits = tasks_logged(logs, r"Task '?([\w-]+)'? cache hit")
     assert hits == done_first, (hits, done_first)  # everything that had finished, nothing else
     ran_again = tasks_logged(logs, r"Task '?([\w-]+)'? finished with status SUCCESS")
     assert not ran_again & done_first and {"benchmark", "promote"} <= ran_again, ran_again
-    summary = json.loads(again.stdout.strip().splitlines()[-1])
-    assert summary["version"] == "1" and summary["alias"] == "champion"
+    first = json.loads(again.stdout.strip().splitlines()[-1])
+    assert first["version"] == "1" and first["alias"] == "champion"
+    assert first["latency_backend"] == "onnxruntime" and first["latency_ms"] > 0
+    uri = first["tracking_uri"]
+    assert uri.startswith("sqlite:///")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlc = MlflowClient(uri)
+    (run_,) = mlc.search_runs([mlc.get_experiment_by_name("gpunet").experiment_id])  # trained once
+    assert run_.data.params["model"] == "gpunet_0" and run_.data.params["world_size"] == "2"
+    assert run_.data.params["enable_distill"] == "True"
+    assert [m.step for m in mlc.get_metric_history(run_.info.run_id, "top1")] == [0]
+    for key in ("top1", "train_kd", "val_top1", "bench_latency_ms_median"):
+        assert key in run_.data.metrics, key
+    version = mlc.get_model_version("gpunet", "1")
+    assert version.run_id == run_.info.run_id
+    assert float(version.tags["top1"]) == pytest.approx(run_.data.metrics["val_top1"])
+    local = mlflow.artifacts.download_artifacts("models:/gpunet/1", dst_path=str(tmp_path / "m"))
+    assert {"pytorch", "onnx", "python_function"} <= set(Model.load(local).flavors)
+    torch_model = mlflow.pytorch.load_model("models:/gpunet@champion")
+    onnx_model = mlflow.onnx.load_model("models:/gpunet@champion")
+    x = torch.rand(1, 3, 32, 32)
+    session = onnxruntime.InferenceSession(onnx_model.SerializeToString())
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch_model(x), torch.from_numpy(onnx_out), atol=1e-4)
+    observe({"fault": "a pipeline step after training fails (benchmark backend tensorrt, no "
+             "GPU); the run is repeated with the default backend", "injected": 1,
+             "outcome": f"re-run took {len(hits)} finished steps from the cache "
+             f"({', '.join(sorted(hits))}); benchmark, promote and report ran; one training "
+             "run in MLflow; v1 champion", "failed_run_s": round(first_s, 1),
+             "rerun_s": round(second_s, 1)})
 
-    mlc = MlflowClient(summary["tracking_uri"])
-    (training,) = mlc.search_runs([mlc.get_experiment_by_name("gpunet").experiment_id])
-    assert [m.step for m in mlc.get_metric_history(training.info.run_id, "top1")] == [0]
-    assert "val_top1" in training.data.metrics and "bench_latency_ms_median" in training.data.metrics
-    assert mlc.get_model_version("gpunet", "1").run_id == training.info.run_id
-    observe({"fault": "pipeline step after training fails (benchmark backend tensorrt without "
-             "GPU), then re-run with onnxruntime", "injected": 1,
-             "outcome": f"re-run served {len(hits)} steps from the cache "
-             f"({', '.join(sorted(hits))}); benchmark, promote, report ran; one training run "
-             "in MLflow", "first_run_s": round(first_s, 1), "rerun_s": round(second_s, 1)})
+    third, _ = run_local(work, TINY + ["enable_distill=false", "nproc_per_node=1",
+                                       "promotion_margin=1000"])
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    second = json.loads(third.stdout.strip().splitlines()[-1])
+    assert second["version"] == "2" and second["alias"] == "challenger"
+    assert second["champion_version"] == "1"
+    reason = mlc.get_model_version("gpunet", "2").tags["promotion"]
+    assert reason.startswith("challenger: top-1") and "by the margin 1000.00" in reason
+    # the steps that ran recorded their compute time: the run's overhead is the rest
+    overhead = second["overhead"]
+    assert {st["name"] for st in overhead["steps"]} == {
+        "train(gpunet_0)", "validate(gpunet_0)", "export_onnx(gpunet_0)", "benchmark",
+        "promote(gpunet_0)", "write_html_report"}
+    assert 0 < overhead["compute_s"] < overhead["total_wall_s"]
+    assert overhead["total_wall_s"] == pytest.approx(second["seconds"], abs=0.1)

@@ -19,6 +19,8 @@ from gpunet_core.checkpoint import read_checkpoint
 from tests.train_helpers import FAST, gpunet_cmd, run
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
+PER_CLASS = 12
+IMAGES = 10 * PER_CLASS
 
 
 def stored_objects(s3, prefix: str) -> dict[str, bytes]:
@@ -52,7 +54,7 @@ def retries_logged(text: str) -> int:
 
 
 def prepare_digits_to_s3(uri: str, work, **env):
-    return run(gpunet_cmd("prepare", "digits", "--img-size", "32", "--per-class", "40",
+    return run(gpunet_cmd("prepare", "digits", "--img-size", "32", "--per-class", str(PER_CLASS),
                           "--out", uri, "--work-dir", str(work), "--no-progress"),
                timeout=600, **env)
 
@@ -60,7 +62,7 @@ def prepare_digits_to_s3(uri: str, work, **env):
 def test_dataset_upload_survives_s3_restart(proxied_s3_env, s3_proxy, tmp_path, observe):
     s3 = proxied_s3_env
     prefix = "faults/dataset-restart/"
-    s3_proxy.cut_after(150_000, outage_s=8.0)  # mid-upload: ~1/5 of the images are in
+    s3_proxy.cut_after(40_000, outage_s=8.0)  # mid-upload: ~1/5 of the images are in
     started = time.monotonic()
     result = prepare_digits_to_s3(f"s3://{s3.bucket}/{prefix}", tmp_path / "stage")
     took = time.monotonic() - started
@@ -70,14 +72,14 @@ def test_dataset_upload_survives_s3_restart(proxied_s3_env, s3_proxy, tmp_path, 
     sums = dict(line.split("  ", 1)[::-1] for line in
                 objects["SHA256SUMS"].decode().splitlines())
     images = {rel: data for rel, data in objects.items() if rel.endswith(".jpg")}
-    assert len(images) == len(sums) == 400
+    assert len(images) == len(sums) == IMAGES
     for rel, data in images.items():  # content equals the checksum list written at prepare
         assert hashlib.sha256(data).hexdigest() == sums[rel], rel
     assert_checksums_stored_and_right(s3, prefix, objects)
     assert json.loads(objects["manifest.json"])["format"] == "gpunet-imagefolder/1"
-    observe({"fault": "S3 stopped during a dataset upload (400 images), back after 8 s",
-             "injected": 1, "outcome": "upload completed; 400/400 objects checksum-verified; "
-             "manifest written after them",
+    observe({"fault": f"S3 stopped during a dataset upload ({IMAGES} images), back after 8 s",
+             "injected": 1, "outcome": f"upload completed; {IMAGES}/{IMAGES} images "
+             "checksum-verified; manifest written after them",
              "client_retries_logged": retries_logged(result.stderr),
              "seconds": round(took, 1)})
 
@@ -87,7 +89,7 @@ def test_s3_down_past_retry_budget_fails_clearly_then_resumes(proxied_s3_env, s3
     s3 = proxied_s3_env
     prefix = "faults/dataset-budget/"
     uri = f"s3://{s3.bucket}/{prefix}"
-    s3_proxy.cut_after(150_000, outage_s=None)  # never comes back
+    s3_proxy.cut_after(40_000, outage_s=None)  # never comes back
     started = time.monotonic()
     failed = prepare_digits_to_s3(uri, tmp_path / "stage", GPUNET_S3_RETRY_SECONDS="5")
     took = time.monotonic() - started
@@ -97,14 +99,14 @@ def test_s3_down_past_retry_budget_fails_clearly_then_resumes(proxied_s3_env, s3
     assert "re-run to resume" in failed.stderr
     partial = stored_objects(s3, prefix)
     assert "manifest.json" not in partial  # the dataset is not marked complete
-    assert 0 < len(partial) < 401
+    assert 0 < len(partial) < IMAGES + 1
     assert_checksums_stored_and_right(s3, prefix, partial)  # what is there is whole
 
     s3_proxy.up()
     resumed = prepare_digits_to_s3(uri, tmp_path / "stage")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     objects = stored_objects(s3, prefix)
-    assert "manifest.json" in objects and len(objects) == 402  # images + SHA256SUMS + manifest
+    assert "manifest.json" in objects and len(objects) == IMAGES + 2  # + SHA256SUMS, manifest
     assert_checksums_stored_and_right(s3, prefix, objects)
     unchanged = sum(objects[k] == v for k, v in partial.items())
     observe({"fault": "S3 stopped during a dataset upload and not restarted (budget 5 s)",

@@ -23,7 +23,6 @@ from tests.train_helpers import (
     REPO,
     env,
     read_summary,
-    run,
     torchrun_cmd,
     worker_pids,
 )
@@ -45,50 +44,52 @@ def weights(path) -> dict[str, torch.Tensor]:
             **{f"ema.{k}": v for k, v in ckpt.get("state_dict_ema", {}).items()}}
 
 
-def run_with_a_kill(data, out, log_path, kill_seed: int, window: tuple[float, float]) -> dict:
-    """Start torchrun, SIGKILL one worker at a random time inside ``window`` (seconds after
-    the workers appear), wait for the restarted run to finish."""
-    rng = random.Random(kill_seed)
-    delay = rng.uniform(*window)
+def launch(data, out, log_path, kill_at: float | None = None, victim: int = 0) -> dict:
+    """Run torchrun (2 workers, up to 2 restarts); with ``kill_at``, SIGKILL worker ``victim``
+    that many seconds after the workers appear. Returns timings and where the kill landed."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(torchrun_cmd(2, *train_args(data, out), max_restarts=2),
                                 stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO,
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 300
-            while len(victims := worker_pids(proc.pid)) < 2:
+            while len(workers := worker_pids(proc.pid)) < 2:
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline
-                time.sleep(0.1)
-            time.sleep(delay)
-            assert proc.poll() is None, "the run ended before the kill: widen the window"
-            epochs_done = len(read_summary(out / "summary.csv")) if (
-                out / "summary.csv").exists() else 0
-            rank = rng.randrange(2)
-            os.kill(victims[rank], signal.SIGKILL)
-            code = proc.wait(timeout=900)
+                time.sleep(0.05)
+            appeared = time.monotonic()
+            info: dict = {}
+            if kill_at is not None:
+                time.sleep(kill_at)
+                assert proc.poll() is None, "the run ended before the kill"
+                summary = out / "summary.csv"
+                info = {"kill_after_s": round(kill_at, 1), "rank": victim,
+                        "epochs_done_at_kill": len(read_summary(summary))
+                        if summary.exists() else 0}
+                os.kill(workers[victim], signal.SIGKILL)
+            info["exit"] = proc.wait(timeout=900)
+            info["workers_s"] = round(time.monotonic() - appeared, 1)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    return {"exit": code, "delay_s": round(delay, 1), "rank": rank,
-            "epochs_done_at_kill": epochs_done}
+    return info
 
 
-def test_sigkilled_worker_resumes_to_the_same_weights(digits_small, tmp_path, observe):
+def test_sigkilled_worker_resumes_to_the_same_weights(digits_tiny, tmp_path, observe):
     reference = tmp_path / "reference"
-    started = time.monotonic()
-    result = run(torchrun_cmd(2, *train_args(digits_small, reference)), timeout=900)
-    ref_s = time.monotonic() - started
-    assert result.returncode == 0, result.stderr[-3000:]
+    ref_run = launch(digits_tiny, reference, tmp_path / "reference.log")
+    assert ref_run["exit"] == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    span = ref_run["workers_s"]  # from the workers' start to the end of training
     ref = weights(reference / "last.pth.tar")
     ref_rows = read_summary(reference / "summary.csv")
 
     kills = []
     for seed in KILL_SEEDS:
+        rng = random.Random(seed)
         out = tmp_path / f"killed-{seed}"
         log = tmp_path / f"killed-{seed}.log"
-        # workers appear ~1/4 into the reference run; kill somewhere in its training part
-        kill = run_with_a_kill(digits_small, out, log, seed, (0.1 * ref_s, 0.6 * ref_s))
+        kill = launch(digits_tiny, out, log, kill_at=rng.uniform(0.25 * span, 0.7 * span),
+                      victim=rng.randrange(2))
         text = log.read_text()
         assert kill["exit"] == 0, text[-3000:]
         rows = read_summary(out / "summary.csv")
@@ -107,4 +108,4 @@ def test_sigkilled_worker_resumes_to_the_same_weights(digits_small, tmp_path, ob
              "injected": len(kills), "outcome": "every run restarted and finished; epochs "
              f"0..{EPOCHS - 1} once each in summary.csv; final model and EMA weights "
              "bit-identical to the uninterrupted run", "kills": kills,
-             "reference_run_s": round(ref_s, 1)})
+             "reference_training_s": round(span, 1)})
