@@ -165,11 +165,15 @@ def dali_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """``pil``/``dali``/``auto`` -> the backend that will run (auto: DALI when installed)."""
+    """``pil``/``dali``/``auto`` -> the backend that will run.
+
+    ``auto`` picks DALI only when it is installed *and* a CUDA GPU is present: DALI's win is
+    nvJPEG decode on the GPU; in CPU mode it is 2-3x slower than pil (BENCHMARKS.md).
+    """
     if backend not in BACKENDS:
         raise GpunetError(f"--data-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        chosen = "dali" if dali_available() else "pil"
+        chosen = "dali" if dali_available() and torch.cuda.is_available() else "pil"
         log.info("data backend: %s (auto)", chosen)
         return chosen
     if backend == "dali" and not dali_available():

@@ -733,8 +733,8 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
              f"- torch {fp.get('torch')} ({fp.get('torch_threads')} threads), onnxruntime "
              f"{fp.get('onnxruntime')}, TensorRT {fp.get('tensorrt') or 'not installed'}",
              f"- total benchmark time: {_fmt(results.get('total_seconds'), 0)} s; 1-min load "
-             f"average at start / end: {_load(results)} (above the core count: other processes "
-             "shared the CPU and the figures are noisy)", ""]
+             f"average at start / end: {_load(results)} (a load above the core count means "
+             "other processes shared the CPU and the figures are noisy)", ""]
 
     t = s.get("train")
     if t:

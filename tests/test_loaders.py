@@ -128,11 +128,12 @@ dali = pytest.importorskip("nvidia.dali", reason="DALI is Linux x86_64 only")
 def test_dali_cpu_eval_matches_pil(small):
     cfg = EvalConfig(img_size=32, crop_pct=0.875)
     pil = list(loaders.build_eval_loader(small / "val", cfg, batch_size=30, workers=0))
-    auto = loaders.build_eval_loader(small / "val", cfg, batch_size=8, workers=1,
-                                     backend="auto")
-    assert auto.device == "cpu"
-    batches = list(auto)
-    assert len(auto) == 4 and [len(b[1]) for b in batches] == [8, 8, 8, 6]
+    assert loaders.resolve_backend("auto") == ("dali" if torch.cuda.is_available() else "pil")
+    dali_loader = loaders.build_eval_loader(small / "val", cfg, batch_size=8, workers=1,
+                                     backend="dali")
+    assert dali_loader.device == "cpu"
+    batches = list(dali_loader)
+    assert len(dali_loader) == 4 and [len(b[1]) for b in batches] == [8, 8, 8, 6]
     images = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     assert images.dtype == torch.float32 and images.shape == (30, 3, 32, 32)
