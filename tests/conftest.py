@@ -30,11 +30,21 @@ def s3_env(s3, monkeypatch, tmp_path):
     return s3
 
 
+def _digits(tmp_path_factory, name: str, per_class: int):
+    from gpunet_core.datasets import prepare_digits
+
+    out = tmp_path_factory.mktemp(name)
+    prepare_digits(out, img_size=32, per_class=per_class)
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_small(tmp_path_factory):
     """The embedded digits dataset, 40 images per class at 32 px (320 train / 80 val)."""
-    from gpunet_core.datasets import prepare_digits
+    return _digits(tmp_path_factory, "digits_small", 40)
 
-    out = tmp_path_factory.mktemp("digits_small")
-    prepare_digits(out, img_size=32, per_class=40)
-    return out
+
+@pytest.fixture(scope="session")
+def digits_tiny(tmp_path_factory):
+    """The embedded digits dataset, 16 images per class at 32 px (128 train / 32 val)."""
+    return _digits(tmp_path_factory, "digits_tiny", 16)

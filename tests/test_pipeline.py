@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import yaml
@@ -12,6 +11,7 @@ import yaml
 from gpunet_core.pytorchjob import pytorchjob_manifest
 from pipelines import cli
 from tests import kfp_api_server
+from tests.train_helpers import TINY_PIPELINE
 
 STEPS = ["prepare-dataset", "train-teacher", "train-student", "validate", "export-onnx",
          "benchmark", "promote", "report"]
@@ -169,17 +169,11 @@ def test_pytorchjob_for_two_nodes_validates():
 
 # --------------------------------------------------------------------------- full local runs
 
-TINY = ["dataset_per_class=20", "epochs=1", "teacher_epochs=1", "bench_iterations=10"]
-
-
 def run_local(workdir, params, **env):
     """Run the DAG; returns (summary, everything it printed)."""
-    from tests.train_helpers import run
+    from tests.train_helpers import run_pipeline
 
-    args = [sys.executable, "-m", "pipelines", "run-local", "--workdir", str(workdir), "--json"]
-    for p in params:
-        args += ["--param", p]
-    result = run(args, timeout=1200, **env)
+    result, _ = run_pipeline(workdir, params, **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])  # the summary is the last line
     return summary, result.stdout + result.stderr
@@ -208,7 +202,7 @@ def test_dag_with_mlflow_server_and_s3_artifacts(tmp_path, s3_env, monkeypatch):
                                  extra_env={**s3_env.env(),
                                             "MLFLOW_S3_ENDPOINT_URL": s3_env.endpoint})
     try:
-        out, logs = run_local(tmp_path / "work", TINY + ["enable_distill=false",
+        out, logs = run_local(tmp_path / "work", TINY_PIPELINE + ["enable_distill=false",
                                                          "nproc_per_node=1",
                                                          "registered_model=gpunet-s3"],
                               MLFLOW_TRACKING_URI=server.uri)

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +53,18 @@ def worker_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent and b"gpunet_core" in cmdline:
             pids.append(int(stat.parent.name))
     return sorted(pids)
+
+
+# the make-run DAG at its smallest: still teacher + 2 torchrun workers, one epoch each
+TINY_PIPELINE = ["dataset_per_class=20", "epochs=1", "teacher_epochs=1", "bench_iterations=10"]
+
+
+def run_pipeline(workdir, params: list[str], **extra_env: str
+                 ) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m pipelines run-local --json`` in ``workdir``; (result, wall seconds)."""
+    args = [sys.executable, "-m", "pipelines", "run-local", "--workdir", str(workdir), "--json"]
+    for p in params:
+        args += ["--param", p]
+    started = time.monotonic()
+    result = run(args, timeout=1200, **extra_env)
+    return result, time.monotonic() - started

@@ -38,22 +38,9 @@ def s3_proxy(s3):
 
 
 @pytest.fixture
-def proxied_s3_env(s3, s3_proxy, monkeypatch, tmp_path):
-    """AWS_* pointing at the proxy, a private cache dir and a short retry budget (60 s)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("GPUNET_CACHE_DIR", str(tmp_path / "gpunet-cache"))
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
+def proxied_s3_env(s3_env, s3_proxy, monkeypatch):
+    """``s3_env`` with the endpoint moved to the proxy and a short retry budget (60 s)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint)
     monkeypatch.setenv("GPUNET_S3_RETRY_SECONDS", "60")
-    return s3
+    return s3_env
 
-
-@pytest.fixture(scope="session")
-def digits_tiny(tmp_path_factory):
-    """The embedded digits dataset, 16 images per class at 32 px (128 train / 32 val)."""
-    from gpunet_core.datasets import prepare_digits
-
-    out = tmp_path_factory.mktemp("digits_tiny")
-    prepare_digits(out, img_size=32, per_class=16)
-    return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 
 class TcpProxy:
@@ -27,7 +26,6 @@ class TcpProxy:
         self._cut_at: int | None = None
         self._outage_s: float | None = None
         self.bytes_up = 0
-        self.events: list[tuple[float, str]] = []
         self.downs = 0
         self.up()
 
@@ -46,7 +44,6 @@ class TcpProxy:
             sock.listen(64)
             self.port = sock.getsockname()[1]
             self._listener = sock
-            self.events.append((time.monotonic(), "up"))
         threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
 
     def down(self) -> None:
@@ -56,7 +53,6 @@ class TcpProxy:
             if listener is None:
                 return
             self.downs += 1
-            self.events.append((time.monotonic(), "down"))
         for sock in [listener, *conns]:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -67,10 +63,6 @@ class TcpProxy:
         with self._lock:
             self._cut_at = self.bytes_up + nbytes
             self._outage_s = outage_s
-
-    @property
-    def is_up(self) -> bool:
-        return self._listener is not None
 
     def close(self) -> None:
         self._cut_at = None

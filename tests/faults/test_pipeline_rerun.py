@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import time
 
 import pytest
 import yaml
 
-from tests.train_helpers import run
+from tests.train_helpers import TINY_PIPELINE, run_pipeline
 
 pytestmark = pytest.mark.faults
 
-TINY = ["dataset_per_class=20", "epochs=1", "teacher_epochs=1", "bench_iterations=10"]
 EXPENSIVE = {"prepare-dataset", "train-teacher", "train-student", "export-onnx"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -45,15 +42,6 @@ def test_compiled_spec_caches_everything_but_promotion(tmp_path):
             assert "kfp_run_id" not in params, name
 
 
-def run_local(workdir, params):
-    args = [sys.executable, "-m", "pipelines", "run-local", "--workdir", str(workdir), "--json"]
-    for p in params:
-        args += ["--param", p]
-    started = time.monotonic()
-    result = run(args, timeout=1200)
-    return result, time.monotonic() - started
-
-
 @pytest.mark.slow
 def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, monkeypatch,
                                                                    observe):
@@ -68,7 +56,7 @@ def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, mon
     from mlflow.models import Model
 
     work = tmp_path / "local"
-    failed, first_s = run_local(work, TINY + ["bench_backend=tensorrt"])
+    failed, first_s = run_pipeline(work, TINY_PIPELINE + ["bench_backend=tensorrt"])
     assert failed.returncode != 0
     assert "Traceback" not in failed.stderr.splitlines()[-1]
     assert "the local pipeline run failed" in failed.stderr, failed.stderr[-3000:]
@@ -77,7 +65,7 @@ def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, mon
                               r"Task '?([\w-]+)'? finished with status SUCCESS")
     assert done_first >= EXPENSIVE, done_first
 
-    again, second_s = run_local(work, TINY)
+    again, second_s = run_pipeline(work, TINY_PIPELINE)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     logs = again.stdout + again.stderr
     hits = tasks_logged(logs, r"Task '?([\w-]+)'? cache hit")
@@ -116,7 +104,7 @@ def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, mon
              "run in MLflow; v1 champion", "failed_run_s": round(first_s, 1),
              "rerun_s": round(second_s, 1)})
 
-    third, _ = run_local(work, TINY + ["enable_distill=false", "nproc_per_node=1",
+    third, _ = run_pipeline(work, TINY_PIPELINE + ["enable_distill=false", "nproc_per_node=1",
                                        "promotion_margin=1000"])
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     second = json.loads(third.stdout.strip().splitlines()[-1])
