@@ -1,12 +1,11 @@
 """benchmark: latency of the ONNX export (gpunet_core.steps.benchmark)."""
 
-from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
-from components._images import BENCH_IMAGE
+from components._images import BENCH_IMAGE, component
 
 
-@dsl.component(base_image=BENCH_IMAGE)
+@component(BENCH_IMAGE)
 def benchmark(onnx: Input[Model], backend: str, iterations: int, metrics: Output[Metrics],
               results: Output[Artifact]) -> float:
     from gpunet_core import steps

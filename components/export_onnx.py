@@ -1,12 +1,11 @@
 """export_onnx: ONNX export with a parity check (gpunet_core.steps.export_onnx)."""
 
-from kfp import dsl
 from kfp.dsl import Input, Model, Output
 
-from components._images import BENCH_IMAGE
+from components._images import BENCH_IMAGE, component
 
 
-@dsl.component(base_image=BENCH_IMAGE)
+@component(BENCH_IMAGE)
 def export_onnx(checkpoint: Input[Model], model_name: str, img_size: int, onnx: Output[Model]):
     import os
 

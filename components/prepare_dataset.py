@@ -1,12 +1,11 @@
 """prepare_dataset: the dataset as a canonical ImageFolder + manifest (gpunet_core.steps.prepare_dataset)."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components._images import CPU_IMAGE
+from components._images import CPU_IMAGE, component
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@component(CPU_IMAGE)
 def prepare_dataset(source: str, img_size: int, per_class: int, dataset: Output[Dataset]):
     """``source``: ``digits`` or an ImageFolder tree (path or s3:// prefix)."""
     from gpunet_core import steps

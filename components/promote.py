@@ -1,12 +1,11 @@
 """promote: register the candidate in MLflow and decide its alias (gpunet_core.steps.promote)."""
 
-from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
-from components._images import CPU_IMAGE
+from components._images import CPU_IMAGE, component
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@component(CPU_IMAGE)
 def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Artifact],
             bench: Input[Artifact], model_name: str, img_size: int, registered_model: str,
             min_top1: float, max_latency_ms: float, margin: float, mlflow_experiment: str,

@@ -1,12 +1,11 @@
 """train_teacher / train_student: torchrun training (gpunet_core.steps.train)."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components._images import TRAIN_IMAGE
+from components._images import TRAIN_IMAGE, component
 
 
-@dsl.component(base_image=TRAIN_IMAGE)
+@component(TRAIN_IMAGE)
 def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epochs: int,
                   batch_size: int, img_size: int, lr: float, optimizer: str, augment: str,
                   nproc_per_node: int, checkpoint: Output[Model]):
@@ -25,7 +24,7 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
                                     "top1": result.get("top1", 0.0)})
 
 
-@dsl.component(base_image=TRAIN_IMAGE)
+@component(TRAIN_IMAGE)
 def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: str, preset: str,
                   epochs: int, batch_size: int, img_size: int, lr: float, optimizer: str,
                   augment: str, nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,

@@ -1,12 +1,11 @@
 """validate: accuracy of the trained checkpoint (gpunet_core.steps.validate)."""
 
-from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components._images import CPU_IMAGE
+from components._images import CPU_IMAGE, component
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@component(CPU_IMAGE)
 def validate(dataset: Input[Dataset], checkpoint: Input[Model], model_name: str, img_size: int,
              metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], results: Output[Artifact]) -> float:

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from gpunet_core.errors import BenchmarkError
-from gpunet_core.evaluate import sha256_file
 from gpunet_core.export import (
     MAX_BATCH,
     OnnxInfo,
@@ -38,10 +37,10 @@ from gpunet_core.export import (
     inspect_onnx,
     onnxruntime_session,
 )
+from gpunet_core.results import BENCH_SCHEMA, sha256_file
 
 _logger = logging.getLogger(__name__)
 
-BENCH_SCHEMA = "gpunet.bench/1"
 BACKENDS = ("auto", "tensorrt", "trtexec", "onnxruntime", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
 GPU_ONLY = {"tensorrt", "trtexec"}

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from gpunet_core.errors import GpunetError
+from gpunet_core.process import fast_exit
 
 # subcommand name -> module under gpunet_core.commands
 COMMANDS = {
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    fast_exit()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -9,12 +9,8 @@ writes with :func:`write_json`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,18 +23,10 @@ from tqdm import tqdm
 from gpunet_core.errors import GpunetError
 from gpunet_core.loaders import EvalConfig, build_eval_loader
 from gpunet_core.model import GPUNet, check_img_size, create_model
+from gpunet_core.results import RESULTS_SCHEMA, sha256_file, write_json  # noqa: F401  (API)
 
 _logger = logging.getLogger(__name__)
 
-RESULTS_SCHEMA = "gpunet.validate/1"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_inference_model(model_name: str, checkpoint: str | Path | None = None, *,
@@ -200,19 +188,3 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
         "device": str(dev),
         "torch": torch.__version__,
     }
-
-
-def write_json(results: dict[str, Any], path: str | Path) -> Path:
-    """Write a JSON-able dict as indented JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(results, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

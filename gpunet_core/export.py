@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from gpunet_core.errors import ExportError, GpunetError
-from gpunet_core.evaluate import sha256_file, write_json
 from gpunet_core.model import check_img_size
+from gpunet_core.results import sha256_file, write_json
 from gpunet_core.storage import fetch_file
 
 _logger = logging.getLogger(__name__)

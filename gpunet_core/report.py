@@ -4,7 +4,7 @@ Input: result JSONs from ``gpunet bench`` (schema ``gpunet.bench/1``) and ``gpun
 (``gpunet.validate/1``). Each benchmark becomes a measured point: its median latency, and the
 top-1 of a validation result of the same model when there is one (else NVIDIA's published
 ImageNet top-1, marked as such). NVIDIA's published points (TensorRT 8 FP16, batch 1, A100 and
-V100, from :data:`gpunet_core.model.MODEL_INFO`) are always drawn.
+V100, from :data:`gpunet_core.spec.MODEL_INFO`) are always drawn.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpunet_core.benchmark import BENCH_SCHEMA
 from gpunet_core.errors import GpunetError
-from gpunet_core.evaluate import RESULTS_SCHEMA, write_json
-from gpunet_core.model import MODEL_INFO
+from gpunet_core.results import BENCH_SCHEMA, RESULTS_SCHEMA, write_json
+from gpunet_core.spec import MODEL_INFO
 
 _logger = logging.getLogger(__name__)
 

@@ -24,6 +24,25 @@ LAYER_TYPES = ("data", "head", "head_large", "conv", "irb", "fused_irb", "tail")
 ACTIVATIONS = ("swish", "relu")
 BLOCK_TYPES = ("conv", "irb", "fused_irb")
 
+# The shipped family: NVIDIA's config file, eval crop, published figures (README of
+# NVIDIA/DeepLearningExamples GPUNet): ImageNet top-1 and TensorRT8 FP16 batch-1 latency in ms.
+MODEL_INFO: dict[str, dict[str, Any]] = {
+    "gpunet_0": dict(display="GPUNet-0", config="0.65ms.json", crop_pct=1.0, top1=78.9,
+                     latency_ms_a100=0.46, latency_ms_v100=0.63, teacher=None),
+    "gpunet_1": dict(display="GPUNet-1", config="0.85ms.json", crop_pct=1.0, top1=80.5,
+                     latency_ms_a100=0.59, latency_ms_v100=0.82, teacher=None),
+    "gpunet_2": dict(display="GPUNet-2", config="1.75ms.json", crop_pct=1.0, top1=82.2,
+                     latency_ms_a100=1.25, latency_ms_v100=1.68, teacher=None),
+    "gpunet_p0": dict(display="GPUNet-P0", config="0.5ms-D.json", crop_pct=0.875, top1=80.3,
+                      latency_ms_a100=0.45, latency_ms_v100=0.63, teacher="tf_efficientnet_b2"),
+    "gpunet_p1": dict(display="GPUNet-P1", config="0.8ms-D.json", crop_pct=0.875, top1=81.1,
+                      latency_ms_a100=0.61, latency_ms_v100=0.96, teacher="tf_efficientnet_b2"),
+    "gpunet_d1": dict(display="GPUNet-D1", config="1.25ms-D.json", crop_pct=1.0, top1=82.5,
+                      latency_ms_a100=0.94, latency_ms_v100=1.24, teacher="tf_efficientnet_b5_ns"),
+    "gpunet_d2": dict(display="GPUNet-D2", config="2.25ms-D.json", crop_pct=1.0, top1=83.6,
+                      latency_ms_a100=1.40, latency_ms_v100=2.17, teacher="tf_efficientnet_b6_ns"),
+}
+
 # Fields each layer type needs, per family (False: non-D, True: D family).
 _REQUIRED: dict[bool, dict[str, tuple[str, ...]]] = {
     False: {

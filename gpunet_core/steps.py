@@ -11,6 +11,7 @@ validation and latency figures to that run and tags it with the pipeline run (``
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet_core.errors import GpunetError
+from gpunet_core.process import fast_exit, process_age_s
 
 _logger = logging.getLogger(__name__)
 RUN_TAG = "kfp_run_id"
@@ -34,39 +36,40 @@ class StepError(GpunetError):
 TIMINGS_ENV = "GPUNET_STEP_TIMINGS"
 
 
-def _process_age_s() -> float | None:
-    """Seconds since this process started (Linux /proc), None elsewhere."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
+def timed(*modules: str):
+    """Decorate a step: import ``modules`` (the library it needs), then time its compute.
 
-
-def timed(fn):
-    """Record a step's compute time (and its process's age) to ``$GPUNET_STEP_TIMINGS``.
-
-    The pipeline's overhead (process start, imports, artifact copies, MLflow logging) is the
-    run's wall time minus the steps' compute (see :func:`gpunet_core.perf.pipeline_overhead`).
+    Each call appends ``{name, compute_s, import_s, wall_s}`` to ``$GPUNET_STEP_TIMINGS``:
+    ``import_s`` is the time importing ``modules`` (process start-up, not the step's work),
+    ``wall_s`` the age of the step's process. The pipeline's overhead (process start, imports,
+    artifact copies, MLflow logging) is the run's wall time minus the steps' compute
+    (:func:`gpunet_core.perf.pipeline_overhead`). Imports are done before the clock starts
+    so moving an import into a function cannot make it look like compute.
     """
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        path = os.environ.get(TIMINGS_ENV)
-        if path:
-            compute = time.perf_counter() - start
-            age = _process_age_s()
-            name = fn.__name__ + (f"({kwargs['model']})" if kwargs.get("model") else "")
-            entry = {"name": name, "compute_s": round(compute, 3),
-                     "wall_s": round(max(compute, age if age is not None else compute), 3)}
-            with open(path, "a") as fh:  # one short line per step: appends do not interleave
-                fh.write(json.dumps(entry) + "\n")
-        return result
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            fast_exit()
+            loaded = time.perf_counter()
+            for module in modules:
+                importlib.import_module(module)
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            path = os.environ.get(TIMINGS_ENV)
+            if path:
+                end = time.perf_counter()
+                compute, age = end - start, process_age_s()
+                name = fn.__name__ + (f"({kwargs['model']})" if kwargs.get("model") else "")
+                entry = {"name": name, "compute_s": round(compute, 3),
+                         "import_s": round(start - loaded, 3),
+                         "wall_s": round(max(end - loaded, age if age is not None else 0.0), 3)}
+                with open(path, "a") as fh:  # one short line per step: appends do not interleave
+                    fh.write(json.dumps(entry) + "\n")
+            return result
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 # --------------------------------------------------------------------------- MLflow glue
@@ -128,7 +131,7 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
     KFP keeps Metrics in the artifact's metadata only; with no file at the artifact's URI a
     cache (``kfp.local``'s treats a missing file as a miss) would re-run the step every time.
     """
-    from gpunet_core.evaluate import write_json
+    from gpunet_core.results import write_json
 
     write_json(dict(data), path)
 
@@ -136,7 +139,7 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the steps
 
 
-@timed
+@timed("gpunet_core.datasets", "gpunet_core.storage")
 def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
                     per_class: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """``digits`` (the embedded demo set) or an ImageFolder tree (local path or ``s3://``)."""
@@ -153,7 +156,7 @@ def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
     return summary.manifest
 
 
-@timed
+@timed()
 def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs: int = 1,
           batch_size: int = 16, img_size: int = 32, lr: float | None = None,
           opt: str | None = None, preset: str = "", nproc_per_node: int = 1, nodes: int = 1,
@@ -208,13 +211,23 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
     if code != 0:
         raise StepError(f"training failed (exit code {code}): "
                         f"{reason or 'no error message; see the log above'}")
-    from gpunet_core.checkpoint import read_checkpoint
+    return train_result(out)
 
-    ckpt = read_checkpoint(Path(out) / "last.pth.tar")
-    last = ckpt["history"][-1] if ckpt.get("history") else {}
-    return {"epochs": ckpt["epoch"], "steps": ckpt.get("steps", 0),
-            "best_top1": ckpt.get("best_top1"),
-            **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+def train_result(out: str | Path) -> dict[str, Any]:
+    """The finished run's epochs, steps, best top-1 and last epoch's figures, from the
+    ``result.json`` that ``gpunet train`` writes beside its checkpoints (no torch import)."""
+    path = Path(out) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StepError(f"training finished but {path} is missing or unreadable ({exc}); "
+                        "re-run the step (it resumes from last.pth.tar)") from None
+    last = result.get("last") or {}
+    return {"epochs": result["epochs"], "steps": result.get("steps", 0),
+            "best_top1": result.get("best_top1"),
+            **{k: v for k, v in last.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}}
 
 
 def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -230,13 +243,14 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode, reason
 
 
-@timed
+@timed("gpunet_core.evaluate", "gpunet_core.model")
 def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
              crop_pct: float = 1.0, batch_size: int = 64,
              results_file: str | Path | None = None) -> dict[str, Any]:
-    from gpunet_core.evaluate import load_inference_model, write_json
+    from gpunet_core.evaluate import load_inference_model
     from gpunet_core.evaluate import validate as run_validate
     from gpunet_core.model import check_img_size
+    from gpunet_core.results import write_json
 
     check_img_size(img_size)  # before the checkpoint is read
     net = load_inference_model(model, checkpoint)
@@ -248,7 +262,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     return results
 
 
-@timed
+@timed("gpunet_core.export", "gpunet_core.evaluate")
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
     from gpunet_core import export
@@ -261,11 +275,11 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                               dynamic_batch=True, checkpoint=checkpoint)
 
 
-@timed
+@timed("gpunet_core.benchmark")
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.benchmark import run_benchmark
-    from gpunet_core.evaluate import write_json
+    from gpunet_core.results import write_json
 
     result = run_benchmark(onnx, backend=backend, iterations=iterations)
     if results_file:
@@ -273,7 +287,7 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     return result
 
 
-@timed
+@timed("mlflow", "gpunet_core.registry", "gpunet_core.evaluate")
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
@@ -311,3 +325,11 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
                                 max_latency_ms=max_latency_ms or None, margin=margin)
     mlc.set_tag(run_id, "promotion", f"{decision.alias} (v{version})")
     return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}
+
+
+@timed("gpunet_core.report")
+def write_html_report(results: list[str | Path], out: str | Path) -> Path:
+    """The latency/accuracy report (table + Pareto plot) of validation and benchmark results."""
+    from gpunet_core import report
+
+    return report.write_html_report(results, out)

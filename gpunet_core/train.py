@@ -9,8 +9,9 @@ the matching ``train_params`` file (explicit flags win).
 Devices: CUDA + NCCL + fp16 autocast with a GradScaler when GPUs exist; CPU + gloo + bf16
 autocast otherwise. Distillation: the loader produces teacher-resolution batches, the teacher sees
 them as they are and the student sees a bicubic downsample (what NVIDIA's README describes).
-Outputs (rank 0): ``last.pth.tar``, ``model_best.pth.tar``, ``summary.csv``, ``args.yaml``; all
-written atomically; ``--auto-resume`` continues from ``last.pth.tar`` with every state restored.
+Outputs (rank 0): ``last.pth.tar``, ``model_best.pth.tar``, ``summary.csv``, ``args.yaml`` and
+``result.json`` (the run so far: what :func:`train` returns, readable without torch); all written
+atomically; ``--auto-resume`` continues from ``last.pth.tar`` with every state restored.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ from torch import nn
 from gpunet_core.errors import GpunetError
 from gpunet_core.evaluate import autocast_context
 from gpunet_core.presets import PRESETS, load_preset
+from gpunet_core.results import write_json
 
 _logger = logging.getLogger("gpunet_core.train")
 
+RESULT_FILE = "result.json"
 SUMMARY_FIELDS = ("epoch", "train_loss", "train_ce", "train_kd", "eval_loss", "top1", "top5",
                   "lr", "img_per_sec", "data_wait_frac")
 
@@ -324,7 +327,7 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
     """Frozen, eval-mode teacher from timm (pretrained hub weights) or ``--teacher-checkpoint``."""
     import timm
 
-    import gpunet_core  # noqa: F401  (registers gpunet_* with timm)
+    import gpunet_core.model  # noqa: F401  (registers gpunet_* with timm)
     from gpunet_core.checkpoint import extract_state_dict, load_state_dict_strict, read_checkpoint
 
     if not timm.is_model(args.teacher):
@@ -380,6 +383,12 @@ class RunState:
     best_top1: float = -1.0
     best_epoch: int = -1
     history: list[dict[str, Any]] | None = None
+
+
+def run_result(state: RunState, last: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run returns and writes to ``result.json``: epochs, steps, best and last epoch."""
+    return {"epochs": state.epoch, "steps": state.steps, "best_top1": state.best_top1,
+            "best_epoch": state.best_epoch, "last": last}
 
 
 def save_state(path: Path, *, args, model, ema, optimizer, scaler, state: RunState,
@@ -719,6 +728,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 save_state(output / "model_best.pth.tar", args=args, model=model, ema=ema,
                            optimizer=optimizer, scaler=scaler, state=state)
             write_summary(output / "summary.csv", state.history)
+            write_json(run_result(state, row), output / RESULT_FILE)
             _logger.info("epoch %d: loss %.4f (ce %.4f kd %.4f) | %s top1 %.2f top5 %.2f | "
                          "%.1f img/s | ranks in sync: %s", epoch, row["train_loss"],
                          row["train_ce"], row["train_kd"], "ema" if ema else "model",
@@ -731,8 +741,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if env.distributed:
             dist.barrier()
         last_metrics = row
-    result = {"epochs": state.epoch, "steps": state.steps, "best_top1": state.best_top1,
-              "best_epoch": state.best_epoch, "last": last_metrics}
+    result = run_result(state, last_metrics)
     if tracker is not None:
         if (output / "model_best.pth.tar").exists():
             tracker.log_artifacts(output, ["model_best.pth.tar"])

@@ -113,7 +113,7 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
     if params.get("teacher_name"):
         import timm
 
-        import gpunet_core  # noqa: F401  (registers gpunet_* with timm)
+        import gpunet_core.model  # noqa: F401  (registers gpunet_* with timm)
 
         if not timm.is_model(params["teacher_name"]):
             raise bad("teacher_name", "not a timm model name (see timm.list_models()), e.g. "

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpunet_core.benchmark import BENCH_SCHEMA
 from gpunet_core.cli import main as cli_main
 from gpunet_core.errors import GpunetError
-from gpunet_core.evaluate import RESULTS_SCHEMA
 from gpunet_core.model import MODEL_INFO
 from gpunet_core.report import pareto_front, write_report
+from gpunet_core.results import BENCH_SCHEMA, RESULTS_SCHEMA
 
 
 def bench_result(model, median, backend="onnxruntime", cpu="Test CPU"):

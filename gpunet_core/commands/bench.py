@@ -6,7 +6,7 @@ import argparse
 import json
 
 from gpunet_core.benchmark import BACKENDS, PRECISIONS, run_benchmark
-from gpunet_core.evaluate import write_json
+from gpunet_core.results import write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from gpunet_core.commands._model_args import add_model_args, model_from_args
-from gpunet_core.evaluate import check_options, validate, write_json
+from gpunet_core.evaluate import check_options, validate
+from gpunet_core.results import write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
