@@ -21,17 +21,18 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gpunet_core.errors import BenchmarkError
 from gpunet_core.export import (
     MAX_BATCH,
+    PARITY_SEED,
     OnnxInfo,
     fixed_input,
     inspect_onnx,
@@ -105,12 +106,17 @@ def _nvidia_driver() -> str | None:
 
 def fingerprint() -> dict[str, Any]:
     """Hardware and software the numbers were measured on."""
+    import importlib.metadata
+
     import onnxruntime as ort
 
-    from gpunet_core.tensorrt_backend import tensorrt_version
+    from gpunet_core.tensorrt_backend import nvidia_driver_present, tensorrt_version
 
+    torch = None  # imported only where it can tell something: a GPU, or already loaded
+    if "torch" in sys.modules or nvidia_driver_present():
+        import torch
     gpu = None
-    if torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu = {"name": props.name, "count": torch.cuda.device_count(),
                "memory_gib": round(props.total_memory / 2**30, 1),
@@ -124,8 +130,8 @@ def fingerprint() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "gpu": gpu,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__ if torch else importlib.metadata.version("torch"),
+        "torch_threads": torch.get_num_threads() if torch else None,
         "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
         "tensorrt": tensorrt_version(),
@@ -215,7 +221,9 @@ def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
 
 def _bench_trtexec(info: OnnxInfo, precision: str, batch: int, iterations: int,
                    warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
-    if not torch.cuda.is_available() and not shutil.which("nvidia-smi"):
+    from gpunet_core.tensorrt_backend import nvidia_driver_present
+
+    if not nvidia_driver_present():
         raise BenchmarkError("backend trtexec needs an NVIDIA GPU; none is visible. Use "
                              "--backend onnxruntime or torch here")
     binary = shutil.which("trtexec")
@@ -248,11 +256,15 @@ def _bench_onnxruntime(info: OnnxInfo, precision: str, batch: int, iterations: i
     if precision != "fp32":
         raise BenchmarkError(f"backend onnxruntime runs the export as it is (fp32); --precision "
                              f"{precision} needs --backend tensorrt or trtexec")
+    from gpunet_core.tensorrt_backend import nvidia_driver_present
+
     providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
         providers.insert(0, "CUDAExecutionProvider")
     session = onnxruntime_session(info.path, providers, threads)
-    feed = {info.input_name: fixed_input(batch, info.img_size).numpy()}
+    # latency does not depend on the values: numpy's N(0, 1), so this path needs no torch
+    feed = {info.input_name: np.random.default_rng(PARITY_SEED).standard_normal(
+        info.input_shape(batch), dtype=np.float32)}
     times = time_host_loop(lambda: session.run(None, feed), iterations, warmup_ms)
     opts = session.get_session_options()
     return {"latency_ms": latency_stats(times), "latency_kind": "host_wall", "engine_file": None,
@@ -262,6 +274,8 @@ def _bench_onnxruntime(info: OnnxInfo, precision: str, batch: int, iterations: i
 
 def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
                  warmup_ms: float, compile_model: bool, threads: int | None) -> dict[str, Any]:
+    import torch
+
     from gpunet_core.model import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

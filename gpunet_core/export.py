@@ -34,16 +34,18 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from gpunet_core.errors import ExportError, GpunetError
-from gpunet_core.model import check_img_size
 from gpunet_core.results import sha256_file, write_json
+from gpunet_core.spec import check_img_size
 from gpunet_core.storage import fetch_file
+
+if TYPE_CHECKING:  # torch loads on use: inspecting or timing an export does not need it
+    import torch
+    from torch import nn
 
 _logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 
 def fixed_input(batch: int, img_size: int, seed: int = PARITY_SEED) -> torch.Tensor:
     """The reproducible N(0, 1) input the parity check feeds both runtimes."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, img_size, img_size, generator=gen)
 
@@ -114,6 +118,8 @@ def onnxruntime_session(path: str | Path, providers: list[str] | None = None,
 def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor,
                  tolerance: float | None = None) -> float:
     """Max abs difference of ONNX Runtime (CPU) vs PyTorch logits; ExportError above tolerance."""
+    import torch
+
     session = onnxruntime_session(onnx_path)
     input_name = session.get_inputs()[0].name
     got = session.run(None, {input_name: inputs.numpy()})[0]
@@ -134,6 +140,8 @@ def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor,
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
                   dynamic_batch: bool, exporter: str) -> None:
+    import torch
+
     kwargs: dict[str, Any] = {}
     if exporter == "dynamo":
         if dynamic_batch:
@@ -197,6 +205,7 @@ def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
     sidecar dict (also written to :func:`sidecar_path`).
     """
     import onnx
+    import torch
 
     cfg = dict(getattr(model, "pretrained_cfg", {}))
     img_size = int(cfg.get("input_size", (3, 224, 224))[-1] if img_size is None else img_size)

@@ -24,8 +24,14 @@ from timm.layers import drop_path
 from timm.models import register_model
 from torch import nn
 
-from gpunet_core.errors import GpunetError, UnknownModelError
-from gpunet_core.spec import MODEL_INFO, ArchSpec, load_spec
+from gpunet_core.errors import UnknownModelError
+from gpunet_core.spec import (  # noqa: F401  (check_img_size, MAX_IMG_SIZE: API)
+    MAX_IMG_SIZE,
+    MODEL_INFO,
+    ArchSpec,
+    check_img_size,
+    load_spec,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -34,9 +40,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DROP_RATE = 0.2
 DEFAULT_DROP_PATH_RATE = 0.2  # non-D family only; the D family has no drop path upstream
 BN_EPS = {False: 1e-3, True: 1e-5}  # keyed by ``distill`` (block family)
-# Largest input resolution a command accepts: GPUNets run at 224-560 px; far larger values are
-# typos that would only exhaust memory (100000 px is 120 GB per image).
-MAX_IMG_SIZE = 2048
 
 NGC_VERSION = "21.12.0_amp"
 
@@ -58,13 +61,6 @@ def _model_info(name: str) -> dict[str, Any]:
             f"unknown model {name!r}: valid names are {', '.join(MODEL_INFO)} "
             "(or pass the path of a GPUNet JSON spec)")
     return MODEL_INFO[name]
-
-
-def check_img_size(value: int | None, flag: str = "--img-size", minimum: int = 8) -> None:
-    """A resolution flag must be ``None`` (the model's own) or in ``[minimum, MAX_IMG_SIZE]``."""
-    if value is not None and not minimum <= value <= MAX_IMG_SIZE:
-        raise GpunetError(f"{flag} must be in [{minimum}, {MAX_IMG_SIZE}] pixels, got {value}; "
-                          "leave it out to use the model's own resolution")
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:

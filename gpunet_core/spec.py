@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpunet_core.errors import SpecError
+from gpunet_core.errors import GpunetError, SpecError
 
 LAYER_TYPES = ("data", "head", "head_large", "conv", "irb", "fused_irb", "tail")
 ACTIVATIONS = ("swish", "relu")
@@ -42,6 +42,18 @@ MODEL_INFO: dict[str, dict[str, Any]] = {
     "gpunet_d2": dict(display="GPUNet-D2", config="2.25ms-D.json", crop_pct=1.0, top1=83.6,
                       latency_ms_a100=1.40, latency_ms_v100=2.17, teacher="tf_efficientnet_b6_ns"),
 }
+
+# Largest input resolution a command accepts: GPUNets run at 224-560 px; far larger values are
+# typos that would only exhaust memory (100000 px is 120 GB per image).
+MAX_IMG_SIZE = 2048
+
+
+def check_img_size(value: int | None, flag: str = "--img-size", minimum: int = 8) -> None:
+    """A resolution flag must be ``None`` (the model's own) or in ``[minimum, MAX_IMG_SIZE]``."""
+    if value is not None and not minimum <= value <= MAX_IMG_SIZE:
+        raise GpunetError(f"{flag} must be in [{minimum}, {MAX_IMG_SIZE}] pixels, got {value}; "
+                          "leave it out to use the model's own resolution")
+
 
 # Fields each layer type needs, per family (False: non-D, True: D family).
 _REQUIRED: dict[bool, dict[str, tuple[str, ...]]] = {

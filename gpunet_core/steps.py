@@ -249,8 +249,8 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
              results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.evaluate import load_inference_model
     from gpunet_core.evaluate import validate as run_validate
-    from gpunet_core.model import check_img_size
     from gpunet_core.results import write_json
+    from gpunet_core.spec import check_img_size
 
     check_img_size(img_size)  # before the checkpoint is read
     net = load_inference_model(model, checkpoint)

@@ -15,14 +15,18 @@ CI (no GPU, and TensorRT wheels are not installable there).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gpunet_core.errors import BenchmarkError
+
+if TYPE_CHECKING:
+    import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -32,8 +36,24 @@ INSTALL_HINT = ("install the [gpu] extra on a machine with an NVIDIA GPU: pip in
 INT8_DUMMY_RANGE = 4.0  # like trtexec --int8 without a calibration cache: latency only
 
 
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver is loaded here (device nodes or ``nvidia-smi``); torch is not imported."""
+    return (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()
+            or shutil.which("nvidia-smi") is not None)
+
+
 def tensorrt_unavailable_reason() -> str | None:
-    """Why the TensorRT backend cannot run here, or None when it can."""
+    """Why the TensorRT backend cannot run here, or None when it can.
+
+    Without an NVIDIA driver or the ``tensorrt`` package the answer comes without importing
+    torch (seconds saved in a CPU pipeline step).
+    """
+    if "torch" not in sys.modules and not nvidia_driver_present():
+        return "no CUDA GPU is visible (no NVIDIA driver: no /dev/nvidiactl, no nvidia-smi)"
+    if "torch" not in sys.modules and importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed"
+    import torch
+
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     try:
@@ -97,6 +117,8 @@ def build_engine(onnx_path: str | Path, *, input_name: str, input_shape: tuple[i
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
+    import torch
+
     mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
                trt.int8: torch.int8, trt.bool: torch.bool, trt.int64: torch.int64}
     return mapping[dtype]
@@ -105,6 +127,8 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 def time_engine(engine_bytes: bytes, *, input_name: str, input_shape: tuple[int, ...],
                 iterations: int, warmup_ms: float) -> tuple[list[float], dict[str, Any]]:
     """GPU compute time (ms) of ``iterations`` runs after ``warmup_ms`` of warm-up."""
+    import torch
+
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)

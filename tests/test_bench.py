@@ -92,10 +92,16 @@ def test_markdown_is_regenerated_from_the_json(quick_run, tmp_path):
 
 
 def test_pipeline_overhead_split():
-    res = perf.pipeline_overhead([{"name": "a", "wall_s": 4, "compute_s": 3},
+    res = perf.pipeline_overhead([{"name": "a", "wall_s": 4, "compute_s": 3, "import_s": 0.5},
                                   {"name": "b", "wall_s": 6, "compute_s": 6}], total_wall_s=12)
     assert res["overhead_s"] == pytest.approx(3) and res["overhead_frac"] == pytest.approx(0.25)
     assert [st["overhead_s"] for st in res["steps"]] == [1, 0]
+    assert res["import_s"] == pytest.approx(0.5) and res["runner_s"] == pytest.approx(2)
+    res["noop_floor"] = {"tasks": 2, "total_s": 0.6, "per_task_s": 0.3}
+    text = perf.render_markdown({"sections": {"pipeline": res}})
+    assert "0.5 s importing libraries in the steps, 2.0 s in the runner" in text
+    assert "| a | 4.0 | 3.0 | 0.5 | 1.0 |" in text
+    assert "chain of 2 *empty* KFP components under kfp.local takes 0.6 s (0.30 s" in text
     with pytest.raises(BenchmarkError, match="compute_s"):
         perf.pipeline_overhead([{"name": "a", "wall_s": 1, "compute_s": 2}])
     with pytest.raises(BenchmarkError, match="numeric"):

@@ -52,6 +52,10 @@ def test_dag_steps_order_and_artifact_types(tmp_path):
     assert tasks["promote"]["cachingOptions"] == {}
     assert tasks["train-student"]["cachingOptions"] == {"enableCache": True}
     assert not platform, "the laptop DAG needs no Kubernetes platform config"
+    # our images ship kfp: no task starts with `pip install kfp` (PyPI access, ~1 s per task)
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        command = " ".join(executor["container"]["command"])
+        assert "kfp.dsl.executor_main" in command and "pip install" not in command, name
 
 
 def test_cluster_platform_config_and_no_secret_values(tmp_path, monkeypatch):

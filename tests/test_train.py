@@ -108,6 +108,13 @@ def test_torchrun_two_workers_learn_and_stay_in_sync(digits_small, tmp_path):
         assert len(sums) == 2 and sums[0] == sums[1], "DDP ranks diverged"
     assert {"state_dict", "state_dict_ema", "optimizer", "epoch"} <= set(ckpt)
     assert ckpt["epoch"] == 3 and (out / "model_best.pth.tar").exists()
+    # result.json: what the pipeline's launcher reads instead of unpickling the checkpoint
+    from gpunet_core import steps
+
+    summary = steps.train_result(out)
+    assert summary["epochs"] == 3 and summary["steps"] == ckpt["steps"]
+    assert summary["top1"] == ckpt["history"][-1]["top1"]
+    assert summary["best_top1"] == ckpt["best_top1"]
     assert (out / "args.yaml").read_text().count("model: gpunet_0") == 1
     # the project's checkpoints load through the foundation loader (EMA preferred)
     import gpunet_core

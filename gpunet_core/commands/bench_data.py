@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     from gpunet_core.errors import GpunetError
-    from gpunet_core.model import check_img_size
+    from gpunet_core.spec import check_img_size
 
     check_img_size(args.img_size)
     if args.batch_size < 1:

@@ -29,7 +29,7 @@ def check_args(args: argparse.Namespace) -> None:
     from timm.scheduler import create_scheduler_v2
 
     from gpunet_core import storage
-    from gpunet_core.model import check_img_size
+    from gpunet_core.spec import check_img_size
     from gpunet_core.train import TrainError
 
     check_img_size(args.img_size)

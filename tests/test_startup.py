@@ -1,0 +1,92 @@
+"""What a pipeline step's process pays besides its work: imports, start-up and exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gpunet_core import steps
+
+
+def _python(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_light_steps_do_not_import_torch():
+    # dataset prep, reports, ONNX Runtime benchmarks and the training launcher need neither
+    # torch nor timm (about 5 s of imports each)
+    loaded = _python("""
+        import sys
+        import gpunet_core, gpunet_core.steps, gpunet_core.datasets, gpunet_core.report
+        import gpunet_core.registry, gpunet_core.storage, gpunet_core.benchmark, gpunet_core.export
+        import components, pipelines.cli
+        print(sorted(m for m in ("torch", "timm", "torchvision", "mlflow") if m in sys.modules))
+    """)
+    assert loaded == "[]"
+
+
+def test_public_names_load_on_use_and_register_with_timm():
+    out = _python("""
+        import sys
+        import gpunet_core
+        assert "torch" not in sys.modules
+        try:
+            gpunet_core.no_such_name
+        except AttributeError as exc:
+            print(exc)
+        model = gpunet_core.create_model("gpunet_0", num_classes=3)
+        import timm
+        print(type(model).__name__, timm.is_model("gpunet_0"), "create_model" in dir(gpunet_core))
+    """)
+    assert out.splitlines() == ["module 'gpunet_core' has no attribute 'no_such_name'",
+                                "GPUNet True True"]
+    # timm users: importing the package after timm registers the models at once
+    assert _python("import timm, gpunet_core; print(timm.is_model('gpunet_d2'))") == "True"
+
+
+def test_timed_counts_imports_apart_from_compute(tmp_path, monkeypatch):
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(0.3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    timings = tmp_path / "timings.jsonl"
+    monkeypatch.setenv(steps.TIMINGS_ENV, str(timings))
+
+    @steps.timed("slow_to_import")
+    def work(*, model: str) -> int:
+        import slow_to_import  # noqa: F401  (already loaded by the decorator: free here)
+
+        return 7
+
+    assert work(model="m") == 7
+    entry = json.loads(timings.read_text())
+    assert entry["name"] == "work(m)"
+    assert entry["import_s"] >= 0.3 > entry["compute_s"]
+    assert entry["wall_s"] >= entry["import_s"] + entry["compute_s"]
+
+
+def test_fast_exit_freezes_gc_after_later_atexit_handlers_once():
+    out = _python("""
+        import atexit, gc
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
+        from gpunet_core.process import fast_exit
+        before = atexit._ncallbacks()
+        fast_exit(); fast_exit()
+        print("registered:", atexit._ncallbacks() - before)
+    """)
+    assert out.splitlines() == ["registered: 1", "frozen at exit: True"]
+
+
+def test_train_result_is_a_clear_error_when_missing(tmp_path):
+    with pytest.raises(steps.StepError, match="result.json is missing or unreadable.*re-run"):
+        steps.train_result(tmp_path)
+    (tmp_path / "result.json").write_text(json.dumps(
+        {"epochs": 2, "steps": 8, "best_top1": 50.0, "best_epoch": 1,
+         "last": {"epoch": 1, "top1": 40.0, "rank_checksums": [1.0], "flag": True}}))
+    assert steps.train_result(tmp_path) == {"epochs": 2, "steps": 8, "best_top1": 50.0,
+                                            "epoch": 1, "top1": 40.0}
