@@ -27,6 +27,8 @@ def test_light_steps_do_not_import_torch():
         import gpunet_core, gpunet_core.steps, gpunet_core.datasets, gpunet_core.report
         import gpunet_core.registry, gpunet_core.storage, gpunet_core.benchmark, gpunet_core.export
         import components, pipelines.cli
+        from gpunet_core.cli import build_parser
+        build_parser()  # every `gpunet` subcommand: --help and flag errors cost no torch import
         print(sorted(m for m in ("torch", "timm", "torchvision", "mlflow") if m in sys.modules))
     """)
     assert loaded == "[]"
@@ -90,3 +92,13 @@ def test_train_result_is_a_clear_error_when_missing(tmp_path):
          "last": {"epoch": 1, "top1": 40.0, "rank_checksums": [1.0], "flag": True}}))
     assert steps.train_result(tmp_path) == {"epochs": 2, "steps": 8, "best_top1": 50.0,
                                             "epoch": 1, "top1": 40.0}
+
+
+def test_process_age_counts_from_the_process_start():
+    age = float(_python("""
+        import time
+        time.sleep(0.5)
+        from gpunet_core.process import process_age_s
+        print(process_age_s())
+    """))
+    assert 0.5 <= age < 10

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from gpunet_core.model import GPUNet, list_models
+from gpunet_core.spec import MODEL_INFO
+
+if TYPE_CHECKING:
+    from gpunet_core.model import GPUNet
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", required=True,
-                        help=f"model name ({', '.join(list_models())}) or a GPUNet JSON spec")
+                        help=f"model name ({', '.join(MODEL_INFO)}) or a GPUNet JSON spec")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file or s3:// URI: NVIDIA's published .pth.tar (or NGC "
                              "zip) or the project's own; default: random weights")

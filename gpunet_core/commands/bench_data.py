@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from gpunet_core import loaders
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -52,6 +50,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def benchmark(args: argparse.Namespace) -> list[dict]:
     check_args(args)
+    from gpunet_core import loaders
+
     root = Path(args.root) / args.split
     rows = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpunet_core.model import list_models, model_summary
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -36,6 +34,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpunet_core.model import list_models, model_summary
+
     rows = [model_summary(name) for name in list_models()]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from gpunet_core.model import count_parameters, create_model, describe_layers
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -24,6 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpunet_core.model import count_parameters, create_model, describe_layers
+
     with torch.device("meta"):
         model = create_model(args.spec, num_classes=args.num_classes)
     rows = describe_layers(model)

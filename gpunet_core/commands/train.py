@@ -8,7 +8,7 @@ import math
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from gpunet_core.train import add_arguments
+    from gpunet_core.train_config import add_arguments
 
     parser = sub.add_parser(
         "train", help="train a GPUNet (run under torchrun for several processes)",
@@ -30,7 +30,7 @@ def check_args(args: argparse.Namespace) -> None:
 
     from gpunet_core import storage
     from gpunet_core.spec import check_img_size
-    from gpunet_core.train import TrainError
+    from gpunet_core.train_config import TrainError
 
     check_img_size(args.img_size)
     check_img_size(args.teacher_img_size, "--teacher-img-size")

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from gpunet_core.commands._model_args import add_model_args, model_from_args
-from gpunet_core.evaluate import check_options, validate
 from gpunet_core.results import write_json
 
 
@@ -35,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpunet_core.evaluate import check_options, validate
+
     check_options(batch_size=args.batch_size, workers=args.workers, img_size=args.img_size,
                   crop_pct=args.crop_pct, device=args.device)  # before loading anything
     model = model_from_args(args)
