@@ -744,6 +744,8 @@ def _ratio(value: float | None, target: float | None = None, higher_is_better: b
     text = f"{value:.2f}"
     if target is not None:
         ok = value >= target if higher_is_better else value <= target
+        if f"{value:.2f}" == f"{target:.2f}":  # 0.949 vs 0.95: show why it misses (or not)
+            text = f"{value:.3f}"
         text += " ✅" if ok else " ❌"
     return text
 

@@ -165,3 +165,10 @@ def test_training_loop_still_stops_on_a_non_finite_loss():
         _check_finite(torch.tensor([float("nan"), 1.0, 0.0], dtype=torch.float64), 3, 7)
     progress = _Progress(total=10, epoch=0, enabled=False, interval=4)
     assert [s for s in range(1, 11) if progress.due(s)] == [4, 8, 10]
+
+
+def test_ratio_shows_a_third_digit_when_rounding_would_hide_a_miss():
+    assert perf._ratio(0.9478, 0.95) == "0.948 ❌"
+    assert perf._ratio(0.9503, 0.95) == "0.950 ✅"
+    assert perf._ratio(0.96, 0.95) == "0.96 ✅"
+    assert perf._ratio(0.26, 0.10, False) == "0.26 ❌"

@@ -131,3 +131,26 @@ def test_makefile_builds_exactly_the_refs_the_components_use(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     tags = [b.split("--tag ")[1].split()[0] for b in log.read_text().splitlines()]
     assert tags == [image_ref(k) for k in image_kinds()]
+
+
+def test_every_step_image_installs_the_pinned_kfp():
+    # components skip `pip install kfp` at task start (install_kfp_package=False): the images
+    # must bring the executor themselves, at the version the specs were compiled with
+    import re
+
+    import tomllib
+
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    kfp_pin = next(d for d in pins if re.match(r"kfp\s*==", d))
+    for kind in image_kinds():
+        dockerfile = (REPO / images.dockerfile(kind)).read_text()
+        calls = re.findall(r"requirements\.py([^>\n]*)>", dockerfile)
+        assert calls, f"{kind}: the Dockerfile does not install requirements.py's output"
+        for args in calls:
+            excluded = re.findall(r"--exclude((?:\s+[\w.-]+)+)", args)
+            names = " ".join(excluded).split()
+            assert "kfp" not in names, f"{kind}: excludes kfp"
+            proc = subprocess.run([sys.executable, str(REPO / "images" / "requirements.py"),
+                                   "--pyproject", str(REPO / "pyproject.toml"), *args.split()],
+                                  capture_output=True, text=True, check=True)
+            assert kfp_pin in proc.stdout.splitlines(), f"{kind}: {kfp_pin} not installed"
