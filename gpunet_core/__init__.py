@@ -1,13 +1,15 @@
 """gpunet_core: the library behind gpunet-pipeline (models, data, training, export, pipeline).
 
-Importing the package is cheap: its public names load their module (torch, timm) on first use,
-so pipeline steps that need neither (dataset prep, reports, launching training) do not pay for
-them. Importing :mod:`gpunet_core.model`, or first use of :func:`create_model` and friends,
-registers the seven GPUNet models with timm, so ``timm.create_model("gpunet_0")`` works as well;
-when timm is already imported, ``import gpunet_core`` registers them at once.
+Importing the package is cheap: its public names load their module on first use, so pipeline
+steps that need neither torch nor timm (dataset prep, reports, launching training) do not pay
+for them. The seven GPUNet models join timm's registry whenever timm is imported, before or
+after this package, so ``timm.create_model("gpunet_0")`` works as well as
+:func:`create_model`; building a GPUNet does not import timm by itself.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 __version__ = "0.1.0"
@@ -44,5 +46,36 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-if "timm" in sys.modules:  # timm users get the gpunet_* names registered right away
-    importlib.import_module("gpunet_core.model")
+def _register_with_timm() -> None:
+    try:
+        importlib.import_module("gpunet_core.model").register_with_timm()
+    except Exception as exc:  # never break `import timm` over our registration
+        import logging
+
+        logging.getLogger(__name__).warning("gpunet_* models not registered with timm: %s", exc)
+
+
+class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
+    """Import hook: once timm has been imported (by anyone), register the GPUNet models."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)  # one shot; the real finders locate timm
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module) -> None:
+            exec_module(module)
+            _register_with_timm()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "timm" in sys.modules:
+    _register_with_timm()
+elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTimmLoads())

@@ -21,7 +21,6 @@ from torch import nn
 from tqdm import tqdm
 
 from gpunet_core.errors import GpunetError
-from gpunet_core.loaders import EvalConfig, build_eval_loader
 from gpunet_core.model import GPUNet, check_img_size, create_model
 from gpunet_core.results import RESULTS_SCHEMA, sha256_file, write_json  # noqa: F401  (API)
 
@@ -121,6 +120,8 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
     """
     dev = check_options(batch_size=batch_size, workers=workers, img_size=img_size,
                         crop_pct=crop_pct, device=device)
+    from gpunet_core.loaders import EvalConfig, build_eval_loader
+
     cfg = EvalConfig.for_model(model, img_size, crop_pct)
     loader = build_eval_loader(data_dir, cfg, batch_size=batch_size, workers=workers)
     classes: list[str] = list(loader.dataset.classes)

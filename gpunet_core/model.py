@@ -6,22 +6,22 @@ padding quirk, residual rules and the drop-path schedule. Module names are NVIDI
 (``network.stage: 2 layer5.conv_exp.weight``), so NVIDIA's published checkpoints and the project's
 own load without key conversion; :mod:`gpunet_core.checkpoint` handles containers and prefixes.
 
-Public entry points: :func:`create_model`, :func:`list_models`, :func:`build_model`; after
-``import gpunet_core.model`` the seven ``gpunet_*`` names are also in timm's model registry.
+Public entry points: :func:`create_model`, :func:`list_models`, :func:`build_model`; the seven
+``gpunet_*`` names are also in timm's model registry once timm is imported (building a GPUNet
+does not import timm).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import drop_path
-from timm.models import register_model
 from torch import nn
 
 from gpunet_core.errors import UnknownModelError
@@ -149,6 +149,17 @@ class SqueezeExcite(nn.Module):
 def _se_width(mid: int, expansion: float) -> int:
     # timm passes rd_ratio = se_ratio / exp_ratio to the SE of the expanded width.
     return round(mid * (0.25 / expansion))
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (timm's ``drop_path``: same draws, same scaling)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if keep > 0.0:
+        mask.div_(keep)
+    return x * mask
 
 
 class _Residual(nn.Module):
@@ -603,7 +614,30 @@ def _timm_entry(name: str) -> Callable[..., GPUNet]:
 
 
 for _name in MODEL_INFO:
-    globals()[_name] = register_model(_timm_entry(_name))
+    globals()[_name] = _timm_entry(_name)
+
+_registered_with_timm = False
+
+
+def register_with_timm() -> None:
+    """Add the seven ``gpunet_*`` entry points to timm's model registry (once).
+
+    Runs when this module is imported after timm, and otherwise right after timm's own import
+    (an import hook installed by ``gpunet_core/__init__``), so building a GPUNet never imports
+    timm (and torchvision, ~3 s) by itself.
+    """
+    global _registered_with_timm
+    if _registered_with_timm:
+        return
+    from timm.models import register_model
+
+    for name in MODEL_INFO:
+        register_model(globals()[name])
+    _registered_with_timm = True
+
+
+if "timm" in sys.modules:
+    register_with_timm()
 
 
 def spec_json(name: str) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ TIMINGS_ENV = "GPUNET_STEP_TIMINGS"
 
 
 def timed(*modules: str):
-    """Decorate a step: import ``modules`` (the library it needs), then time its compute.
+    """Decorate a step: import ``modules`` (the libraries it uses), then time its compute.
 
     Each call appends ``{name, compute_s, import_s, wall_s}`` to ``$GPUNET_STEP_TIMINGS``:
     ``import_s`` is the time importing ``modules`` (process start-up, not the step's work),
@@ -139,7 +139,7 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the steps
 
 
-@timed("gpunet_core.datasets", "gpunet_core.storage")
+@timed("gpunet_core.datasets", "gpunet_core.storage", "PIL.Image")
 def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
                     per_class: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """``digits`` (the embedded demo set) or an ImageFolder tree (local path or ``s3://``)."""
@@ -243,7 +243,7 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode, reason
 
 
-@timed("gpunet_core.evaluate", "gpunet_core.model")
+@timed("gpunet_core.evaluate", "gpunet_core.loaders")
 def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
              crop_pct: float = 1.0, batch_size: int = 64,
              results_file: str | Path | None = None) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     return results
 
 
-@timed("gpunet_core.export", "gpunet_core.evaluate")
+@timed("gpunet_core.export", "gpunet_core.evaluate", "onnx", "onnxruntime")
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
     from gpunet_core import export
@@ -275,7 +275,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                               dynamic_batch=True, checkpoint=checkpoint)
 
 
-@timed("gpunet_core.benchmark")
+@timed("gpunet_core.benchmark", "onnxruntime")
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.benchmark import run_benchmark
@@ -287,7 +287,7 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     return result
 
 
-@timed("mlflow", "gpunet_core.registry", "gpunet_core.evaluate")
+@timed("gpunet_core.registry", "gpunet_core.evaluate", "mlflow.pytorch", "mlflow.onnx", "onnx")
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
@@ -327,7 +327,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}
 
 
-@timed("gpunet_core.report")
+@timed("gpunet_core.report", "matplotlib.pyplot")
 def write_html_report(results: list[str | Path], out: str | Path) -> Path:
     """The latency/accuracy report (table + Pareto plot) of validation and benchmark results."""
     from gpunet_core import report

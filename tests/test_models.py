@@ -325,3 +325,17 @@ def test_cli_models_table(capsys):
     assert cli_main(["models"]) == 0
     out = capsys.readouterr().out
     assert "gpunet_p1" in out and "39,905,672" in out and "0.875" in out
+
+
+def test_drop_path_draws_and_scales_like_timms():
+    from timm.layers import drop_path as timm_drop_path
+
+    from gpunet_core.model import drop_path
+
+    x = torch.randn(16, 4, 3, 3)
+    for prob in (0.0, 0.3, 1.0):
+        torch.manual_seed(5)
+        ours = drop_path(x, prob, True)
+        torch.manual_seed(5)
+        assert torch.equal(ours, timm_drop_path(x, prob, True)), prob
+    assert drop_path(x, 0.5, False) is x

@@ -44,13 +44,17 @@ def test_public_names_load_on_use_and_register_with_timm():
         except AttributeError as exc:
             print(exc)
         model = gpunet_core.create_model("gpunet_0", num_classes=3)
-        import timm
+        print("timm" in sys.modules, "torchvision" in sys.modules)  # a GPUNet needs neither
+        import timm  # the import hook registers the models right after timm's own import
         print(type(model).__name__, timm.is_model("gpunet_0"), "create_model" in dir(gpunet_core))
+        print(type(timm.create_model("gpunet_p0", num_classes=2)).__name__)
     """)
     assert out.splitlines() == ["module 'gpunet_core' has no attribute 'no_such_name'",
-                                "GPUNet True True"]
-    # timm users: importing the package after timm registers the models at once
+                                "False False", "GPUNet True True", "GPUNet"]
+    # any order: timm first, or timm between the package and the model module
     assert _python("import timm, gpunet_core; print(timm.is_model('gpunet_d2'))") == "True"
+    assert _python("import gpunet_core.model, timm.models, timm; print(timm.is_model('gpunet_1'))"
+                   ) == "True"
 
 
 def test_timed_counts_imports_apart_from_compute(tmp_path, monkeypatch):
