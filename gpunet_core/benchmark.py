@@ -38,7 +38,7 @@ from gpunet_core.export import (
     inspect_onnx,
     onnxruntime_session,
 )
-from gpunet_core.results import BENCH_SCHEMA, sha256_file
+from gpunet_core.results import BENCH_SCHEMA, atomic_write, sha256_file
 
 _logger = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
     shape = info.input_shape(batch)
     plan = trtb.build_engine(info.path, input_name=info.input_name, input_shape=shape,
                              precision=precision, workspace_mib=workspace_mib)
-    _write_bytes(engine, plan)
+    with atomic_write(engine, "wb") as fh:
+        fh.write(plan)
     times, details = trtb.time_engine(plan, input_name=info.input_name, input_shape=shape,
                                       iterations=iterations, warmup_ms=warmup_ms)
     return {"latency_ms": latency_stats(times), "latency_kind": "gpu_compute",
@@ -331,11 +332,6 @@ def choose_backend(requested: str) -> tuple[str, str]:
     return "onnxruntime", f"auto: TensorRT not usable ({reason}), using ONNX Runtime"
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def default_engine_path(onnx: Path, precision: str, batch: int) -> Path:

@@ -18,7 +18,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -215,19 +214,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, use_ema: bool = True,
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     """Save atomically: write a temp file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(obj), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from gpunet_core.results import atomic_write
+
+    with atomic_write(path, "wb", fsync=True) as fh:
+        torch.save(dict(obj), fh)
+    return Path(path)
 
 
 def pretrained_dir() -> Path:

@@ -39,7 +39,7 @@ import yaml
 from torch import nn
 
 from gpunet_core.evaluate import autocast_context
-from gpunet_core.results import write_json
+from gpunet_core.results import atomic_write, write_json
 from gpunet_core.train_config import (  # noqa: F401  (the training API in one place)
     TrainError,
     add_arguments,
@@ -167,9 +167,8 @@ def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        fh.write(text)
 
 
 # --------------------------------------------------------------------------- the run

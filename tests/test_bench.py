@@ -53,7 +53,8 @@ def test_quick_run_writes_the_results_schema(quick_run):
     assert row["model"] == "gpunet_0"
     assert row["bare"]["img_per_sec"] > 0 and row["gpunet_train"]["img_per_sec"] > 0
     assert row["ratio"] == pytest.approx(row["gpunet_train"]["img_per_sec"]
-                                         / row["bare"]["img_per_sec"])
+                                         / row["bare"]["img_per_sec"])  # quick: one round
+    assert row["ratio_rounds"] == [row["ratio"]] and s["train"]["rounds"] == 1
     assert 0 <= row["gpunet_train"]["data_wait_frac"] < 1
     assert row["gpunet_train"]["steps"] == 3 * s["train"]["steps_per_epoch"]
     assert len(row["gpunet_train"]["img_per_sec_epochs"]) == 2  # warm epochs only
@@ -82,7 +83,7 @@ def test_markdown_is_regenerated_from_the_json(quick_run, tmp_path):
                     "## Pipeline overhead"):
         assert heading in text
     row = res["sections"]["train"]["models"][0]
-    assert f"{row['ratio']:.2f}" in text
+    assert perf._ratio(row["ratio"], perf.TARGETS["train_vs_bare"]) in text
     eager = res["sections"]["inference"]["rows"][0]["latency_ms"]["eager"]["1"]["median"]
     assert f"{eager:,.1f}" in text
     again = tmp_path / "again.md"
@@ -172,3 +173,18 @@ def test_ratio_shows_a_third_digit_when_rounding_would_hide_a_miss():
     assert perf._ratio(0.9503, 0.95) == "0.950 ✅"
     assert perf._ratio(0.96, 0.95) == "0.96 ✅"
     assert perf._ratio(0.26, 0.10, False) == "0.26 ❌"
+
+
+def test_train_ratio_is_the_median_round_against_the_bare_runs_around_it(tmp_path, monkeypatch):
+    # the last six bare runs are the hot-path variants (3 variants x 2 repeats)
+    bare_runs, train_runs = iter([100.0, 80.0, 100.0, 100.0] + [1.0] * 6), iter([90.0, 90.0, 50.0])
+    monkeypatch.setattr(perf, "bare_train_loop", lambda name, **kw: {
+        "img_per_sec": next(bare_runs), "params": 1, "ms_per_step": {}})
+    monkeypatch.setattr(perf, "gpunet_train_loop", lambda name, data, out, **kw: {
+        "img_per_sec": next(train_runs)})
+    cfg = perf.BenchConfig(train_models=("gpunet_0",), train_img_size=32, train_batch=2,
+                           train_steps=2, train_rounds=3, train_repeats=2)
+    (row,) = perf.bench_train(cfg, tmp_path)["models"]
+    assert row["ratio_rounds"] == [1.0, 1.0, 0.5]  # 90 / mean(100, 80), 90 / mean(80, 100), ...
+    assert row["ratio"] == 1.0 and row["bare"]["img_per_sec"] == 95.0
+    assert row["bare"]["img_per_sec_runs"] == [100.0, 80.0, 100.0, 100.0]
