@@ -44,7 +44,10 @@ def timed(*modules: str):
     ``wall_s`` the age of the step's process. The pipeline's overhead (process start, imports,
     artifact copies, MLflow logging) is the run's wall time minus the steps' compute
     (:func:`gpunet_core.perf.pipeline_overhead`). Imports are done before the clock starts
-    so moving an import into a function cannot make it look like compute.
+    so moving an import into a function cannot make it look like compute. Only modules whose
+    import writes nothing belong here: the step checks its arguments after them, and a bad
+    call must leave no files behind (onnxruntime writes a device id and matplotlib a font
+    cache on first import, so those stay inside the steps, after their checks).
     """
     def decorate(fn):
         @functools.wraps(fn)
@@ -67,6 +70,7 @@ def timed(*modules: str):
                     fh.write(json.dumps(entry) + "\n")
             return result
 
+        wrapper.modules = modules  # what the step imports before its clock starts
         return wrapper
 
     return decorate
@@ -262,7 +266,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     return results
 
 
-@timed("gpunet_core.export", "gpunet_core.evaluate", "onnx", "onnxruntime")
+@timed("gpunet_core.export", "gpunet_core.evaluate", "onnx")
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
     from gpunet_core import export
@@ -275,7 +279,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                               dynamic_batch=True, checkpoint=checkpoint)
 
 
-@timed("gpunet_core.benchmark", "onnxruntime")
+@timed("gpunet_core.benchmark")
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.benchmark import run_benchmark
@@ -327,7 +331,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}
 
 
-@timed("gpunet_core.report", "matplotlib.pyplot")
+@timed("gpunet_core.report")
 def write_html_report(results: list[str | Path], out: str | Path) -> Path:
     """The latency/accuracy report (table + Pareto plot) of validation and benchmark results."""
     from gpunet_core import report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,16 @@ def test_process_age_counts_from_the_process_start():
         print(process_age_s())
     """))
     assert 0.5 <= age < 10
+
+
+def test_step_preloads_write_no_files(tmp_path):
+    # a step imports these before checking its arguments: a bad call must leave nothing behind
+    timed_steps = [f for f in vars(steps).values() if hasattr(f, "__wrapped__")]
+    preloads = sorted({m for f in timed_steps for m in f.modules})
+    assert "gpunet_core.evaluate" in preloads
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    proc = subprocess.run([sys.executable, "-c", f"import {', '.join(preloads)}"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("*")), list(tmp_path.rglob("*"))[:5]
