@@ -39,6 +39,11 @@ from gpunet_core.export import (
     onnxruntime_session,
 )
 from gpunet_core.results import BENCH_SCHEMA, atomic_write, sha256_file
+from gpunet_core.tensorrt_backend import (
+    nvidia_driver_present,
+    tensorrt_unavailable_reason,
+    tensorrt_version,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -109,8 +114,6 @@ def fingerprint() -> dict[str, Any]:
     import importlib.metadata
 
     import onnxruntime as ort
-
-    from gpunet_core.tensorrt_backend import nvidia_driver_present, tensorrt_version
 
     torch = None  # imported only where it can tell something: a GPU, or already loaded
     if "torch" in sys.modules or nvidia_driver_present():
@@ -222,8 +225,6 @@ def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
 
 def _bench_trtexec(info: OnnxInfo, precision: str, batch: int, iterations: int,
                    warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
-    from gpunet_core.tensorrt_backend import nvidia_driver_present
-
     if not nvidia_driver_present():
         raise BenchmarkError("backend trtexec needs an NVIDIA GPU; none is visible. Use "
                              "--backend onnxruntime or torch here")
@@ -257,8 +258,6 @@ def _bench_onnxruntime(info: OnnxInfo, precision: str, batch: int, iterations: i
     if precision != "fp32":
         raise BenchmarkError(f"backend onnxruntime runs the export as it is (fp32); --precision "
                              f"{precision} needs --backend tensorrt or trtexec")
-    from gpunet_core.tensorrt_backend import nvidia_driver_present
-
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
         providers.insert(0, "CUDAExecutionProvider")
@@ -322,16 +321,12 @@ def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
 
 def choose_backend(requested: str) -> tuple[str, str]:
     """``(backend, reason)``; ``auto`` prefers TensorRT, falls back to ONNX Runtime."""
-    from gpunet_core.tensorrt_backend import tensorrt_unavailable_reason
-
     if requested != "auto":
         return requested, "requested"
     reason = tensorrt_unavailable_reason()
     if reason is None:
         return "tensorrt", "auto: a CUDA GPU and TensorRT are present"
     return "onnxruntime", f"auto: TensorRT not usable ({reason}), using ONNX Runtime"
-
-
 
 
 def default_engine_path(onnx: Path, precision: str, batch: int) -> Path:

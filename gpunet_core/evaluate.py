@@ -4,7 +4,7 @@
 optional checkpoint (NVIDIA's or the project's), sizing the classifier from the checkpoint so a
 10-class fine-tune is not silently loaded into a fresh 1000-class head. :func:`validate` runs the
 evaluation loop of NVIDIA's ``validate.py`` (timm's) and returns a JSON-able dict that the CLI
-writes with :func:`write_json`.
+writes with :func:`gpunet_core.results.write_json`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from torch import nn
 from tqdm import tqdm
 
 from gpunet_core.errors import GpunetError
-from gpunet_core.model import GPUNet, check_img_size, create_model
-from gpunet_core.results import RESULTS_SCHEMA, sha256_file, write_json  # noqa: F401  (API)
+from gpunet_core.model import GPUNet, create_model
+from gpunet_core.results import RESULTS_SCHEMA
+from gpunet_core.spec import check_img_size
 
 _logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -25,13 +24,7 @@ import torch
 from torch import nn
 
 from gpunet_core.errors import UnknownModelError
-from gpunet_core.spec import (  # noqa: F401  (check_img_size, MAX_IMG_SIZE: API)
-    MAX_IMG_SIZE,
-    MODEL_INFO,
-    ArchSpec,
-    check_img_size,
-    load_spec,
-)
+from gpunet_core.spec import MODEL_INFO, ArchSpec, load_spec
 
 _logger = logging.getLogger(__name__)
 
@@ -622,9 +615,9 @@ _registered_with_timm = False
 def register_with_timm() -> None:
     """Add the seven ``gpunet_*`` entry points to timm's model registry (once).
 
-    Runs when this module is imported after timm, and otherwise right after timm's own import
-    (an import hook installed by ``gpunet_core/__init__``), so building a GPUNet never imports
-    timm (and torchvision, ~3 s) by itself.
+    ``gpunet_core/__init__`` calls it when timm is already loaded, and otherwise from an import
+    hook right after timm's own import, so building a GPUNet never imports timm (and
+    torchvision, ~3 s) by itself.
     """
     global _registered_with_timm
     if _registered_with_timm:
@@ -635,9 +628,6 @@ def register_with_timm() -> None:
         register_model(globals()[name])
     _registered_with_timm = True
 
-
-if "timm" in sys.modules:
-    register_with_timm()
 
 
 def spec_json(name: str) -> list[dict[str, Any]]:

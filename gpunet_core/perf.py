@@ -320,13 +320,14 @@ def bench_train(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         for r in range(cfg.train_rounds):
             _logger.info("train: %s under gpunet train (round %d/%d)", name, r + 1,
                          cfg.train_rounds)
+            around = [bare[-1]]  # the bare run before this round, and the one after if any
             ours = gpunet_train_loop(name, data, work / f"run-{name}-{r}",
                                      img_size=cfg.train_img_size, batch=cfg.train_batch,
                                      workers=cfg.train_workers)
             if cfg.train_repeats > 1 or r + 1 < cfg.train_rounds:
                 _logger.info("train: %s bare loop again", name)
                 bare.append(bare_train_loop(name, **common))
-            around = bare[-2:] if len(bare) > r + 1 else bare[-1:]
+                around.append(bare[-1])
             ceiling = sum(b["img_per_sec"] for b in around) / len(around)
             rounds.append((ours["img_per_sec"] / ceiling, ours))
         ratio, ours = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
@@ -569,7 +570,6 @@ def bench_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         return pipeline_overhead(cfg.pipeline_timings)
     if cfg.extra.get("quick"):
         return {"status": "skipped in quick mode (the local DAG run takes minutes)"}
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "pipelines", "run-local", "--no-cache", "--json",
@@ -577,11 +577,9 @@ def bench_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     for param in PIPELINE_PARAMS:
         cmd += ["--param", param]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # its own sqlite
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"local pipeline run failed: {tail[0]}"}
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = _run_json(cmd, "local pipeline run", env=env)
+    if "error" in summary:
+        return summary
     if not summary.get("overhead"):
         return {"error": "the local pipeline run recorded no step timings"}
     return {**summary["overhead"], "params": list(PIPELINE_PARAMS),
@@ -614,19 +612,28 @@ def kfp_task_floor(tasks: int, work: Path) -> dict[str, Any]:
     """Wall time of a chain of ``tasks`` empty KFP components under kfp.local: the runner's own
     cost per task (a Python process, the KFP executor, artifact bookkeeping), which no step
     can go below."""
-    import subprocess
     import sys
 
     work.mkdir(parents=True, exist_ok=True)
     script = work / "noop_chain.py"
     script.write_text(_NOOP_PIPELINE)
-    result = subprocess.run([sys.executable, str(script), str(work / "kfp"), str(tasks)],
-                            capture_output=True, text=True)
+    out = _run_json([sys.executable, str(script), str(work / "kfp"), str(tasks)],
+                    "empty-task pipeline")
+    if "error" in out:
+        return out
+    return {"tasks": tasks, "total_s": out["seconds"], "per_task_s": out["seconds"] / tasks}
+
+
+def _run_json(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd``; the JSON object on its last stdout line, or ``{"error": ...}`` naming
+    ``what`` failed and its last output line."""
+    import subprocess
+
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"empty-task pipeline failed: {tail[0]}"}
-    seconds = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
-    return {"tasks": tasks, "total_s": seconds, "per_task_s": seconds / tasks}
+        return {"error": f"{what} failed: {tail[0]}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- scaling section

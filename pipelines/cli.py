@@ -85,7 +85,7 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
     step an hour into the run."""
     import math
 
-    from gpunet_core.model import MAX_IMG_SIZE, list_models
+    from gpunet_core.spec import MAX_IMG_SIZE, MODEL_INFO
 
     def bad(name: str, why: str) -> PipelineError:
         return PipelineError(f"--param {name}={params[name]!r}: {why}")
@@ -106,9 +106,9 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
         raise bad("kd_temperature", "must be > 0")
     if params.get("min_top1", 0.0) > 100:
         raise bad("min_top1", "is a top-1 accuracy in percent: must be in [0, 100]")
-    if "model_name" in params and params["model_name"] not in list_models() \
+    if "model_name" in params and params["model_name"] not in MODEL_INFO \
             and not params["model_name"].endswith(".json"):
-        raise bad("model_name", f"unknown model; valid names are {', '.join(list_models())} "
+        raise bad("model_name", f"unknown model; valid names are {', '.join(MODEL_INFO)} "
                                 "(or the path of a GPUNet JSON spec)")
     if params.get("teacher_name"):
         import timm
