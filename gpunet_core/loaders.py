@@ -7,23 +7,29 @@ horizontal flip, RandAugment ``rand-m9-mstd0.5`` and random erasing (``--reprob 
 --remode pixel``).
 
 Two backends give the same batches -- ``(images float32 [B, 3, H, W] normalised with
-mean/std, labels int64 [B])``: ``pil`` (torchvision DataLoader + timm transforms, portable)
+mean/std, labels int64 [B])``: ``pil`` (torch DataLoader + PIL transforms, portable)
 and ``dali`` (NVIDIA DALI; GPU nvJPEG decode when a GPU is present, else DALI's CPU-only
 mode). ``auto`` picks DALI when it imports, else PIL. Class indices come from the dataset's
 ``manifest.json`` when there is one, so a split that lacks a class keeps the same indices.
+
+Evaluation needs neither timm nor torchvision (about 3 s of imports in every validation
+process): :class:`EvalTransform` and :class:`ImageFolderDataset` follow their rules exactly,
+and ``tests/test_loaders.py`` checks them against both, tensor for tensor. Training uses timm's
+transform factory (imported on use).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data import create_transform
-from torchvision.datasets import ImageFolder
 
 from gpunet_core.errors import GpunetError
 from gpunet_core.model import IMAGENET_MEAN, IMAGENET_STD
@@ -57,22 +63,110 @@ class EvalConfig:
                    tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
 
 
-def eval_transform(cfg: EvalConfig):
+# PIL's resampling filters by timm's interpolation names
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+# torchvision's ImageFolder extensions (matched case-insensitively)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """PIL image -> normalized float tensor ``[3, S, S]``: NVIDIA's (timm's) evaluation transform.
+
+    Resize the shorter side to ``floor(S / crop_pct)`` (aspect kept, the longer side truncated
+    as torchvision does), center crop ``S``, scale to [0, 1], subtract mean, divide by std:
+    the same PIL and torch operations, in the same order, as timm's
+    ``create_transform(is_training=False)``, so the tensors are identical.
+    """
+
+    cfg: EvalConfig
+
+    def __post_init__(self) -> None:
+        if self.cfg.interpolation not in PIL_RESAMPLE:
+            raise GpunetError(f"interpolation {self.cfg.interpolation!r} is not one of "
+                              f"{', '.join(PIL_RESAMPLE)}")
+
+    def __call__(self, img) -> torch.Tensor:
+        import numpy as np
+
+        size = self.cfg.img_size
+        short_target = math.floor(size / self.cfg.crop_pct)
+        w, h = img.size
+        if w <= h:
+            new_w, new_h = short_target, int(short_target * h / w)
+        else:
+            new_w, new_h = int(short_target * w / h), short_target
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), PIL_RESAMPLE[self.cfg.interpolation])
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        mean = torch.tensor(self.cfg.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.cfg.std, dtype=torch.float32)[:, None, None]
+        return x.sub_(mean).div_(std)
+
+
+def eval_transform(cfg: EvalConfig) -> EvalTransform:
     """PIL image -> normalized tensor, exactly as NVIDIA's validate/eval scripts do it."""
-    return create_transform(input_size=cfg.img_size, is_training=False,
-                            interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
-                            crop_pct=cfg.crop_pct)
+    return EvalTransform(cfg)
 
 
-class _ManifestImageFolder(ImageFolder):
-    """ImageFolder whose class list is fixed (from manifest.json) instead of the directories."""
+def load_rgb(path: str | Path):
+    """The image at ``path`` as an RGB PIL image (torchvision's ``pil_loader``)."""
+    from PIL import Image
 
-    def __init__(self, root: str, classes: list[str], transform=None):
-        self._fixed_classes = list(classes)
-        super().__init__(root, transform=transform, allow_empty=True)
+    with open(path, "rb") as fh:
+        return Image.open(fh).convert("RGB")
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``(image, class index)`` samples of a ``<root>/<class>/.../<image>`` tree.
+
+    torchvision's ``ImageFolder`` rules: classes are the sorted sub-directory names (or the
+    given list), files are walked in sorted order (symlinks followed) and kept when their
+    extension is in :data:`IMG_EXTENSIONS`. Raises ``FileNotFoundError`` for a tree without
+    class folders, or for a class without images unless ``allow_empty`` (a split that lacks
+    a class of the manifest).
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None,
+                 classes: list[str] | None = None, allow_empty: bool = False):
+        self.root, self.transform, self.loader = str(root), transform, load_rgb
+        if classes is None:
+            classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {self.root}.")
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        empty = []
+        for name in sorted(self.class_to_idx):
+            found = 0
+            class_dir = os.path.join(self.root, name)
+            if os.path.isdir(class_dir):
+                for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
+                    for fname in sorted(files):
+                        if fname.lower().endswith(IMG_EXTENSIONS):
+                            self.samples.append((os.path.join(dirpath, fname),
+                                                 self.class_to_idx[name]))
+                            found += 1
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                    f"Supported extensions are: {', '.join(IMG_EXTENSIONS)}")
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = self.loader(path)
+        return (self.transform(img) if self.transform is not None else img), target
 
 
 def manifest_classes(root: str | Path) -> list[str] | None:
@@ -89,7 +183,7 @@ def manifest_classes(root: str | Path) -> list[str] | None:
 
 
 def open_image_folder(root: str | Path, transform=None,
-                      classes: list[str] | None = None) -> ImageFolder:
+                      classes: list[str] | None = None) -> ImageFolderDataset:
     """An ImageFolder with a clear error when the directory is missing or holds no images.
 
     Class indices follow ``classes`` or the dataset's manifest.json when present, else the
@@ -100,10 +194,8 @@ def open_image_folder(root: str | Path, transform=None,
         raise GpunetError(f"dataset directory not found: {root} (expected <root>/<class>/<images>)")
     classes = classes or manifest_classes(root)
     try:
-        if classes:
-            dataset = _ManifestImageFolder(str(root), classes, transform)
-        else:
-            dataset = ImageFolder(str(root), transform=transform)
+        dataset = ImageFolderDataset(root, transform, classes or None,
+                                     allow_empty=bool(classes))
     except (FileNotFoundError, RuntimeError) as exc:
         raise GpunetError(f"no images found under {root}: {exc}") from None
     if len(dataset) == 0:
@@ -149,6 +241,8 @@ class TrainConfig:
 
 def train_transform(cfg: TrainConfig):
     """PIL image -> augmented, normalized tensor through timm's transform factory."""
+    from timm.data import create_transform
+
     return create_transform(input_size=cfg.img_size, is_training=True, scale=cfg.scale,
                             ratio=cfg.ratio, hflip=cfg.hflip, vflip=0.0,
                             color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,

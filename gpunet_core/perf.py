@@ -60,9 +60,15 @@ class BenchConfig:
     sections: tuple[str, ...] = SECTIONS
     models: tuple[str, ...] = ()  # inference models; empty = all shipped
     train_models: tuple[str, ...] = ("gpunet_0", "efficientnet_b0")
-    train_img_size: int = 64
-    train_batch: int = 16
-    train_steps: int = 16  # timed steps (bare loop) and steps per epoch (gpunet train)
+    # the resolution users train at (ImageNet's 224; GPUNet-0's own is 320), from ImageNet-sized
+    # JPEGs: how the loader's per-image work weighs against the model's in a real run
+    train_img_size: int = 224
+    train_batch: int = 8
+    train_steps: int = 8  # timed steps (bare loop) and steps per epoch (gpunet train)
+    # the same comparison at small inputs (img_size, batch, steps), where the per-image
+    # augmentation work weighs most against the model's (None: skip)
+    train_small: tuple[int, int, int] | None = (64, 16, 16)
+    train_small_models: tuple[str, ...] = ("gpunet_0",)
     train_workers: int = 1
     train_repeats: int = 2
     train_rounds: int = 3  # gpunet train runs, alternating with bare-loop runs
@@ -88,7 +94,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        base = dict(sections=tuple(x for x in SECTIONS if x != "scaling"), models=("gpunet_0",), train_models=("gpunet_0",), train_img_size=32,
+        base = dict(sections=tuple(x for x in SECTIONS if x != "scaling"), models=("gpunet_0",),
+                    train_models=("gpunet_0",), train_img_size=32, train_small=None,
                     train_batch=4, train_steps=3, train_repeats=1, train_rounds=1, data_img_size=64, data_images=24,
                     data_batch=4, data_workers=(1,), data_backends=("pil",), batches=(1,),
                     inference_backends=("eager", "onnxruntime"), time_budget_s=0.2,
@@ -302,40 +309,65 @@ TRAIN_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
+def _train_row(name: str, cfg: BenchConfig, data: Path, work: Path, *, img_size: int,
+               batch: int, steps: int) -> dict[str, Any]:
+    """``gpunet train`` vs the bare loop for one model and size, over alternating rounds.
+
+    bare, train, bare, train, ..., bare: each round's ratio is taken against the mean of the
+    bare runs on either side, so drifting machine load hits both sides alike; the median round
+    is reported (single runs on a shared VM vary by about 10 %).
+    """
+    common = dict(img_size=img_size, batch=batch, steps=steps)
+    _logger.info("train: %s at %d px, bare loop", name, img_size)
+    bare = [bare_train_loop(name, **common)]
+    rounds: list[tuple[float, dict[str, Any]]] = []
+    for r in range(cfg.train_rounds):
+        _logger.info("train: %s at %d px under gpunet train (round %d/%d)", name, img_size,
+                     r + 1, cfg.train_rounds)
+        around = [bare[-1]]  # the bare run before this round, and the one after if any
+        ours = gpunet_train_loop(name, data, work / f"run-{name}-{img_size}-{r}",
+                                 img_size=img_size, batch=batch, workers=cfg.train_workers)
+        if cfg.train_repeats > 1 or r + 1 < cfg.train_rounds:
+            _logger.info("train: %s at %d px, bare loop again", name, img_size)
+            bare.append(bare_train_loop(name, **common))
+            around.append(bare[-1])
+        ceiling = sum(b["img_per_sec"] for b in around) / len(around)
+        rounds.append((ours["img_per_sec"] / ceiling, ours))
+    ratio, ours = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
+    mean_bare = sum(b["img_per_sec"] for b in bare) / len(bare)
+    return {"model": name, "img_size": img_size, "batch": batch, "steps_per_epoch": steps,
+            "bare": {**bare[0], "img_per_sec": mean_bare,
+                     "img_per_sec_runs": [b["img_per_sec"] for b in bare]},
+            "gpunet_train": ours, "ratio": ratio, "ratio_rounds": [x[0] for x in rounds]}
+
+
+def _train_source_size(img_size: int) -> tuple[int, int]:
+    return (500, 375) if img_size >= 224 else (img_size * 5 // 4, img_size)
+
+
+def _train_dataset(work: Path, img_size: int, images: int) -> Path:
+    """Rendered JPEGs to train on: ImageNet-sized (500x375) for ImageNet-sized training, else
+    just above the training size (decoding a big JPEG for a tiny crop would be unrealistic)."""
+    size = _train_source_size(img_size)
+    return make_jpeg_dataset(work / f"train-{img_size}", images=images, classes=10,
+                             val_images=10, seed=1, size=size)
+
+
 def bench_train(cfg: BenchConfig, work: Path) -> dict[str, Any]:
-    """gpunet train vs the bare loop, per model, plus hot-path variants on the first model."""
-    per_epoch = cfg.train_batch * cfg.train_steps
-    data = make_jpeg_dataset(work / f"train-{cfg.train_img_size}", images=per_epoch,
-                             classes=10, val_images=10, seed=1,
-                             size=(cfg.train_img_size * 5 // 4, cfg.train_img_size))
+    """gpunet train vs the bare loop, per model (and at small inputs), plus hot-path variants
+    of the bare loop on the first model."""
+    data = _train_dataset(work, cfg.train_img_size, cfg.train_batch * cfg.train_steps)
     common = dict(img_size=cfg.train_img_size, batch=cfg.train_batch, steps=cfg.train_steps)
-    rows = []
-    for name in cfg.train_models:
-        # bare, train, bare, train, ..., bare: each round's ratio is taken against the mean of
-        # the bare runs on either side, so drifting machine load hits both sides alike; the
-        # median round is reported (single runs on a shared VM vary by about 10 %)
-        _logger.info("train: %s bare loop", name)
-        bare = [bare_train_loop(name, **common)]
-        rounds: list[tuple[float, dict[str, Any]]] = []
-        for r in range(cfg.train_rounds):
-            _logger.info("train: %s under gpunet train (round %d/%d)", name, r + 1,
-                         cfg.train_rounds)
-            around = [bare[-1]]  # the bare run before this round, and the one after if any
-            ours = gpunet_train_loop(name, data, work / f"run-{name}-{r}",
-                                     img_size=cfg.train_img_size, batch=cfg.train_batch,
-                                     workers=cfg.train_workers)
-            if cfg.train_repeats > 1 or r + 1 < cfg.train_rounds:
-                _logger.info("train: %s bare loop again", name)
-                bare.append(bare_train_loop(name, **common))
-                around.append(bare[-1])
-            ceiling = sum(b["img_per_sec"] for b in around) / len(around)
-            rounds.append((ours["img_per_sec"] / ceiling, ours))
-        ratio, ours = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
-        mean_bare = sum(b["img_per_sec"] for b in bare) / len(bare)
-        rows.append({"model": name, "bare": {**bare[0], "img_per_sec": mean_bare,
-                                              "img_per_sec_runs": [b["img_per_sec"] for b in bare]},
-                     "gpunet_train": ours, "ratio": ratio,
-                     "ratio_rounds": [x[0] for x in rounds]})
+    rows = [_train_row(name, cfg, data, work, **common) for name in cfg.train_models]
+    datasets = {str(cfg.train_img_size): {"path": str(data), **dataset_stats(data),
+                                          "image_size": _train_source_size(cfg.train_img_size)}}
+    if cfg.train_small and cfg.train_small_models:
+        size, batch, steps = cfg.train_small
+        small = _train_dataset(work, size, batch * steps)
+        datasets[str(size)] = {"path": str(small), **dataset_stats(small),
+                               "image_size": _train_source_size(size)}
+        rows += [_train_row(name, cfg, small, work, img_size=size, batch=batch, steps=steps)
+                 for name in cfg.train_small_models]
     variants: list[dict[str, Any]] = []
     if cfg.train_models:
         name = cfg.train_models[0]
@@ -351,8 +383,7 @@ def bench_train(cfg: BenchConfig, work: Path) -> dict[str, Any]:
                              "img_per_sec_runs": [r["img_per_sec"] for r in results]})
     return {"img_size": cfg.train_img_size, "batch": cfg.train_batch,
             "steps_per_epoch": cfg.train_steps, "workers": cfg.train_workers,
-            "rounds": cfg.train_rounds,
-            "dataset": {"path": str(data), **dataset_stats(data)}, "models": rows,
+            "rounds": cfg.train_rounds, "datasets": datasets, "models": rows,
             "variants": variants}
 
 
@@ -813,24 +844,28 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
         if "error" in t:
             lines += [f"Failed: {t['error']}", ""]
         else:
-            lines += [f"{t['img_size']} px, batch {t['batch']}, EMA on, rmsproptf, label "
-                      f"smoothing 0.1 (CPU-friendly size; absolute numbers are this machine's). "
-                      f"`gpunet train` runs the full recipe in-process with its own loader "
-                      f"(-j {t['workers']}, RandAugment, random erasing), 3 epochs of "
-                      f"{t['steps_per_epoch']} steps, the warm epochs 2-3 averaged; the bare loop "
+            sources = ", ".join(f"{ds['image_size'][0]}x{ds['image_size'][1]} JPEGs for "
+                                f"{px} px" for px, ds in t.get("datasets", {}).items())
+            lines += ["EMA on, rmsproptf, label smoothing 0.1; absolute numbers are this "
+                      "machine's. `gpunet train` runs the full recipe in-process with its own "
+                      f"loader (-j {t['workers']}, RandAugment, random erasing"
+                      f"{'; rendered ' + sources if sources else ''}), 3 epochs, the warm "
+                      "epochs 2-3 averaged; the bare loop "
                       "reuses one synthetic batch. Bare and `gpunet train` runs alternate (bare, "
                       f"train, bare, ...) for {t.get('rounds', 1)} round(s); each round's ratio "
                       "is against the mean of the bare runs on either side, and the median "
                       "round is shown (bare loop img/s: the mean of all bare runs).", "",
-                      "| model | params | bare loop img/s | gpunet train img/s | ratio (≥ 0.95) "
-                      "| ratio by round | data-wait (< 5 %) | fwd+bwd / optimizer / EMA ms per "
-                      "step |", "|---|---:|---:|---:|---:|---|---:|---|"]
+                      "| model | px / batch / steps | params | bare loop img/s | gpunet train "
+                      "img/s | ratio (≥ 0.95) | ratio by round | data-wait (< 5 %) | fwd+bwd / "
+                      "optimizer / EMA ms per step |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
             for r in t["models"]:
                 b, o, ms = r["bare"], r["gpunet_train"], r["bare"]["ms_per_step"]
                 by_round = " / ".join(f"{x:.2f}" for x in r.get("ratio_rounds", [r["ratio"]]))
+                size = (f"{r.get('img_size', t['img_size'])} / {r.get('batch', t['batch'])} / "
+                        f"{r.get('steps_per_epoch', t['steps_per_epoch'])}")
                 lines.append(
-                    f"| {r['model']} | {b['params'] / 1e6:.1f} M | {_fmt(b['img_per_sec'])} | "
-                    f"{_fmt(o['img_per_sec'])} | "
+                    f"| {r['model']} | {size} | {b['params'] / 1e6:.1f} M | "
+                    f"{_fmt(b['img_per_sec'])} | {_fmt(o['img_per_sec'])} | "
                     f"{_ratio(r['ratio'], TARGETS['train_vs_bare'])} | {by_round} | "
                     f"{100 * o['data_wait_frac']:.1f} %"
                     f"{' ✅' if o['data_wait_frac'] < TARGETS['data_wait_frac'] else ' ❌'} | "
@@ -838,7 +873,7 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
             if t.get("variants"):
                 base = t["variants"][0]["img_per_sec"]
                 lines += ["", f"Hot-path variants of the bare loop ({t['variants'][0]['model']}, "
-                          "same run):", "",
+                          f"{t['img_size']} px, batch {t['batch']}, same run):", "",
                           "| variant | img/s | vs first row | optimizer ms/step |",
                           "|---|---:|---:|---:|"]
                 for v in t["variants"]:

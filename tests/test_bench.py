@@ -176,15 +176,34 @@ def test_ratio_shows_a_third_digit_when_rounding_would_hide_a_miss():
 
 
 def test_train_ratio_is_the_median_round_against_the_bare_runs_around_it(tmp_path, monkeypatch):
-    # the last six bare runs are the hot-path variants (3 variants x 2 repeats)
-    bare_runs, train_runs = iter([100.0, 80.0, 100.0, 100.0] + [1.0] * 6), iter([90.0, 90.0, 50.0])
-    monkeypatch.setattr(perf, "bare_train_loop", lambda name, **kw: {
-        "img_per_sec": next(bare_runs), "params": 1, "ms_per_step": {}})
-    monkeypatch.setattr(perf, "gpunet_train_loop", lambda name, data, out, **kw: {
-        "img_per_sec": next(train_runs)})
+    # the main size, then the small-input size, then six bare runs of the hot-path variants
+    # (3 variants x 2 repeats)
+    bare_runs = iter([100.0, 80.0, 100.0, 100.0] + [10.0] * 4 + [1.0] * 6)
+    train_runs = iter([90.0, 90.0, 50.0] + [8.0, 9.0, 7.0])
+    sizes = []
+
+    def bare(name, **kw):
+        sizes.append(("bare", kw["img_size"], kw["batch"], kw["steps"]))
+        return {"img_per_sec": next(bare_runs), "params": 1, "ms_per_step": {}}
+
+    def train(name, data, out, **kw):
+        sizes.append(("train", kw["img_size"], kw["batch"], len(list(data.glob("train/*/*")))))
+        return {"img_per_sec": next(train_runs)}
+
+    monkeypatch.setattr(perf, "bare_train_loop", bare)
+    monkeypatch.setattr(perf, "gpunet_train_loop", train)
     cfg = perf.BenchConfig(train_models=("gpunet_0",), train_img_size=32, train_batch=2,
-                           train_steps=2, train_rounds=3, train_repeats=2)
-    (row,) = perf.bench_train(cfg, tmp_path)["models"]
+                           train_steps=2, train_rounds=3, train_repeats=2,
+                           train_small=(16, 3, 2), train_small_models=("gpunet_0",))
+    res = perf.bench_train(cfg, tmp_path)
+    row, small = res["models"]
     assert row["ratio_rounds"] == [1.0, 1.0, 0.5]  # 90 / mean(100, 80), 90 / mean(80, 100), ...
     assert row["ratio"] == 1.0 and row["bare"]["img_per_sec"] == 95.0
     assert row["bare"]["img_per_sec_runs"] == [100.0, 80.0, 100.0, 100.0]
+    assert (row["img_size"], row["batch"], small["img_size"], small["batch"]) == (32, 2, 16, 3)
+    assert small["ratio_rounds"] == [0.8, 0.9, 0.7] and small["ratio"] == 0.8
+    # each size trains on its own dataset (batch x steps images) and the variants use the main one
+    assert sizes[:7] == [("bare", 32, 2, 2), ("train", 32, 2, 4)] * 3 + [("bare", 32, 2, 2)]
+    assert sizes[7:14] == [("bare", 16, 3, 2), ("train", 16, 3, 6)] * 3 + [("bare", 16, 3, 2)]
+    assert set(sizes[14:]) == {("bare", 32, 2, 2)} and len(sizes) == 20
+    assert set(res["datasets"]) == {"32", "16"}

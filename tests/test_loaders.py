@@ -55,6 +55,60 @@ def test_eval_loader_shapes_normalisation_and_determinism(small):
     assert torch.equal(images, again)
 
 
+@pytest.mark.parametrize(("size", "crop_pct", "interpolation"), [
+    (32, 0.875, "bicubic"), (32, 1.0, "bicubic"), (41, 0.95, "bilinear"), (24, 0.5, "bicubic")])
+def test_eval_transform_equals_timms(size, crop_pct, interpolation):
+    """Validation builds its transform without timm/torchvision; the tensors must not differ."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    cfg = EvalConfig(img_size=size, crop_pct=crop_pct, interpolation=interpolation,
+                     mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    ours = loaders.eval_transform(cfg)
+    timms = create_transform(input_size=size, is_training=False, interpolation=interpolation,
+                             mean=cfg.mean, std=cfg.std, crop_pct=crop_pct)
+    rng = np.random.default_rng(size)
+    # portrait, landscape, square, odd sizes, already at the target size, smaller than it
+    for w, h in [(50, 37), (37, 50), (64, 64), (33, 97), (size, size), (13, 21)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a, b = ours(img), timms(img)
+        assert a.shape == b.shape == (3, size, size) and a.dtype == b.dtype
+        assert torch.equal(a, b), (w, h)
+    grey = Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)).convert("RGB")
+    assert torch.equal(ours(grey), timms(grey))
+    with pytest.raises(GpunetError, match="interpolation 'cubic' is not one of"):
+        loaders.eval_transform(EvalConfig(img_size=32, crop_pct=1.0, interpolation="cubic"))
+
+
+def test_image_folder_follows_torchvision_rules(tmp_path):
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for rel in ["b/x.JPG", "b/sub/a.png", "b/sub/deeper/z.jpeg", "a/1.jpg", "a/0.webp",
+                "c/9.bmp"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (5, 4), 200).save(tmp_path / rel, format=Image.registered_extensions()[
+            Path(rel).suffix.lower()])
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "stray.jpg").write_bytes(b"")  # files beside the class folders are ignored
+    ours, theirs = loaders.ImageFolderDataset(tmp_path), ImageFolder(str(tmp_path))
+    assert ours.classes == theirs.classes == ["a", "b", "c"]
+    assert ours.class_to_idx == theirs.class_to_idx
+    assert ours.samples == theirs.samples and ours.targets == theirs.targets
+    img, target = ours[1]
+    assert img.mode == "RGB" and img.size == (5, 4) and target == 0
+    # a fixed class list (from a manifest) keeps indices and tolerates absent classes
+    fixed = loaders.ImageFolderDataset(tmp_path, classes=["c", "zz", "a"], allow_empty=True)
+    assert fixed.classes == ["c", "zz", "a"]
+    assert sorted(fixed.targets) == [0, 2, 2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes empty"):
+        loaders.ImageFolderDataset(tmp_path)
+    with pytest.raises(GpunetError, match="no images found under"):
+        loaders.open_image_folder(tmp_path)
+
+
 def test_manifest_fixes_class_indices(small):
     ds = loaders.open_image_folder(small / "val")
     assert ds.classes == ["0", "1", "2", "3"]  # class "3" absent from the folder, still indexed

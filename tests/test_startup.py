@@ -35,6 +35,28 @@ def test_light_steps_do_not_import_torch():
     assert loaded == "[]"
 
 
+def test_validation_needs_neither_timm_nor_torchvision(tmp_path):
+    # their imports cost about 3 s in every validation process; the eval transform and the
+    # image folder are ours (checked against theirs in test_loaders.py)
+    out = _python(f"""
+        import sys
+        from PIL import Image
+        from gpunet_core import steps
+        from gpunet_core.evaluate import validate
+        from gpunet_core.model import create_model
+        for cls in ("a", "b"):
+            (d := __import__("pathlib").Path({str(tmp_path)!r}) / cls).mkdir()
+            Image.new("RGB", (40, 30), (9, 99, 199)).save(d / "0.jpg")
+        result = validate(create_model("gpunet_0", num_classes=2), {str(tmp_path)!r},
+                          batch_size=2, workers=0, img_size=32, progress=False)
+        print(result["images"], sorted(m for m in ("timm", "torchvision") if m in sys.modules))
+        for module in steps.validate.modules:
+            __import__(module)
+        print(sorted(m for m in ("timm", "torchvision") if m in sys.modules))
+    """)
+    assert out.splitlines() == ["2 []", "[]"]
+
+
 def test_public_names_load_on_use_and_register_with_timm():
     out = _python("""
         import sys
@@ -60,21 +82,40 @@ def test_public_names_load_on_use_and_register_with_timm():
 
 def test_timed_counts_imports_apart_from_compute(tmp_path, monkeypatch):
     (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(0.3)\n")
+    # a package imported inside the step (after its checks), whose submodule imports another
+    (tmp_path / "late_pkg").mkdir()
+    (tmp_path / "late_pkg" / "__init__.py").write_text("import time\ntime.sleep(0.2)\n")
+    (tmp_path / "late_pkg" / "sub.py").write_text("import time\nimport late_dep\n"
+                                                  "time.sleep(0.2)\n")
+    (tmp_path / "late_dep.py").write_text("import time\ntime.sleep(0.2)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     timings = tmp_path / "timings.jsonl"
     monkeypatch.setenv(steps.TIMINGS_ENV, str(timings))
+    import builtins
 
-    @steps.timed("slow_to_import")
+    original_import = builtins.__import__
+
+    @steps.timed("slow_to_import", late=("late_pkg", "late_dep"))
     def work(*, model: str) -> int:
+        import time
+
         import slow_to_import  # noqa: F401  (already loaded by the decorator: free here)
+
+        time.sleep(0.1)  # the step's own work
+        import late_pkg  # noqa: F401  (0.2 s)
+        import late_pkg.sub  # noqa: F401  (0.4 s: the submodule and the late_dep it imports)
 
         return 7
 
     assert work(model="m") == 7
+    assert builtins.__import__ is original_import
     entry = json.loads(timings.read_text())
     assert entry["name"] == "work(m)"
-    assert entry["import_s"] >= 0.3 > entry["compute_s"]
+    assert entry["import_s"] >= 0.9 and 0.1 <= entry["compute_s"] < 0.3
     assert entry["wall_s"] >= entry["import_s"] + entry["compute_s"]
+    # the steps whose libraries write files on first import time them this way
+    assert steps.export_onnx.late == ("onnxruntime",)
+    assert steps.write_html_report.late == ("matplotlib",)
 
 
 def test_fast_exit_freezes_gc_after_later_atexit_handlers_once():
