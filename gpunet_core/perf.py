@@ -71,7 +71,7 @@ class BenchConfig:
     train_small_models: tuple[str, ...] = ("gpunet_0",)
     train_workers: int = 1
     train_repeats: int = 2
-    train_rounds: int = 3  # gpunet train runs, alternating with bare-loop runs
+    train_rounds: int = 5  # gpunet train runs, alternating with bare-loop runs (VM noise: ~10 %)
     data_img_size: int = 224
     data_images: int = 160
     data_batch: int = 32
