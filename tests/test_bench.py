@@ -207,3 +207,26 @@ def test_train_ratio_is_the_median_round_against_the_bare_runs_around_it(tmp_pat
     assert sizes[7:14] == [("bare", 16, 3, 2), ("train", 16, 3, 6)] * 3 + [("bare", 16, 3, 2)]
     assert set(sizes[14:]) == {("bare", 32, 2, 2)} and len(sizes) == 20
     assert set(res["datasets"]) == {"32", "16"}
+
+
+def test_pipeline_section_shows_the_median_of_its_runs(tmp_path, monkeypatch):
+    fracs = iter([0.12, 0.08, 0.10])
+    cmds = []
+
+    def run_json(cmd, what, env=None):
+        cmds.append(cmd)
+        frac = next(fracs)
+        return {"overhead": {"total_wall_s": 100.0, "compute_s": 100 * (1 - frac),
+                             "overhead_s": 100 * frac, "overhead_frac": frac,
+                             "steps": [{"name": f"step-{frac}", "wall_s": 1.0, "compute_s": 1.0,
+                                        "overhead_s": 0.0}]}}
+
+    monkeypatch.setattr(perf, "_run_json", run_json)
+    monkeypatch.setattr(perf, "kfp_task_floor", lambda tasks, work: {"tasks": tasks})
+    res = perf.bench_pipeline(perf.BenchConfig(pipeline_runs=3), tmp_path)
+    assert res["overhead_frac"] == 0.10 and res["steps"][0]["name"] == "step-0.1"
+    assert [r["overhead_frac"] for r in res["runs"]] == [0.08, 0.10, 0.12]
+    workdirs = [c[c.index("--workdir") + 1] for c in cmds]
+    assert len(set(workdirs)) == 3 and all("--no-cache" in c for c in cmds)
+    text = perf.render_markdown({"sections": {"pipeline": {**res, "status": "measured"}}})
+    assert "3 runs, everything else / total: 0.080 / 0.100 / 0.120" in text
