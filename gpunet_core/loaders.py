@@ -9,8 +9,9 @@ horizontal flip, RandAugment ``rand-m9-mstd0.5`` and random erasing (``--reprob 
 Two backends give the same batches -- ``(images float32 [B, 3, H, W] normalised with
 mean/std, labels int64 [B])``: ``pil`` (torch DataLoader + PIL transforms, portable)
 and ``dali`` (NVIDIA DALI; GPU nvJPEG decode when a GPU is present, else DALI's CPU-only
-mode). ``auto`` picks DALI when it imports, else PIL. Class indices come from the dataset's
-``manifest.json`` when there is one, so a split that lacks a class keeps the same indices.
+mode). ``auto`` picks DALI when it imports and a GPU is present, else PIL. Class indices come
+from the dataset's ``manifest.json`` when there is one, so a split that lacks a class keeps
+the same indices.
 
 Evaluation needs neither timm nor torchvision (about 3 s of imports in every validation
 process): :class:`EvalTransform` and :class:`ImageFolderDataset` follow their rules exactly,

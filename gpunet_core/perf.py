@@ -343,32 +343,27 @@ def _train_row(name: str, cfg: BenchConfig, data: Path, work: Path, *, img_size:
 
 
 def _train_source_size(img_size: int) -> tuple[int, int]:
-    return (500, 375) if img_size >= 224 else (img_size * 5 // 4, img_size)
-
-
-def _train_dataset(work: Path, img_size: int, images: int) -> Path:
     """Rendered JPEGs to train on: ImageNet-sized (500x375) for ImageNet-sized training, else
     just above the training size (decoding a big JPEG for a tiny crop would be unrealistic)."""
-    size = _train_source_size(img_size)
-    return make_jpeg_dataset(work / f"train-{img_size}", images=images, classes=10,
-                             val_images=10, seed=1, size=size)
+    return (500, 375) if img_size >= 224 else (img_size * 5 // 4, img_size)
 
 
 def bench_train(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     """gpunet train vs the bare loop, per model (and at small inputs), plus hot-path variants
     of the bare loop on the first model."""
-    data = _train_dataset(work, cfg.train_img_size, cfg.train_batch * cfg.train_steps)
-    common = dict(img_size=cfg.train_img_size, batch=cfg.train_batch, steps=cfg.train_steps)
-    rows = [_train_row(name, cfg, data, work, **common) for name in cfg.train_models]
-    datasets = {str(cfg.train_img_size): {"path": str(data), **dataset_stats(data),
-                                          "image_size": _train_source_size(cfg.train_img_size)}}
+    settings = [(cfg.train_img_size, cfg.train_batch, cfg.train_steps, cfg.train_models)]
     if cfg.train_small and cfg.train_small_models:
-        size, batch, steps = cfg.train_small
-        small = _train_dataset(work, size, batch * steps)
-        datasets[str(size)] = {"path": str(small), **dataset_stats(small),
-                               "image_size": _train_source_size(size)}
-        rows += [_train_row(name, cfg, small, work, img_size=size, batch=batch, steps=steps)
-                 for name in cfg.train_small_models]
+        settings.append((*cfg.train_small, cfg.train_small_models))
+    rows: list[dict[str, Any]] = []
+    datasets: dict[str, dict[str, Any]] = {}
+    for size, batch, steps, models in settings:
+        source = _train_source_size(size)
+        data = make_jpeg_dataset(work / f"train-{size}", images=batch * steps, classes=10,
+                                 val_images=10, seed=1, size=source)
+        datasets[str(size)] = {"path": str(data), **dataset_stats(data), "image_size": source}
+        rows += [_train_row(name, cfg, data, work, img_size=size, batch=batch, steps=steps)
+                 for name in models]
+    common = dict(img_size=cfg.train_img_size, batch=cfg.train_batch, steps=cfg.train_steps)
     variants: list[dict[str, Any]] = []
     if cfg.train_models:
         name = cfg.train_models[0]
