@@ -3,7 +3,9 @@
 One registered-model version holds both flavors of a trained model: ``pytorch`` (the module,
 for ``mlflow.pytorch.load_model``) and ``onnx`` (the exported file, for ``mlflow.onnx`` and ONNX
 Runtime), each with the same signature and input example. Versions carry their measured
-``top1`` and ``latency_ms`` as tags, which promotion compares.
+``top1`` and ``latency_ms`` as tags, which promotion compares. Training logs the ``pytorch``
+flavor to its own run (:func:`log_pytorch_model`); registration adds the ``onnx`` flavor and
+builds the ``pytorch`` one only when the run does not already hold the checkpoint's model.
 
 Promotion uses MLflow 3 aliases (no deprecated stages): the candidate becomes ``champion`` only
 when its top-1 reaches the minimum, its latency fits the budget and it beats the current champion
@@ -44,52 +46,143 @@ def client(tracking_uri: str | None = None):
     return MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
 
-def build_model_dir(model, onnx_path: str | Path, img_size: int, dest: str | Path) -> Path:
-    """An MLflow model directory with both the ``pytorch`` and the ``onnx`` flavor."""
-    import mlflow.onnx
+MODEL_PATH = "model"  # the run's artifact folder that holds the MLflow model
+CHECKPOINT_TAG = "gpunet.model_checkpoint_sha256"  # which checkpoint the logged model is
+IMG_SIZE_TAG = "gpunet.model_img_size"  # the resolution of its signature
+
+
+def build_pytorch_model_dir(model, img_size: int, dest: str | Path) -> Path:
+    """An MLflow model directory with the ``pytorch`` flavor, its signature and input example."""
     import mlflow.pytorch
     import numpy as np
-    import onnx
     import torch
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import infer_signature
 
     dest = Path(dest)
     model = model.eval()
     example = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
     # pickle keeps the GPUNet module itself (any batch size, its attributes); torch.export's
     # "pt2" would specialise the batch dimension to the example's
-    mlflow.pytorch.save_model(model, dest, signature=signature, input_example=example,
-                              pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle")
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_dir = Path(tmp) / "onnx"
-        mlflow.onnx.save_model(onnx.load(str(onnx_path)), onnx_dir, signature=signature,
-                               input_example=example, pip_requirements=PIP_REQUIREMENTS,
-                               save_as_external_data=False)
-        onnx_conf = Model.load(onnx_dir).flavors["onnx"]
-        shutil.copy(onnx_dir / onnx_conf["data"], dest / onnx_conf["data"])
-    merged = Model.load(dest)
-    merged.add_flavor("onnx", **onnx_conf)
-    merged.save(dest / "MLmodel")
+    mlflow.pytorch.save_model(model, dest, signature=infer_signature(example, output),
+                              input_example=example, pip_requirements=PIP_REQUIREMENTS,
+                              serialization_format="pickle")
     return dest
 
 
-def register(run_id: str, model, onnx_path: str | Path, *, name: str, img_size: int,
-             tags: dict[str, Any], tracking_uri: str | None = None) -> str:
-    """Log the model (both flavors) to ``run_id`` and register it; returns the new version."""
+def add_onnx_flavor(model_dir: str | Path, onnx_path: str | Path) -> Path:
+    """Add the ``onnx`` flavor (the exported file, same signature) to an MLflow model directory."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import Model
+
+    model_dir = Path(model_dir)
+    merged = Model.load(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        mlflow.onnx.save_model(onnx.load(str(onnx_path)), onnx_dir, signature=merged.signature,
+                               pip_requirements=PIP_REQUIREMENTS, save_as_external_data=False)
+        onnx_conf = Model.load(onnx_dir).flavors["onnx"]
+        shutil.copy(onnx_dir / onnx_conf["data"], model_dir / onnx_conf["data"])
+    merged.add_flavor("onnx", **onnx_conf)
+    merged.save(model_dir / "MLmodel")
+    return model_dir
+
+
+def _upload_model_dir(mlc, run_id: str, model_dir: Path) -> None:
+    """Upload ``model_dir`` to the run's model folder, ``MLmodel`` last: a folder whose
+    ``MLmodel`` is there is complete."""
+    for entry in sorted(model_dir.iterdir()):
+        if entry.name == "MLmodel":
+            continue
+        if entry.is_dir():
+            mlc.log_artifacts(run_id, str(entry), artifact_path=f"{MODEL_PATH}/{entry.name}")
+        else:
+            mlc.log_artifact(run_id, str(entry), artifact_path=MODEL_PATH)
+    mlc.log_artifact(run_id, str(model_dir / "MLmodel"), artifact_path=MODEL_PATH)
+
+
+def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: int,
+                         dest: str | Path) -> Path:
+    """:func:`build_pytorch_model_dir` for ``checkpoint``'s weights (as validation loads them)."""
+    from gpunet_core.evaluate import load_inference_model
+
+    return build_pytorch_model_dir(load_inference_model(model_name, checkpoint), img_size, dest)
+
+
+def publish_pytorch_model(mlc, run_id: str, model_dir: Path, *, checkpoint_sha256: str,
+                          img_size: int) -> None:
+    """Upload a :func:`checkpoint_model_dir` to the run's ``model`` folder.
+
+    The run's tags name the checkpoint (sha256) and resolution, which :func:`register` checks
+    before it reuses the folder; they are cleared first and set after the upload, so they never
+    describe a partial one.
+    """
+    stale = mlc.get_run(run_id).data.tags
+    for key in (CHECKPOINT_TAG, IMG_SIZE_TAG):
+        if key in stale:
+            mlc.delete_tag(run_id, key)
+    _upload_model_dir(mlc, run_id, model_dir)
+    mlc.set_tag(run_id, CHECKPOINT_TAG, checkpoint_sha256)
+    mlc.set_tag(run_id, IMG_SIZE_TAG, str(img_size))
+    _logger.info("logged the model (pytorch flavor) to run %s", run_id)
+
+
+def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, img_size: int,
+                      tracking_uri: str | None = None, mlc=None) -> None:
+    """Log ``checkpoint``'s model (``pytorch`` flavor) to the run's ``model`` folder.
+
+    Training does this at its end (:meth:`gpunet_core.tracking.RunTracker.log_model`), where
+    torch and the weights are at hand, so that :func:`register` needs no torch.
+    """
+    from gpunet_core.results import sha256_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = checkpoint_model_dir(checkpoint, model_name=model_name, img_size=img_size,
+                                         dest=Path(tmp) / MODEL_PATH)
+        publish_pytorch_model(mlc or client(tracking_uri), run_id, model_dir,
+                              checkpoint_sha256=sha256_file(checkpoint), img_size=img_size)
+
+
+def _logged_model_matches(mlc, run_id: str, checkpoint: str | Path, img_size: int) -> bool:
+    from gpunet_core.results import sha256_file
+
+    tags = mlc.get_run(run_id).data.tags
+    return (tags.get(IMG_SIZE_TAG) == str(img_size)
+            and tags.get(CHECKPOINT_TAG) == sha256_file(checkpoint))
+
+
+def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, model_name: str,
+             name: str, img_size: int, tags: dict[str, Any],
+             tracking_uri: str | None = None) -> str:
+    """Register the run's model with both flavors; returns the new version.
+
+    The ``pytorch`` flavor is the one training logged when it is ``checkpoint``'s model at
+    ``img_size`` (no torch needed here); otherwise it is built from ``checkpoint`` now.
+    The ``onnx`` flavor is added from ``onnx_path``.
+    """
     from mlflow.exceptions import MlflowException
 
     mlc = client(tracking_uri)
+    if _logged_model_matches(mlc, run_id, checkpoint, img_size):
+        _logger.info("run %s already holds %s's model: adding the onnx flavor", run_id,
+                     checkpoint)
+    else:
+        log_pytorch_model(run_id, checkpoint, model_name=model_name, img_size=img_size, mlc=mlc)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model_dir(model, onnx_path, img_size, Path(tmp) / "model")
-        mlc.log_artifacts(run_id, str(model_dir), artifact_path="model")
+        model_dir = Path(tmp) / MODEL_PATH
+        model_dir.mkdir()
+        mlmodel = mlc.download_artifacts(run_id, f"{MODEL_PATH}/MLmodel", str(model_dir))
+        if Path(mlmodel) != model_dir / "MLmodel":
+            shutil.move(mlmodel, model_dir / "MLmodel")
+        add_onnx_flavor(model_dir, onnx_path)
+        _upload_model_dir(mlc, run_id, model_dir)
     try:
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
-    source = f"{mlc.get_run(run_id).info.artifact_uri}/model"
+    source = f"{mlc.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
     version = mlc.create_model_version(name, source, run_id=run_id,
                                        tags={k: str(v) for k, v in tags.items()})
     _logger.info("registered %s version %s (%s)", name, version.version, source)

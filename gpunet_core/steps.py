@@ -328,7 +328,7 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     return result
 
 
-@timed("gpunet_core.registry", "gpunet_core.evaluate", "mlflow.pytorch", "mlflow.onnx", "onnx")
+@timed("gpunet_core.registry", "mlflow", "mlflow.onnx", "onnx", late=("torch",))
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
@@ -336,12 +336,13 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     """Register the candidate (pytorch + onnx flavors) and give it an alias.
 
     The version's source run is the MLflow run that trained ``checkpoint`` (else the pipeline
-    run's, else a new one); the validation and latency figures are logged into it.
+    run's, else a new one); the validation and latency figures are logged into it. Torch is
+    imported only when that run does not already hold the checkpoint's model (training logs
+    it), to build the ``pytorch`` flavor here.
     """
     from mlflow import MlflowClient
 
     from gpunet_core import registry
-    from gpunet_core.evaluate import load_inference_model
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")
@@ -358,10 +359,9 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
                 prefix="bench_")
     latency = float(bench["latency_ms"]["median"])
     version = registry.register(
-        run_id, load_inference_model(model, checkpoint), onnx, name=registered_model,
-        img_size=img_size, tags={"top1": validation["top1"], "top5": validation["top5"],
-                                 "latency_ms": latency, "latency_backend": bench.get("backend"),
-                                 "model": model, RUN_TAG: kfp_run_id})
+        run_id, checkpoint, onnx, model_name=model, name=registered_model, img_size=img_size,
+        tags={"top1": validation["top1"], "top5": validation["top5"], "latency_ms": latency,
+              "latency_backend": bench.get("backend"), "model": model, RUN_TAG: kfp_run_id})
     decision = registry.promote(registered_model, version, min_top1=min_top1,
                                 max_latency_ms=max_latency_ms or None, margin=margin)
     mlc.set_tag(run_id, "promotion", f"{decision.alias} (v{version})")

@@ -622,6 +622,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if tracker is not None:
         if (output / "model_best.pth.tar").exists():
             tracker.log_artifacts(output, ["model_best.pth.tar"])
+            if args.log_model:
+                tracker.log_model(output / "model_best.pth.tar", args.model, img_size)
         tracker.finish(result)
     if env.distributed:
         dist.barrier()

@@ -115,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=_positive_int, default=50)
     g.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
                    help="track the run in MLflow (MLFLOW_TRACKING_URI)")
+    g.add_argument("--log-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --mlflow: log the best checkpoint's model to the run as an MLflow "
+                        "model (pytorch flavor), which registration reuses (default: on)")
     g.add_argument("--experiment", default="gpunet", help="MLflow experiment name")
     g.add_argument("--run-tag", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MLflow run tag (repeatable), e.g. kfp_run_id=...")

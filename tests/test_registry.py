@@ -81,3 +81,131 @@ def test_cli_promote_json(mlflow_sqlite, capsys):
     v1 = add_version(mlflow_sqlite, 55.0, 3.0)
     assert cli_main(["promote", NAME, "--version", v1, "--min-top1", "50", "--json"]) == 0
     assert '"alias": "champion"' in capsys.readouterr().out
+
+
+# ------------------------------------------------- registering a trained checkpoint's model
+
+IMG = 32
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Two gpunet_0 checkpoints (other weights) and the ONNX export of the first."""
+    import torch
+
+    from gpunet_core.export import export_onnx
+    from gpunet_core.model import create_model
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        (folder / str(seed)).mkdir()
+        paths.append(folder / str(seed) / "model_best.pth.tar")
+        torch.save({"state_dict": create_model("gpunet_0", num_classes=3).state_dict()},
+                   paths[-1])
+    onnx_path = folder / "model.onnx"
+    export_onnx(registry_model(paths[0]), onnx_path, model_name="gpunet_0", img_size=IMG,
+                dynamic_batch=True)
+    return paths, onnx_path
+
+
+def registry_model(checkpoint):
+    from gpunet_core.evaluate import load_inference_model
+
+    return load_inference_model("gpunet_0", checkpoint)
+
+
+@pytest.fixture
+def training_run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlc = MlflowClient(uri)
+    exp = mlc.create_experiment("train", artifact_location=(tmp_path / "artifacts").as_uri())
+    return mlc, mlc.create_run(exp).info.run_id
+
+
+def register_in_fresh_process(run_id, checkpoint, onnx_path, img_size=IMG):
+    """``registry.register`` in a new interpreter: returns the version and whether it
+    imported torch."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from gpunet_core import registry; "
+            f"v = registry.register({run_id!r}, {str(checkpoint)!r}, {str(onnx_path)!r}, "
+            f"model_name='gpunet_0', name={NAME!r}, img_size={img_size}, tags={{'top1': 1.0}}); "
+            f"print(v, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version, torch_loaded = proc.stdout.split()
+    return version, torch_loaded == "True"
+
+
+def assert_version_is(version, checkpoint, onnx_of):
+    """Both flavors of ``version`` load: the pytorch one computes what ``checkpoint``'s model
+    computes, the onnx one what ``onnx_of``'s model computes."""
+    import mlflow.onnx
+    import mlflow.pytorch
+    import onnxruntime
+    import torch
+
+    x = torch.rand(2, 3, IMG, IMG)
+    with torch.no_grad():
+        got = mlflow.pytorch.load_model(f"models:/{NAME}/{version}")(x)
+        assert torch.equal(got, registry_model(checkpoint)(x))
+        expected_onnx = registry_model(onnx_of)(x)
+    session = onnxruntime.InferenceSession(
+        mlflow.onnx.load_model(f"models:/{NAME}/{version}").SerializeToString())
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(torch.from_numpy(onnx_out), expected_onnx, atol=1e-4)
+
+
+def test_register_reuses_the_model_training_logged(training_run, two_checkpoints):
+    mlc, run_id = training_run
+    (first, _), onnx_path = two_checkpoints
+    registry.log_pytorch_model(run_id, first, model_name="gpunet_0", img_size=IMG)
+    assert mlc.get_run(run_id).data.tags[registry.IMG_SIZE_TAG] == str(IMG)
+    assert {f.path for f in mlc.list_artifacts(run_id, "model")} >= {"model/MLmodel",
+                                                                     "model/data"}
+    version, torch_loaded = register_in_fresh_process(run_id, first, onnx_path)
+    assert (version, torch_loaded) == ("1", False)  # nothing rebuilt: no torch
+    assert_version_is(version, first, onnx_of=first)
+
+
+def test_register_builds_the_model_when_the_run_lacks_it_or_holds_another(training_run,
+                                                                          two_checkpoints):
+    mlc, run_id = training_run
+    (first, second), onnx_path = two_checkpoints
+    # nothing logged by training (e.g. --no-log-model): built here, with torch
+    assert register_in_fresh_process(run_id, first, onnx_path) == ("1", True)
+    assert_version_is("1", first, onnx_of=first)
+    # the run holds the first checkpoint's model; the second is registered: rebuilt
+    assert register_in_fresh_process(run_id, second, onnx_path) == ("2", True)
+    assert_version_is("2", second, onnx_of=first)
+    from gpunet_core.results import sha256_file
+
+    assert mlc.get_run(run_id).data.tags[registry.CHECKPOINT_TAG] == sha256_file(second)
+    # same checkpoint at another resolution: the signature differs, so rebuilt too
+    assert register_in_fresh_process(run_id, second, onnx_path, img_size=IMG + 8)[1] is True
+    assert mlc.get_run(run_id).data.tags[registry.IMG_SIZE_TAG] == str(IMG + 8)
+
+
+def test_training_tracker_skips_a_model_it_cannot_build(tmp_path, monkeypatch, caplog):
+    """A checkpoint that does not load is not retried or spooled as if MLflow were down: the
+    run still finishes, without the model (registration then builds it or fails clearly)."""
+    from gpunet_core.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    (out := tmp_path / "out").mkdir()
+    bad = out / "model_best.pth.tar"
+    bad.write_bytes(b"not a checkpoint")
+    tracker = RunTracker(out, "train", "train-gpunet_0", {})
+    tracker.log_model(bad, "gpunet_0", IMG)
+    tracker.finish({"best_top1": 1.0})
+    assert not tracker.spool.exists()
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and registry.CHECKPOINT_TAG not in run.data.tags
+    assert "no MLflow model logged: building it from" in caplog.text

@@ -195,5 +195,23 @@ def test_mlflow_run_has_params_metrics_and_artifacts(digits_small, tmp_path, mlf
     for key in ("train_loss", "train_ce", "eval_loss", "top5", "lr", "img_per_sec"):
         assert len(client.get_metric_history(runs[0].info.run_id, key)) == 2, key
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-    assert {"summary.csv", "args.yaml", "model_best.pth.tar"} <= artifacts
+    assert {"summary.csv", "args.yaml", "model_best.pth.tar", "model"} <= artifacts
     assert runs[0].info.status == "FINISHED"
+    # the best checkpoint's model, as an MLflow model that registration reuses
+    import mlflow.artifacts
+    import mlflow.pytorch
+    import torch
+
+    from gpunet_core import registry
+    from gpunet_core.evaluate import load_inference_model
+    from gpunet_core.results import sha256_file
+
+    best = out / "model_best.pth.tar"
+    assert data.tags[registry.CHECKPOINT_TAG] == sha256_file(best)
+    assert data.tags[registry.IMG_SIZE_TAG] == FAST[FAST.index("--img-size") + 1]
+    logged = mlflow.pytorch.load_model(mlflow.artifacts.download_artifacts(
+        run_id=runs[0].info.run_id, artifact_path="model", dst_path=str(tmp_path / "logged"),
+        tracking_uri=mlflow_server.uri))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(logged(x), load_inference_model("gpunet_0", best)(x))

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from gpunet_core import registry
+from gpunet_core.results import sha256_file
 from tests import mlflow_server
 from tests.train_helpers import FAST, REPO, env, gpunet_cmd, read_summary
 
@@ -69,6 +71,7 @@ def test_mlflow_restart_during_training_loses_and_duplicates_nothing(digits_smal
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(EPOCHS)), (key, steps)  # none lost, none twice
         assert run.data.params["model"] == "gpunet_0"
+        assert run.data.tags[registry.CHECKPOINT_TAG] == sha256_file(out / "model_best.pth.tar")
         spooled = [int(n) for n in re.findall(r"(\d+) item\(s\) spooled", text)]
     finally:
         server.stop()
