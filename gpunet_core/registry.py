@@ -40,6 +40,11 @@ class RegistryError(GpunetError):
     """The MLflow registry is unreachable or does not hold what was asked for."""
 
 
+class ModelBuildError(RegistryError):
+    """A checkpoint could not be built into an MLflow model: its weights or model, not the
+    server (so retrying the upload cannot help)."""
+
+
 def client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
@@ -139,8 +144,11 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
     from gpunet_core.results import sha256_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = checkpoint_model_dir(checkpoint, model_name=model_name, img_size=img_size,
-                                         dest=Path(tmp) / MODEL_PATH)
+        try:
+            model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
+                                             img_size=img_size, dest=Path(tmp) / MODEL_PATH)
+        except Exception as exc:
+            raise ModelBuildError(str(exc)) from exc
         publish_pytorch_model(mlc or client(tracking_uri), run_id, model_dir,
                               checkpoint_sha256=sha256_file(checkpoint), img_size=img_size)
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -131,30 +130,19 @@ class RunTracker:
             if Path(item["path"]).exists():
                 self.client.log_artifact(run_id, item["path"])
         elif op == "model":
-            self._log_model(run_id, Path(item["checkpoint"]), item["model_name"],
-                            item["img_size"])
+            from gpunet_core import registry
+
+            if Path(item["checkpoint"]).exists():
+                try:
+                    registry.log_pytorch_model(run_id, item["checkpoint"],
+                                               model_name=item["model_name"],
+                                               img_size=item["img_size"], mlc=self.client)
+                except registry.ModelBuildError as exc:  # not the server: no retry, no spool
+                    _logger.warning("no MLflow model logged: building it from %s failed (%s); "
+                                    "registration builds it from the checkpoint",
+                                    item["checkpoint"], str(exc).splitlines()[0][:200])
         elif op == "end":
             self.client.set_terminated(run_id, "FINISHED")
-
-    def _log_model(self, run_id: str, checkpoint: Path, model_name: str, img_size: int) -> None:
-        from gpunet_core import registry
-        from gpunet_core.results import sha256_file
-
-        if not checkpoint.exists():
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                model_dir = registry.checkpoint_model_dir(checkpoint, model_name=model_name,
-                                                          img_size=img_size,
-                                                          dest=Path(tmp) / "model")
-            except Exception as exc:  # the weights or the model, not the server: no retry
-                _logger.warning("no MLflow model logged: building it from %s failed (%s); "
-                                "registration builds it from the checkpoint", checkpoint,
-                                str(exc).splitlines()[0][:200])
-                return
-            registry.publish_pytorch_model(self.client, run_id, model_dir,
-                                           checkpoint_sha256=sha256_file(checkpoint),
-                                           img_size=img_size)
 
     def _pending(self) -> list[dict[str, Any]]:
         if not self.spool.exists():
