@@ -6,6 +6,8 @@ Runtime), each with the same signature and input example. Versions carry their m
 ``top1`` and ``latency_ms`` as tags, which promotion compares. Training logs the ``pytorch``
 flavor to its own run (:func:`log_pytorch_model`); registration adds the ``onnx`` flavor and
 builds the ``pytorch`` one only when the run does not already hold the checkpoint's model.
+A registered version's folder is never rewritten: later registrations from the same run get
+folders of their own.
 
 Promotion uses MLflow 3 aliases (no deprecated stages): the candidate becomes ``champion`` only
 when its top-1 reaches the minimum, its latency fits the budget and it beats the current champion
@@ -95,25 +97,30 @@ def add_onnx_flavor(model_dir: str | Path, onnx_path: str | Path) -> Path:
     return model_dir
 
 
-def _upload_model_dir(mlc, run_id: str, model_dir: Path) -> None:
-    """Upload ``model_dir`` to the run's model folder, ``MLmodel`` last: a folder whose
+def _upload_model_dir(mlc, run_id: str, model_dir: Path, folder: str = MODEL_PATH) -> None:
+    """Upload ``model_dir`` to the run's ``folder``, ``MLmodel`` last: a folder whose
     ``MLmodel`` is there is complete."""
     for entry in sorted(model_dir.iterdir()):
         if entry.name == "MLmodel":
             continue
         if entry.is_dir():
-            mlc.log_artifacts(run_id, str(entry), artifact_path=f"{MODEL_PATH}/{entry.name}")
+            mlc.log_artifacts(run_id, str(entry), artifact_path=f"{folder}/{entry.name}")
         else:
-            mlc.log_artifact(run_id, str(entry), artifact_path=MODEL_PATH)
-    mlc.log_artifact(run_id, str(model_dir / "MLmodel"), artifact_path=MODEL_PATH)
+            mlc.log_artifact(run_id, str(entry), artifact_path=folder)
+    mlc.log_artifact(run_id, str(model_dir / "MLmodel"), artifact_path=folder)
 
 
 def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: int,
                          dest: str | Path) -> Path:
-    """:func:`build_pytorch_model_dir` for ``checkpoint``'s weights (as validation loads them)."""
+    """:func:`build_pytorch_model_dir` for ``checkpoint``'s weights (as validation loads them);
+    :class:`ModelBuildError` when the weights or the model fail."""
     from gpunet_core.evaluate import load_inference_model
 
-    return build_pytorch_model_dir(load_inference_model(model_name, checkpoint), img_size, dest)
+    try:
+        return build_pytorch_model_dir(load_inference_model(model_name, checkpoint), img_size,
+                                       dest)
+    except Exception as exc:
+        raise ModelBuildError(str(exc)) from exc
 
 
 def publish_pytorch_model(mlc, run_id: str, model_dir: Path, *, checkpoint_sha256: str,
@@ -144,11 +151,8 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
     from gpunet_core.results import sha256_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
-                                             img_size=img_size, dest=Path(tmp) / MODEL_PATH)
-        except Exception as exc:
-            raise ModelBuildError(str(exc)) from exc
+        model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
+                                         img_size=img_size, dest=Path(tmp) / MODEL_PATH)
         publish_pytorch_model(mlc or client(tracking_uri), run_id, model_dir,
                               checkpoint_sha256=sha256_file(checkpoint), img_size=img_size)
 
@@ -161,6 +165,31 @@ def _logged_model_matches(mlc, run_id: str, checkpoint: str | Path, img_size: in
             and tags.get(CHECKPOINT_TAG) == sha256_file(checkpoint))
 
 
+def _registered_folders(mlc, run_id: str) -> set[str]:
+    """The run's artifact folders that registered versions (of any model) point at."""
+    run_uri = mlc.get_run(run_id).info.artifact_uri.rstrip("/")
+    folders = set()
+    for version in mlc.search_model_versions(f"run_id = '{run_id}'"):
+        for prefix in (f"{run_uri}/", f"runs:/{run_id}/"):
+            if version.source.startswith(prefix):
+                folders.add(version.source[len(prefix):].strip("/"))
+    return folders
+
+
+def _free_folder(mlc, run_id: str, taken: set[str]) -> str:
+    """A new folder for a registration: ``model-2``, ``model-3``, ... (one not in the run yet,
+    so a partial upload left by an interrupted registration is never mixed into it)."""
+    present = {Path(f.path).name for f in mlc.list_artifacts(run_id)} | taken
+    n = 2
+    while f"{MODEL_PATH}-{n}" in present:
+        n += 1
+    return f"{MODEL_PATH}-{n}"
+
+
+def _download_folder(mlc, run_id: str, folder: str, dest: Path) -> Path:
+    return Path(mlc.download_artifacts(run_id, folder, str(dest)))
+
+
 def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, model_name: str,
              name: str, img_size: int, tags: dict[str, Any],
              tracking_uri: str | None = None) -> str:
@@ -169,28 +198,45 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
     The ``pytorch`` flavor is the one training logged when it is ``checkpoint``'s model at
     ``img_size`` (no torch needed here); otherwise it is built from ``checkpoint`` now.
     The ``onnx`` flavor is added from ``onnx_path``.
+
+    A registered version's files are never rewritten: the first registration from a run uses
+    its ``model`` folder; once a version points there, later ones from the same run (another
+    export, checkpoint or resolution) get a folder of their own (``model-2``, ...), copied
+    from ``model`` when it holds the checkpoint's model, else built.
     """
     from mlflow.exceptions import MlflowException
 
     mlc = client(tracking_uri)
-    if _logged_model_matches(mlc, run_id, checkpoint, img_size):
-        _logger.info("run %s already holds %s's model: adding the onnx flavor", run_id,
-                     checkpoint)
-    else:
-        log_pytorch_model(run_id, checkpoint, model_name=model_name, img_size=img_size, mlc=mlc)
+    reuse = _logged_model_matches(mlc, run_id, checkpoint, img_size)
+    taken = _registered_folders(mlc, run_id)
+    folder = MODEL_PATH if MODEL_PATH not in taken else _free_folder(mlc, run_id, taken)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / MODEL_PATH
-        model_dir.mkdir()
-        mlmodel = mlc.download_artifacts(run_id, f"{MODEL_PATH}/MLmodel", str(model_dir))
-        if Path(mlmodel) != model_dir / "MLmodel":
-            shutil.move(mlmodel, model_dir / "MLmodel")
+        if folder == MODEL_PATH:
+            if reuse:
+                _logger.info("run %s already holds %s's model: adding the onnx flavor",
+                             run_id, checkpoint)
+            else:
+                log_pytorch_model(run_id, checkpoint, model_name=model_name,
+                                  img_size=img_size, mlc=mlc)
+            model_dir = Path(tmp) / MODEL_PATH  # only MLmodel: the rest stays in place
+            model_dir.mkdir()
+            mlmodel = mlc.download_artifacts(run_id, f"{MODEL_PATH}/MLmodel", str(model_dir))
+            if Path(mlmodel) != model_dir / "MLmodel":
+                shutil.move(mlmodel, model_dir / "MLmodel")
+        elif reuse:
+            _logger.info("run %s's model folder is registered already: copying %s's model "
+                         "to %s", run_id, checkpoint, folder)
+            model_dir = _download_folder(mlc, run_id, MODEL_PATH, Path(tmp))
+        else:
+            model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
+                                             img_size=img_size, dest=Path(tmp) / folder)
         add_onnx_flavor(model_dir, onnx_path)
-        _upload_model_dir(mlc, run_id, model_dir)
+        _upload_model_dir(mlc, run_id, model_dir, folder)
     try:
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
-    source = f"{mlc.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
+    source = f"{mlc.get_run(run_id).info.artifact_uri}/{folder}"
     version = mlc.create_model_version(name, source, run_id=run_id,
                                        tags={k: str(v) for k, v in tags.items()})
     _logger.info("registered %s version %s (%s)", name, version.version, source)

@@ -398,8 +398,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     env = setup_distributed()
     seed_everything(args.seed + env.rank)
-    output = output_dir(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = output_dir(args.output)  # created once the arguments, data and models check out
 
     # ---- data (class count checked before any model work)
     train_root, val_root = Path(args.data) / "train", Path(args.data) / "val"
@@ -458,6 +457,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         decay_rate=args.decay_rate, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         min_lr=args.min_lr, updates_per_epoch=steps_per_epoch)
 
+    output.mkdir(parents=True, exist_ok=True)
     state = RunState(history=[])
     resume = _resume_source(args, output, env)
     if resume:

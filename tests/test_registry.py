@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow.models
 import pytest
 from mlflow import MlflowClient
 
@@ -90,7 +91,7 @@ IMG = 32
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
-    """Two gpunet_0 checkpoints (other weights) and the ONNX export of the first."""
+    """Two gpunet_0 checkpoints (other weights) and their ONNX exports."""
     import torch
 
     from gpunet_core.export import export_onnx
@@ -104,10 +105,12 @@ def two_checkpoints(tmp_path_factory):
         paths.append(folder / str(seed) / "model_best.pth.tar")
         torch.save({"state_dict": create_model("gpunet_0", num_classes=3).state_dict()},
                    paths[-1])
-    onnx_path = folder / "model.onnx"
-    export_onnx(registry_model(paths[0]), onnx_path, model_name="gpunet_0", img_size=IMG,
-                dynamic_batch=True)
-    return paths, onnx_path
+    onnx_paths = []
+    for path in paths:
+        onnx_paths.append(path.with_name("model.onnx"))
+        export_onnx(registry_model(path), onnx_paths[-1], model_name="gpunet_0", img_size=IMG,
+                    dynamic_batch=True)
+    return paths, onnx_paths
 
 
 def registry_model(checkpoint):
@@ -161,34 +164,52 @@ def assert_version_is(version, checkpoint, onnx_of):
     assert torch.allclose(torch.from_numpy(onnx_out), expected_onnx, atol=1e-4)
 
 
+def source_folder(mlc, version):
+    return mlc.get_model_version(NAME, version).source.rsplit("/", 1)[1]
+
+
 def test_register_reuses_the_model_training_logged(training_run, two_checkpoints):
     mlc, run_id = training_run
-    (first, _), onnx_path = two_checkpoints
+    (first, second), (onnx_first, onnx_second) = two_checkpoints
     registry.log_pytorch_model(run_id, first, model_name="gpunet_0", img_size=IMG)
     assert mlc.get_run(run_id).data.tags[registry.IMG_SIZE_TAG] == str(IMG)
     assert {f.path for f in mlc.list_artifacts(run_id, "model")} >= {"model/MLmodel",
                                                                      "model/data"}
-    version, torch_loaded = register_in_fresh_process(run_id, first, onnx_path)
+    version, torch_loaded = register_in_fresh_process(run_id, first, onnx_first)
     assert (version, torch_loaded) == ("1", False)  # nothing rebuilt: no torch
+    assert source_folder(mlc, "1") == "model"
     assert_version_is(version, first, onnx_of=first)
+    # another export of the same checkpoint: v1's folder is not rewritten; the model training
+    # logged is copied to a folder of v2's own, still without torch
+    assert register_in_fresh_process(run_id, first, onnx_second) == ("2", False)
+    assert source_folder(mlc, "2") == "model-2"
+    assert_version_is("2", first, onnx_of=second)
+    assert_version_is("1", first, onnx_of=first)
 
 
 def test_register_builds_the_model_when_the_run_lacks_it_or_holds_another(training_run,
                                                                           two_checkpoints):
-    mlc, run_id = training_run
-    (first, second), onnx_path = two_checkpoints
-    # nothing logged by training (e.g. --no-log-model): built here, with torch
-    assert register_in_fresh_process(run_id, first, onnx_path) == ("1", True)
-    assert_version_is("1", first, onnx_of=first)
-    # the run holds the first checkpoint's model; the second is registered: rebuilt
-    assert register_in_fresh_process(run_id, second, onnx_path) == ("2", True)
-    assert_version_is("2", second, onnx_of=first)
     from gpunet_core.results import sha256_file
 
-    assert mlc.get_run(run_id).data.tags[registry.CHECKPOINT_TAG] == sha256_file(second)
+    mlc, run_id = training_run
+    (first, second), (onnx_first, onnx_second) = two_checkpoints
+    # nothing logged by training (e.g. --no-log-model): built here, with torch
+    assert register_in_fresh_process(run_id, first, onnx_first) == ("1", True)
+    assert_version_is("1", first, onnx_of=first)
+    assert mlc.get_run(run_id).data.tags[registry.CHECKPOINT_TAG] == sha256_file(first)
+    # the run's model folder is v1's (the first checkpoint); the second is built into its own
+    assert register_in_fresh_process(run_id, second, onnx_second) == ("2", True)
+    assert_version_is("2", second, onnx_of=second)
     # same checkpoint at another resolution: the signature differs, so rebuilt too
-    assert register_in_fresh_process(run_id, second, onnx_path, img_size=IMG + 8)[1] is True
-    assert mlc.get_run(run_id).data.tags[registry.IMG_SIZE_TAG] == str(IMG + 8)
+    assert register_in_fresh_process(run_id, second, onnx_second, img_size=IMG + 8) == ("3",
+                                                                                       True)
+    signature = mlflow.models.get_model_info(f"models:/{NAME}/3").signature
+    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"][-1] == IMG + 8
+    assert [source_folder(mlc, v) for v in "123"] == ["model", "model-2", "model-3"]
+    # earlier versions are untouched, and the run's tags still describe its model folder
+    assert_version_is("1", first, onnx_of=first)
+    assert_version_is("2", second, onnx_of=second)
+    assert mlc.get_run(run_id).data.tags[registry.CHECKPOINT_TAG] == sha256_file(first)
 
 
 def test_training_tracker_skips_a_model_it_cannot_build(tmp_path, monkeypatch, caplog):

@@ -145,7 +145,7 @@ CASES: list[Case] = [
            ("cannot resume from", "linear.pth", "use --initial-checkpoint"),
            outputs=TRAIN_OUTPUTS),
     gpunet("train-missing-dataset", ("train", "{in}/no_dataset", "--output", RUN),
-           ("dataset directory not found", "no_dataset/train"), outputs=TRAIN_OUTPUTS),
+           ("dataset directory not found", "no_dataset/train"), outputs=(RUN,)),
     gpunet("train-batch-larger-than-dataset", (*TRAIN, "-b", "100000"),
            ("batch size 100000", "larger than the training set", "lower -b"),
            outputs=TRAIN_OUTPUTS),
