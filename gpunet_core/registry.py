@@ -123,57 +123,47 @@ def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: i
         raise ModelBuildError(str(exc)) from exc
 
 
-def publish_pytorch_model(mlc, run_id: str, model_dir: Path, *, checkpoint_sha256: str,
-                          img_size: int) -> None:
-    """Upload a :func:`checkpoint_model_dir` to the run's ``model`` folder.
-
-    The run's tags name the checkpoint (sha256) and resolution, which :func:`register` checks
-    before it reuses the folder; they are cleared first and set after the upload, so they never
-    describe a partial one.
-    """
-    stale = mlc.get_run(run_id).data.tags
-    for key in (CHECKPOINT_TAG, IMG_SIZE_TAG):
-        if key in stale:
-            mlc.delete_tag(run_id, key)
-    _upload_model_dir(mlc, run_id, model_dir)
-    mlc.set_tag(run_id, CHECKPOINT_TAG, checkpoint_sha256)
-    mlc.set_tag(run_id, IMG_SIZE_TAG, str(img_size))
-    _logger.info("logged the model (pytorch flavor) to run %s", run_id)
-
-
 def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, img_size: int,
                       tracking_uri: str | None = None, mlc=None) -> None:
     """Log ``checkpoint``'s model (``pytorch`` flavor) to the run's ``model`` folder.
 
     Training does this at its end (:meth:`gpunet_core.tracking.RunTracker.log_model`), where
-    torch and the weights are at hand, so that :func:`register` needs no torch.
+    torch and the weights are at hand, so that :func:`register` needs no torch. The run's tags
+    name the checkpoint (sha256) and resolution, which :func:`register` checks before it reuses
+    the folder; they are cleared first and set after the upload, so they never describe a
+    partial one.
     """
     from gpunet_core.results import sha256_file
 
+    mlc = mlc or client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
                                          img_size=img_size, dest=Path(tmp) / MODEL_PATH)
-        publish_pytorch_model(mlc or client(tracking_uri), run_id, model_dir,
-                              checkpoint_sha256=sha256_file(checkpoint), img_size=img_size)
+        stale = mlc.get_run(run_id).data.tags
+        for key in (CHECKPOINT_TAG, IMG_SIZE_TAG):
+            if key in stale:
+                mlc.delete_tag(run_id, key)
+        _upload_model_dir(mlc, run_id, model_dir)
+    mlc.set_tag(run_id, CHECKPOINT_TAG, sha256_file(checkpoint))
+    mlc.set_tag(run_id, IMG_SIZE_TAG, str(img_size))
+    _logger.info("logged the model (pytorch flavor) to run %s", run_id)
 
 
-def _logged_model_matches(mlc, run_id: str, checkpoint: str | Path, img_size: int) -> bool:
+def _logged_model_matches(run, checkpoint: str | Path, img_size: int) -> bool:
     from gpunet_core.results import sha256_file
 
-    tags = mlc.get_run(run_id).data.tags
+    tags = run.data.tags
     return (tags.get(IMG_SIZE_TAG) == str(img_size)
             and tags.get(CHECKPOINT_TAG) == sha256_file(checkpoint))
 
 
-def _registered_folders(mlc, run_id: str) -> set[str]:
+def _registered_folders(mlc, run) -> set[str]:
     """The run's artifact folders that registered versions (of any model) point at."""
-    run_uri = mlc.get_run(run_id).info.artifact_uri.rstrip("/")
-    folders = set()
-    for version in mlc.search_model_versions(f"run_id = '{run_id}'"):
-        for prefix in (f"{run_uri}/", f"runs:/{run_id}/"):
-            if version.source.startswith(prefix):
-                folders.add(version.source[len(prefix):].strip("/"))
-    return folders
+    run_id = run.info.run_id
+    prefixes = (f"{run.info.artifact_uri.rstrip('/')}/", f"runs:/{run_id}/")
+    return {version.source[len(prefix):].strip("/")
+            for version in mlc.search_model_versions(f"run_id = '{run_id}'")
+            for prefix in prefixes if version.source.startswith(prefix)}
 
 
 def _free_folder(mlc, run_id: str, taken: set[str]) -> str:
@@ -184,10 +174,6 @@ def _free_folder(mlc, run_id: str, taken: set[str]) -> str:
     while f"{MODEL_PATH}-{n}" in present:
         n += 1
     return f"{MODEL_PATH}-{n}"
-
-
-def _download_folder(mlc, run_id: str, folder: str, dest: Path) -> Path:
-    return Path(mlc.download_artifacts(run_id, folder, str(dest)))
 
 
 def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, model_name: str,
@@ -207,11 +193,12 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
     from mlflow.exceptions import MlflowException
 
     mlc = client(tracking_uri)
-    reuse = _logged_model_matches(mlc, run_id, checkpoint, img_size)
-    taken = _registered_folders(mlc, run_id)
+    run = mlc.get_run(run_id)
+    reuse = _logged_model_matches(run, checkpoint, img_size)
+    taken = _registered_folders(mlc, run)
     folder = MODEL_PATH if MODEL_PATH not in taken else _free_folder(mlc, run_id, taken)
     with tempfile.TemporaryDirectory() as tmp:
-        if folder == MODEL_PATH:
+        if folder == MODEL_PATH:  # the run's own folder, not registered yet
             if reuse:
                 _logger.info("run %s already holds %s's model: adding the onnx flavor",
                              run_id, checkpoint)
@@ -226,7 +213,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
         elif reuse:
             _logger.info("run %s's model folder is registered already: copying %s's model "
                          "to %s", run_id, checkpoint, folder)
-            model_dir = _download_folder(mlc, run_id, MODEL_PATH, Path(tmp))
+            model_dir = Path(mlc.download_artifacts(run_id, MODEL_PATH, tmp))
         else:
             model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
                                              img_size=img_size, dest=Path(tmp) / folder)
@@ -236,7 +223,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
-    source = f"{mlc.get_run(run_id).info.artifact_uri}/{folder}"
+    source = f"{run.info.artifact_uri}/{folder}"
     version = mlc.create_model_version(name, source, run_id=run_id,
                                        tags={k: str(v) for k, v in tags.items()})
     _logger.info("registered %s version %s (%s)", name, version.version, source)
