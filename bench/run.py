@@ -4,9 +4,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from gpunet_core.perf import main  # noqa: E402
+from bench.perf import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 Lightweight Python components (imports inside the bodies) so the same code runs on a cluster
 from our images and on a laptop under ``kfp.local.SubprocessRunner(use_venv=False)``. Every
-``base_image`` comes from ``images/images.yaml`` through :func:`gpunet_core.images.image_ref`.
+``base_image`` comes from ``images/images.yaml`` through :func:`gpunet_core.mlops.images.image_ref`.
 """
 
 from components.benchmark import benchmark

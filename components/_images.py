@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from gpunet_core.images import image_ref
+from gpunet_core.mlops.images import image_ref
 
 CPU_IMAGE = image_ref("cpu")
 TRAIN_IMAGE = image_ref("train")

@@ -1,4 +1,4 @@
-"""report: latency/accuracy table and Pareto plot as an HTML visualization (gpunet_core.report)."""
+"""report: latency/accuracy table and Pareto plot as an HTML visualization (gpunet_core.inference.report)."""
 
 from kfp.dsl import HTML, Artifact, Input, Output
 

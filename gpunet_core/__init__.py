@@ -15,18 +15,18 @@ import sys
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ArchSpec": "gpunet_core.spec",
-    "load_spec": "gpunet_core.spec",
-    "CheckpointError": "gpunet_core.errors",
-    "GpunetError": "gpunet_core.errors",
-    "SpecError": "gpunet_core.errors",
-    "UnknownModelError": "gpunet_core.errors",
-    "GPUNet": "gpunet_core.model",
-    "build_model": "gpunet_core.model",
-    "create_model": "gpunet_core.model",
-    "list_models": "gpunet_core.model",
-    "load_checkpoint": "gpunet_core.checkpoint",
-    "save_checkpoint": "gpunet_core.checkpoint",
+    "ArchSpec": "gpunet_core.models.spec",
+    "load_spec": "gpunet_core.models.spec",
+    "CheckpointError": "gpunet_core.utils.errors",
+    "GpunetError": "gpunet_core.utils.errors",
+    "SpecError": "gpunet_core.utils.errors",
+    "UnknownModelError": "gpunet_core.utils.errors",
+    "GPUNet": "gpunet_core.models.gpunet",
+    "build_model": "gpunet_core.models.gpunet",
+    "create_model": "gpunet_core.models.gpunet",
+    "list_models": "gpunet_core.models.gpunet",
+    "load_checkpoint": "gpunet_core.models.checkpoint",
+    "save_checkpoint": "gpunet_core.models.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -48,7 +48,7 @@ def __dir__() -> list[str]:
 
 def _register_with_timm() -> None:
     try:
-        importlib.import_module("gpunet_core.model").register_with_timm()
+        importlib.import_module("gpunet_core.models.gpunet").register_with_timm()
     except Exception as exc:  # never break `import timm` over our registration
         import logging
 

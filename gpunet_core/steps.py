@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpunet_core.errors import GpunetError
-from gpunet_core.process import fast_exit, process_age_s
+from gpunet_core.utils.errors import GpunetError
+from gpunet_core.utils.process import fast_exit, process_age_s
 
 _logger = logging.getLogger(__name__)
 RUN_TAG = "kfp_run_id"
@@ -172,7 +172,7 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
     KFP keeps Metrics in the artifact's metadata only; with no file at the artifact's URI a
     cache (``kfp.local``'s treats a missing file as a miss) would re-run the step every time.
     """
-    from gpunet_core.results import write_json
+    from gpunet_core.utils.files import write_json
 
     write_json(dict(data), path)
 
@@ -180,11 +180,12 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the steps
 
 
-@timed("gpunet_core.datasets", "gpunet_core.storage", "PIL.Image")
+@timed("gpunet_core.data.prepare", "gpunet_core.utils.storage", "PIL.Image")
 def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
                     per_class: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """``digits`` (the embedded demo set) or an ImageFolder tree (local path or ``s3://``)."""
-    from gpunet_core import datasets, storage
+    from gpunet_core.data import prepare as datasets
+    from gpunet_core.utils import storage
 
     if source == "digits":
         summary = datasets.prepare_digits(out, img_size=img_size, per_class=per_class or None,
@@ -236,7 +237,7 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
             args += ["--run-tag", f"{RUN_TAG}={kfp_run_id}"]
     args += list(extra_args or [])
     if nodes > 1:
-        from gpunet_core.pytorchjob import run_pytorchjob
+        from gpunet_core.mlops.pytorchjob import run_pytorchjob
 
         return run_pytorchjob(args, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
                               namespace=namespace, name=f"gpunet-train-{kfp_run_id or 'job'}")
@@ -284,14 +285,14 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode, reason
 
 
-@timed("gpunet_core.evaluate", "gpunet_core.loaders")
+@timed("gpunet_core.inference.validate", "gpunet_core.data.loaders")
 def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
              crop_pct: float = 1.0, batch_size: int = 64,
              results_file: str | Path | None = None) -> dict[str, Any]:
-    from gpunet_core.evaluate import load_inference_model
-    from gpunet_core.evaluate import validate as run_validate
-    from gpunet_core.results import write_json
-    from gpunet_core.spec import check_img_size
+    from gpunet_core.inference.validate import load_inference_model
+    from gpunet_core.inference.validate import validate as run_validate
+    from gpunet_core.models.spec import check_img_size
+    from gpunet_core.utils.files import write_json
 
     check_img_size(img_size)  # before the checkpoint is read
     net = load_inference_model(model, checkpoint)
@@ -303,11 +304,11 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     return results
 
 
-@timed("gpunet_core.export", "gpunet_core.evaluate", "onnx", late=("onnxruntime",))
+@timed("gpunet_core.inference.export", "gpunet_core.inference.validate", "onnx", late=("onnxruntime",))
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
-    from gpunet_core import export
-    from gpunet_core.evaluate import load_inference_model
+    from gpunet_core.inference import export
+    from gpunet_core.inference.validate import load_inference_model
 
     export.check_options(batch=1, opset=export.DEFAULT_OPSET, exporter=export.DEFAULT_EXPORTER,
                          img_size=img_size, tolerance=None)  # before the checkpoint is read
@@ -316,11 +317,11 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                               dynamic_batch=True, checkpoint=checkpoint)
 
 
-@timed("gpunet_core.benchmark", late=("onnxruntime", "tensorrt", "torch"))
+@timed("gpunet_core.inference.latency", late=("onnxruntime", "tensorrt", "torch"))
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
-    from gpunet_core.benchmark import run_benchmark
-    from gpunet_core.results import write_json
+    from gpunet_core.inference.latency import run_benchmark
+    from gpunet_core.utils.files import write_json
 
     result = run_benchmark(onnx, backend=backend, iterations=iterations)
     if results_file:
@@ -328,7 +329,7 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     return result
 
 
-@timed("gpunet_core.registry", "mlflow", "mlflow.onnx", "onnx", late=("torch",))
+@timed("gpunet_core.mlops.registry", "mlflow", "mlflow.onnx", "onnx", late=("torch",))
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
@@ -342,7 +343,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     """
     from mlflow import MlflowClient
 
-    from gpunet_core import registry
+    from gpunet_core.mlops import registry
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")
@@ -368,9 +369,9 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}
 
 
-@timed("gpunet_core.report", late=("matplotlib",))
+@timed("gpunet_core.inference.report", late=("matplotlib",))
 def write_html_report(results: list[str | Path], out: str | Path) -> Path:
     """The latency/accuracy report (table + Pareto plot) of validation and benchmark results."""
-    from gpunet_core import report
+    from gpunet_core.inference import report
 
     return report.write_html_report(results, out)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpunet_core.errors import GpunetError
+from gpunet_core.utils.errors import GpunetError
 
 _logger = logging.getLogger("pipelines")
 
@@ -85,7 +85,7 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
     step an hour into the run."""
     import math
 
-    from gpunet_core.spec import MAX_IMG_SIZE, MODEL_INFO
+    from gpunet_core.models.spec import MAX_IMG_SIZE, MODEL_INFO
 
     def bad(name: str, why: str) -> PipelineError:
         return PipelineError(f"--param {name}={params[name]!r}: {why}")
@@ -113,13 +113,13 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
     if params.get("teacher_name"):
         import timm
 
-        import gpunet_core.model  # noqa: F401  (registers gpunet_* with timm)
+        import gpunet_core.models.gpunet  # noqa: F401  (registers gpunet_* with timm)
 
         if not timm.is_model(params["teacher_name"]):
             raise bad("teacher_name", "not a timm model name (see timm.list_models()), e.g. "
                                       "gpunet_1 or tf_efficientnet_b0")
     if params.get("preset"):
-        from gpunet_core.presets import PRESETS
+        from gpunet_core.training.presets import PRESETS
 
         if params["preset"] not in PRESETS:
             raise bad("preset", f"valid presets are {', '.join(sorted(PRESETS))} (or empty)")
@@ -129,7 +129,7 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
         if params["augment"] not in AUGMENT:
             raise bad("augment", f"valid values are {', '.join(sorted(AUGMENT))}")
     if "bench_backend" in params:
-        from gpunet_core.benchmark import BACKENDS
+        from gpunet_core.inference.latency import BACKENDS
 
         if params["bench_backend"] not in BACKENDS:
             raise bad("bench_backend", f"valid backends are {', '.join(BACKENDS)}")
@@ -304,7 +304,7 @@ def list_runs(host: str, *, experiment: str | None = None, token: str | None = N
 
 def preflight(params: dict[str, Any]) -> None:
     """Check what can be checked here before any step starts (dataset source, S3 access)."""
-    from gpunet_core import storage
+    from gpunet_core.utils import storage
 
     source = params.get("dataset_source", "digits")
     if source == "digits":
@@ -328,7 +328,8 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     """
     from kfp import local
 
-    from gpunet_core import registry, steps
+    from gpunet_core import steps
+    from gpunet_core.mlops import registry
     from pipelines.gpunet_training import gpunet_training
 
     preflight(params)
@@ -380,7 +381,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
 def _overhead(timings: Path, elapsed: float) -> dict[str, Any] | None:
     """The run's wall time split into the steps' compute and everything else (None if no
     step recorded its time, e.g. when every step came from the cache)."""
-    from gpunet_core.perf import pipeline_overhead
+    from bench.perf import pipeline_overhead
 
     entries = [json.loads(line) for line in timings.read_text().splitlines()
                if line.strip()] if timings.exists() else []

@@ -31,7 +31,7 @@ def s3_env(s3, monkeypatch, tmp_path):
 
 
 def _digits(tmp_path_factory, name: str, per_class: int):
-    from gpunet_core.datasets import prepare_digits
+    from gpunet_core.data.prepare import prepare_digits
 
     out = tmp_path_factory.mktemp(name)
     prepare_digits(out, img_size=32, per_class=per_class)

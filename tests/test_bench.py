@@ -1,4 +1,4 @@
-"""`make bench` harness (gpunet_core.perf): a quick run writes the agreed JSON and markdown.
+"""`make bench` harness (bench.perf): a quick run writes the agreed JSON and markdown.
 
 No timing assertions here: speed targets live in the benchmark output, never in timed tests.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpunet_core import perf
-from gpunet_core.errors import BenchmarkError
+from gpunet_core.utils.errors import BenchmarkError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,7 @@ def test_training_loop_still_stops_on_a_non_finite_loss():
     """The per-step isfinite() host sync moved to the logging points; the check itself stays."""
     import torch
 
-    from gpunet_core.train import TrainError, _check_finite, _Progress
+    from gpunet_core.training.loop import TrainError, _check_finite, _Progress
 
     _check_finite(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), 0, 5)
     with pytest.raises(TrainError, match=r"loss became nan in epoch 3 \(by step 7\)"):

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpunet_core.benchmark import (
+from gpunet_core.cli import main as cli_main
+from gpunet_core.inference.export import export_onnx, inspect_onnx
+from gpunet_core.inference.latency import (
     BENCH_SCHEMA,
     latency_stats,
     parse_trtexec_output,
     run_benchmark,
     trtexec_command,
 )
-from gpunet_core.cli import main as cli_main
-from gpunet_core.errors import BenchmarkError, ExportError
-from gpunet_core.export import export_onnx, inspect_onnx
-from gpunet_core.model import create_model
+from gpunet_core.models.gpunet import create_model
+from gpunet_core.utils.errors import BenchmarkError, ExportError
 
 TRTEXEC_LOG = Path(__file__).parent / "data" / "trtexec10_gpunet0_fp16.txt"
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the GPU-less path")

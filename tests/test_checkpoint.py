@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import gpunet_core
-from gpunet_core.checkpoint import (
+from gpunet_core.models.checkpoint import (
     find_pretrained,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from gpunet_core.errors import CheckpointError
+from gpunet_core.utils.errors import CheckpointError
 
 MODELS = gpunet_core.list_models()
 # Container styles of NVIDIA's files and of the project's own checkpoints.
@@ -162,7 +162,7 @@ def test_unreadable_files(tmp_path, g0_sd):
 def test_other_num_classes_loads_all_but_classifier(tmp_path, g0_sd, caplog):
     path = tmp_path / "imagenet.pth"
     torch.save(g0_sd, path)
-    with caplog.at_level(logging.INFO, logger="gpunet_core.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="gpunet_core.models.checkpoint"):
         model = gpunet_core.create_model("gpunet_0", num_classes=10, checkpoint=path)
     assert model.get_classifier().out_features == 10
     own = model.state_dict()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpunet_core import cli, datasets
-from gpunet_core.errors import DataError
+from gpunet_core import cli
+from gpunet_core.data import prepare as datasets
+from gpunet_core.utils.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,14 @@ import shutil
 import pytest
 import torch
 
-from gpunet_core.checkpoint import save_checkpoint
 from gpunet_core.cli import main as cli_main
-from gpunet_core.datasets import prepare_digits
-from gpunet_core.errors import GpunetError
-from gpunet_core.evaluate import load_inference_model, validate
-from gpunet_core.loaders import EvalConfig, eval_transform, open_image_folder
-from gpunet_core.model import create_model
+from gpunet_core.data.folder import open_image_folder
+from gpunet_core.data.prepare import prepare_digits
+from gpunet_core.data.transforms import EvalConfig, eval_transform
+from gpunet_core.inference.validate import load_inference_model, validate
+from gpunet_core.models.checkpoint import save_checkpoint
+from gpunet_core.models.gpunet import create_model
+from gpunet_core.utils.errors import GpunetError
 
 IMG = 32
 TIMING_KEYS = {"seconds", "images_per_second"}
@@ -113,8 +114,8 @@ def test_class_count_mismatch_and_missing_dir_are_clear(digits_checkpoint, tmp_p
 
 @pytest.mark.parametrize("name", ["gpunet_0", "gpunet_d1"])
 def test_fold_batchnorm_keeps_outputs_and_removes_every_bn(name):
-    from gpunet_core.evaluate import fold_batchnorm
-    from gpunet_core.model import create_model
+    from gpunet_core.inference.validate import fold_batchnorm
+    from gpunet_core.models.gpunet import create_model
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).eval()

@@ -14,11 +14,8 @@ import onnx
 import pytest
 import torch
 
-from gpunet_core.checkpoint import save_checkpoint
 from gpunet_core.cli import main as cli_main
-from gpunet_core.errors import CheckpointError, ExportError
-from gpunet_core.evaluate import load_inference_model
-from gpunet_core.export import (
+from gpunet_core.inference.export import (
     check_parity,
     export_onnx,
     fixed_input,
@@ -26,7 +23,10 @@ from gpunet_core.export import (
     onnxruntime_session,
     sidecar_path,
 )
-from gpunet_core.model import create_model, list_models
+from gpunet_core.inference.validate import load_inference_model
+from gpunet_core.models.checkpoint import save_checkpoint
+from gpunet_core.models.gpunet import create_model, list_models
+from gpunet_core.utils.errors import CheckpointError, ExportError
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = 64

@@ -1,4 +1,4 @@
-"""Container images: images.yaml <-> gpunet_core.images <-> Makefile, hadolint, builder errors."""
+"""Container images: images.yaml <-> gpunet_core.mlops.images <-> Makefile, hadolint, builder errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpunet_core import images
-from gpunet_core.images import ImageConfigError, image_kinds, image_ref
+from gpunet_core.mlops import images
+from gpunet_core.mlops.images import ImageConfigError, image_kinds, image_ref
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpunet_core import cli, datasets, loaders
-from gpunet_core.errors import GpunetError
-from gpunet_core.loaders import EvalConfig, TrainConfig
+from gpunet_core import cli
+from gpunet_core.data import folder, loaders, transforms
+from gpunet_core.data import prepare as datasets
+from gpunet_core.data.transforms import AugmentConfig, EvalConfig
+from gpunet_core.utils.errors import GpunetError
 
 MEAN = torch.tensor(loaders.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(loaders.IMAGENET_STD).view(1, 3, 1, 1)
@@ -65,7 +67,7 @@ def test_eval_transform_equals_timms(size, crop_pct, interpolation):
 
     cfg = EvalConfig(img_size=size, crop_pct=crop_pct, interpolation=interpolation,
                      mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
-    ours = loaders.eval_transform(cfg)
+    ours = transforms.eval_transform(cfg)
     timms = create_transform(input_size=size, is_training=False, interpolation=interpolation,
                              mean=cfg.mean, std=cfg.std, crop_pct=crop_pct)
     rng = np.random.default_rng(size)
@@ -78,7 +80,7 @@ def test_eval_transform_equals_timms(size, crop_pct, interpolation):
     grey = Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)).convert("RGB")
     assert torch.equal(ours(grey), timms(grey))
     with pytest.raises(GpunetError, match="interpolation 'cubic' is not one of"):
-        loaders.eval_transform(EvalConfig(img_size=32, crop_pct=1.0, interpolation="cubic"))
+        transforms.eval_transform(EvalConfig(img_size=32, crop_pct=1.0, interpolation="cubic"))
 
 
 def test_image_folder_follows_torchvision_rules(tmp_path):
@@ -92,30 +94,30 @@ def test_image_folder_follows_torchvision_rules(tmp_path):
             Path(rel).suffix.lower()])
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "stray.jpg").write_bytes(b"")  # files beside the class folders are ignored
-    ours, theirs = loaders.ImageFolderDataset(tmp_path), ImageFolder(str(tmp_path))
+    ours, theirs = folder.ImageFolderDataset(tmp_path), ImageFolder(str(tmp_path))
     assert ours.classes == theirs.classes == ["a", "b", "c"]
     assert ours.class_to_idx == theirs.class_to_idx
     assert ours.samples == theirs.samples and ours.targets == theirs.targets
     img, target = ours[1]
     assert img.mode == "RGB" and img.size == (5, 4) and target == 0
     # a fixed class list (from a manifest) keeps indices and tolerates absent classes
-    fixed = loaders.ImageFolderDataset(tmp_path, classes=["c", "zz", "a"], allow_empty=True)
+    fixed = folder.ImageFolderDataset(tmp_path, classes=["c", "zz", "a"], allow_empty=True)
     assert fixed.classes == ["c", "zz", "a"]
     assert sorted(fixed.targets) == [0, 2, 2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no valid file for the classes empty"):
-        loaders.ImageFolderDataset(tmp_path)
+        folder.ImageFolderDataset(tmp_path)
     with pytest.raises(GpunetError, match="no images found under"):
-        loaders.open_image_folder(tmp_path)
+        folder.open_image_folder(tmp_path)
 
 
 def test_manifest_fixes_class_indices(small):
-    ds = loaders.open_image_folder(small / "val")
+    ds = folder.open_image_folder(small / "val")
     assert ds.classes == ["0", "1", "2", "3"]  # class "3" absent from the folder, still indexed
 
 
 def test_train_loader_augments_and_shards_like_distributed_sampler(small):
-    cfg = TrainConfig(img_size=32)
+    cfg = AugmentConfig(img_size=32)
     rank_indices = []
     for rank in range(2):
         loader = loaders.build_train_loader(small / "train", cfg, batch_size=4, workers=0,
@@ -134,15 +136,15 @@ def test_train_loader_augments_and_shards_like_distributed_sampler(small):
     loaders.set_epoch(loader, 2)
     assert [i for _, i in loader.sampler] != rank_indices[0]
     # training augmentation is random: the same image comes out differently
-    t = loaders.train_transform(cfg)
-    img = loaders.open_image_folder(small / "train").loader(
-        loaders.open_image_folder(small / "train").samples[0][0])
+    t = transforms.train_transform(cfg)
+    img = folder.open_image_folder(small / "train").loader(
+        folder.open_image_folder(small / "train").samples[0][0])
     assert not torch.equal(t(img), t(img))
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(small):
     """What resume-equals-uninterrupted rests on: no dependence on workers or RNG history."""
-    cfg = TrainConfig(img_size=32, hflip=0.5)
+    cfg = AugmentConfig(img_size=32, hflip=0.5)
 
     def first_batch(workers: int, epoch: int, seed: int = 3):
         loader = loaders.build_train_loader(small / "train", cfg, batch_size=6, workers=workers,
@@ -165,14 +167,14 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(small):
 
 def test_loader_bad_input(tmp_path, small):
     with pytest.raises(GpunetError, match="not found"):
-        loaders.build_train_loader(tmp_path / "nope", TrainConfig(img_size=32), workers=0)
+        loaders.build_train_loader(tmp_path / "nope", AugmentConfig(img_size=32), workers=0)
     with pytest.raises(GpunetError, match="rank 2 is outside"):
-        loaders.build_train_loader(small / "train", TrainConfig(img_size=32), rank=2,
+        loaders.build_train_loader(small / "train", AugmentConfig(img_size=32), rank=2,
                                    world_size=2, workers=0)
     with pytest.raises(GpunetError, match="data-backend must be"):
         loaders.build_eval_loader(small / "val", EvalConfig(32, 1.0), backend="cuda")
     with pytest.raises(GpunetError, match="reprob"):
-        TrainConfig(reprob=2.0)
+        AugmentConfig(reprob=2.0)
 
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI is Linux x86_64 only")
@@ -202,7 +204,7 @@ def test_dali_cpu_eval_matches_pil(small):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_dali_cpu_train_recipe_and_shards(small, capsys):
-    cfg = TrainConfig(img_size=32, reprob=1.0)
+    cfg = AugmentConfig(img_size=32, reprob=1.0)
     seen = []
     for rank in range(2):
         loader = loaders.build_train_loader(small / "train", cfg, batch_size=5, workers=1,

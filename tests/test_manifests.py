@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunet_core import images
+from gpunet_core.mlops import images
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")

@@ -12,7 +12,7 @@ import torch
 
 import gpunet_core
 from gpunet_core.cli import main as cli_main
-from gpunet_core.model import count_parameters, make_divisible, spec_json
+from gpunet_core.models.gpunet import count_parameters, make_divisible, spec_json
 
 # Trainable parameter counts from NVIDIA's reference builder (shared/gpunet_reference/README.md).
 REFERENCE_PARAMS = {
@@ -91,7 +91,7 @@ def test_blocks_follow_reference_table(name):
             assert module.drop_path_rate == pytest.approx(float(row["drop_path"]), abs=6e-5)
             se = getattr(module, "se", None)
             if row["se"] == "-":
-                assert not isinstance(se, gpunet_core.model.SqueezeExcite)
+                assert not isinstance(se, gpunet_core.models.gpunet.SqueezeExcite)
             else:
                 assert se.conv_reduce.out_channels == int(row["se"])
         if row["type"] == "ConvBnAct":
@@ -330,7 +330,7 @@ def test_cli_models_table(capsys):
 def test_drop_path_draws_and_scales_like_timms():
     from timm.layers import drop_path as timm_drop_path
 
-    from gpunet_core.model import drop_path
+    from gpunet_core.models.gpunet import drop_path
 
     x = torch.randn(16, 4, 3, 3)
     for prob in (0.0, 0.3, 1.0):

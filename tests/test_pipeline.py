@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from gpunet_core.pytorchjob import pytorchjob_manifest
+from gpunet_core.mlops.pytorchjob import pytorchjob_manifest
 from pipelines import cli
 from tests import kfp_api_server
 from tests.train_helpers import TINY_PIPELINE
@@ -198,7 +198,7 @@ def files_containing(root, secrets: list[str]) -> list[str]:
 def test_dag_with_mlflow_server_and_s3_artifacts(tmp_path, s3_env, monkeypatch):
     import mlflow.pytorch
 
-    import gpunet_core.tracking  # noqa: F401  (sets the MLflow client defaults)
+    import gpunet_core.mlops.tracking  # noqa: F401  (sets the MLflow client defaults)
     from tests import mlflow_server
 
     server = mlflow_server.start(tmp_path / "mlflow",

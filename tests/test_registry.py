@@ -6,8 +6,8 @@ import mlflow.models
 import pytest
 from mlflow import MlflowClient
 
-from gpunet_core import registry
 from gpunet_core.cli import main as cli_main
+from gpunet_core.mlops import registry
 
 NAME = "gpunet-test"
 
@@ -94,8 +94,8 @@ def two_checkpoints(tmp_path_factory):
     """Two gpunet_0 checkpoints (other weights) and their ONNX exports."""
     import torch
 
-    from gpunet_core.export import export_onnx
-    from gpunet_core.model import create_model
+    from gpunet_core.inference.export import export_onnx
+    from gpunet_core.models.gpunet import create_model
 
     folder = tmp_path_factory.mktemp("ckpt")
     paths = []
@@ -114,7 +114,7 @@ def two_checkpoints(tmp_path_factory):
 
 
 def registry_model(checkpoint):
-    from gpunet_core.evaluate import load_inference_model
+    from gpunet_core.inference.validate import load_inference_model
 
     return load_inference_model("gpunet_0", checkpoint)
 
@@ -189,7 +189,7 @@ def test_register_reuses_the_model_training_logged(training_run, two_checkpoints
 
 def test_register_builds_the_model_when_the_run_lacks_it_or_holds_another(training_run,
                                                                           two_checkpoints):
-    from gpunet_core.results import sha256_file
+    from gpunet_core.utils.files import sha256_file
 
     mlc, run_id = training_run
     (first, second), (onnx_first, onnx_second) = two_checkpoints
@@ -215,7 +215,7 @@ def test_register_builds_the_model_when_the_run_lacks_it_or_holds_another(traini
 def test_training_tracker_skips_a_model_it_cannot_build(tmp_path, monkeypatch, caplog):
     """A checkpoint that does not load is not retried or spooled as if MLflow were down: the
     run still finishes, without the model (registration then builds it or fails clearly)."""
-    from gpunet_core.tracking import RunTracker
+    from gpunet_core.mlops.tracking import RunTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

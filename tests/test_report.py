@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from gpunet_core.cli import main as cli_main
-from gpunet_core.errors import GpunetError
-from gpunet_core.model import MODEL_INFO
-from gpunet_core.report import pareto_front, write_report
-from gpunet_core.results import BENCH_SCHEMA, RESULTS_SCHEMA
+from gpunet_core.inference.report import pareto_front, write_report
+from gpunet_core.models.gpunet import MODEL_INFO
+from gpunet_core.utils.errors import GpunetError
+from gpunet_core.utils.files import BENCH_SCHEMA, RESULTS_SCHEMA
 
 
 def bench_result(model, median, backend="onnxruntime", cpu="Test CPU"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpunet_core.results import atomic_write, write_json
+from gpunet_core.utils.files import atomic_write, write_json
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):

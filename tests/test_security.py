@@ -1,7 +1,7 @@
 """Security checks (issue 8) over the whole source tree and the deployable artifacts.
 
 * Unsafe deserialization: every ``torch.load`` passes ``weights_only=True`` literally, except
-  the one explicit trusted path (``gpunet_core/checkpoint.py:read_checkpoint``, whose
+  the one explicit trusted path (``gpunet_core/models/checkpoint.py:read_checkpoint``, whose
   ``weights_only=not trusted`` is off only on request); pickle-based loaders (``pickle``,
   ``torch.jit.load``, ``mlflow.pytorch.load_model``, ...) are not used outside an allow-list.
 * No credentials in artifacts: the compiled pipeline (laptop and cluster) holds no value of the
@@ -40,7 +40,7 @@ PICKLE_LOADERS = {
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 # (file, function, loader) -> the source of its weights_only argument: the only exceptions
 ALLOWED = {
-    ("gpunet_core/checkpoint.py", "read_checkpoint", "torch.load"): "not trusted",
+    ("gpunet_core/models/checkpoint.py", "read_checkpoint", "torch.load"): "not trusted",
 }
 
 
@@ -219,12 +219,12 @@ def test_allow_list_is_exact_about_file_function_and_argument():
     trusted = "import torch\ndef read_checkpoint(p, *, trusted=False):\n" \
               "    return torch.load(p, weights_only={})\n"
     ok = trusted.format("not trusted")
-    assert scan_source(ok, "gpunet_core/checkpoint.py") == (
-        [], {("gpunet_core/checkpoint.py", "read_checkpoint", "torch.load")})
+    assert scan_source(ok, "gpunet_core/models/checkpoint.py") == (
+        [], {("gpunet_core/models/checkpoint.py", "read_checkpoint", "torch.load")})
     for source, path in [(ok, "gpunet_core/other.py"),  # another file
-                         (ok.replace("read_checkpoint", "load_any"), "gpunet_core/checkpoint.py"),
-                         (trusted.format("False"), "gpunet_core/checkpoint.py"),
-                         (trusted.format("trusted"), "gpunet_core/checkpoint.py")]:
+                         (ok.replace("read_checkpoint", "load_any"), "gpunet_core/models/checkpoint.py"),
+                         (trusted.format("False"), "gpunet_core/models/checkpoint.py"),
+                         (trusted.format("trusted"), "gpunet_core/models/checkpoint.py")]:
         found, used = scan_source(source, path)
         assert len(found) == 1 and not used, (source, path)
 

@@ -25,8 +25,8 @@ def test_light_steps_do_not_import_torch():
     # torch nor timm (about 5 s of imports each)
     loaded = _python("""
         import sys
-        import gpunet_core, gpunet_core.steps, gpunet_core.datasets, gpunet_core.report
-        import gpunet_core.registry, gpunet_core.storage, gpunet_core.benchmark, gpunet_core.export
+        import gpunet_core, gpunet_core.steps, gpunet_core.data.prepare, gpunet_core.inference.report
+        import gpunet_core.mlops.registry, gpunet_core.utils.storage, gpunet_core.inference.latency, gpunet_core.inference.export
         import components, pipelines.cli
         from gpunet_core.cli import build_parser
         build_parser()  # every `gpunet` subcommand: --help and flag errors cost no torch import
@@ -42,8 +42,8 @@ def test_validation_needs_neither_timm_nor_torchvision(tmp_path):
         import sys
         from PIL import Image
         from gpunet_core import steps
-        from gpunet_core.evaluate import validate
-        from gpunet_core.model import create_model
+        from gpunet_core.inference.validate import validate
+        from gpunet_core.models.gpunet import create_model
         for cls in ("a", "b"):
             (d := __import__("pathlib").Path({str(tmp_path)!r}) / cls).mkdir()
             Image.new("RGB", (40, 30), (9, 99, 199)).save(d / "0.jpg")
@@ -76,7 +76,7 @@ def test_public_names_load_on_use_and_register_with_timm():
                                 "False False", "GPUNet True True", "GPUNet"]
     # any order: timm first, or timm between the package and the model module
     assert _python("import timm, gpunet_core; print(timm.is_model('gpunet_d2'))") == "True"
-    assert _python("import gpunet_core.model, timm.models, timm; print(timm.is_model('gpunet_1'))"
+    assert _python("import gpunet_core.models.gpunet, timm.models, timm; print(timm.is_model('gpunet_1'))"
                    ) == "True"
 
 
@@ -122,7 +122,7 @@ def test_fast_exit_freezes_gc_after_later_atexit_handlers_once():
     out = _python("""
         import atexit, gc
         atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
-        from gpunet_core.process import fast_exit
+        from gpunet_core.utils.process import fast_exit
         before = atexit._ncallbacks()
         fast_exit(); fast_exit()
         print("registered:", atexit._ncallbacks() - before)
@@ -144,7 +144,7 @@ def test_process_age_counts_from_the_process_start():
     age = float(_python("""
         import time
         time.sleep(0.5)
-        from gpunet_core.process import process_age_s
+        from gpunet_core.utils.process import process_age_s
         print(process_age_s())
     """))
     assert 0.5 <= age < 10
@@ -154,7 +154,7 @@ def test_step_preloads_write_no_files(tmp_path):
     # a step imports these before checking its arguments: a bad call must leave nothing behind
     timed_steps = [f for f in vars(steps).values() if hasattr(f, "__wrapped__")]
     preloads = sorted({m for f in timed_steps for m in f.modules})
-    assert "gpunet_core.evaluate" in preloads
+    assert "gpunet_core.inference.validate" in preloads
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "MPLCONFIGDIR": str(tmp_path / "mpl")}
     proc = subprocess.run([sys.executable, "-c", f"import {', '.join(preloads)}"], env=env,

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from gpunet_core import datasets, storage
-from gpunet_core.errors import StorageError
+from gpunet_core.data import prepare as datasets
+from gpunet_core.utils import storage
+from gpunet_core.utils.errors import StorageError
 from tests.test_datasets import jpeg_bytes
 
 

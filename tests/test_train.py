@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpunet_core.checkpoint import read_checkpoint
-from gpunet_core.presets import PRESETS, load_preset
-from gpunet_core.train import build_parser, kd_loss, resolve_args
+from gpunet_core.models.checkpoint import read_checkpoint
+from gpunet_core.training.loop import build_parser, kd_loss, resolve_args
+from gpunet_core.training.presets import PRESETS, load_preset
 from tests import mlflow_server as mlflow_server_helper
 from tests.train_helpers import FAST, gpunet_cmd, read_summary, run, torchrun_cmd
 
@@ -129,12 +129,12 @@ def test_torchrun_two_workers_learn_and_stay_in_sync(digits_small, tmp_path):
 def test_distillation_teacher_sees_its_resolution(digits_small, tmp_path):
     import timm
 
-    from gpunet_core import loaders
-    from gpunet_core.checkpoint import save_checkpoint
+    from gpunet_core.data import loaders, transforms
+    from gpunet_core.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     teacher = timm.create_model("resnet10t", num_classes=10)
-    cfg = loaders.TrainConfig(img_size=48, auto_augment=None, reprob=0.0, scale=(0.5, 1.0))
+    cfg = transforms.AugmentConfig(img_size=48, auto_augment=None, reprob=0.0, scale=(0.5, 1.0))
     loader = loaders.build_train_loader(digits_small / "train", cfg, batch_size=32, workers=0)
     opt = torch.optim.AdamW(teacher.parameters(), lr=2e-3)
     for _ in range(2):
@@ -202,9 +202,9 @@ def test_mlflow_run_has_params_metrics_and_artifacts(digits_small, tmp_path, mlf
     import mlflow.pytorch
     import torch
 
-    from gpunet_core import registry
-    from gpunet_core.evaluate import load_inference_model
-    from gpunet_core.results import sha256_file
+    from gpunet_core.inference.validate import load_inference_model
+    from gpunet_core.mlops import registry
+    from gpunet_core.utils.files import sha256_file
 
     best = out / "model_best.pth.tar"
     assert data.tags[registry.CHECKPOINT_TAG] == sha256_file(best)

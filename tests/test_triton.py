@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 
 from gpunet_core.cli import main as cli_main
-from gpunet_core.errors import ExportError
-from gpunet_core.export import export_onnx, fixed_input
-from gpunet_core.model import create_model
-from gpunet_core.triton import export_triton
+from gpunet_core.inference.export import export_onnx, fixed_input
+from gpunet_core.inference.triton import export_triton
+from gpunet_core.models.gpunet import create_model
+from gpunet_core.utils.errors import ExportError
 
 IMG = 64
 _TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<punct>[{}\[\]:,])|(?P<word>[^\s{}\[\]:,"]+))')

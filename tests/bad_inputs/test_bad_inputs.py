@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from gpunet_core.errors import GpunetError
+from gpunet_core.utils.errors import GpunetError
 from tests.bad_inputs import inputs
 from tests.bad_inputs.cases import CASES, Case
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from gpunet_core import registry
-from gpunet_core.results import sha256_file
+from gpunet_core.mlops import registry
+from gpunet_core.utils.files import sha256_file
 from tests import mlflow_server
 from tests.train_helpers import FAST, REPO, env, gpunet_cmd, read_summary
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from gpunet_core.checkpoint import read_checkpoint
+from gpunet_core.models.checkpoint import read_checkpoint
 from tests.train_helpers import FAST, gpunet_cmd, run
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -34,7 +34,7 @@ def stored_objects(s3, prefix: str) -> dict[str, bytes]:
 
 def assert_checksums_stored_and_right(s3, prefix: str, objects: dict[str, bytes]) -> None:
     """The server-side SHA-256 of each object is present and matches its bytes."""
-    from gpunet_core.storage import PART_SIZE
+    from gpunet_core.utils.storage import PART_SIZE
 
     client = s3.client()
     for rel, data in objects.items():

@@ -3,7 +3,7 @@
 torchrun restarts the group, training auto-resumes from the last checkpoint, every epoch appears
 once in summary.csv, and the final weights are bit-identical to an uninterrupted run with the
 same seed: data order and per-sample augmentation depend only on (seed, epoch, index), and each
-epoch reseeds the RNGs from (seed, rank, epoch) (gpunet_core.loaders / gpunet_core.train).
+epoch reseeds the RNGs from (seed, rank, epoch) (gpunet_core.data.loaders / gpunet_core.training.loop).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from gpunet_core.checkpoint import read_checkpoint
+from gpunet_core.models.checkpoint import read_checkpoint
 from tests.train_helpers import (
     FAST,
     REPO,

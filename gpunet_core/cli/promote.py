@@ -1,0 +1,38 @@
+"""``gpunet promote``: give a registered model version the champion alias, or roll back."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "promote", help="promote a registered model version (MLflow aliases) or roll back",
+        description="Compare a registered version's top-1/latency tags with the thresholds and "
+                    "the current champion: it becomes 'champion' when it qualifies, else "
+                    "'challenger'. --rollback restores the previous champion. MLflow from "
+                    "MLFLOW_TRACKING_URI.")
+    parser.add_argument("name", help="registered model name")
+    parser.add_argument("--version", help="candidate version (required unless --rollback)")
+    parser.add_argument("--min-top1", type=float, default=0.0)
+    parser.add_argument("--max-latency-ms", type=float, default=None)
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="top-1 points the candidate must gain over the champion")
+    parser.add_argument("--rollback", action="store_true", help="restore the previous champion")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpunet_core.mlops import registry
+    from gpunet_core.utils.errors import GpunetError
+
+    if args.rollback:
+        decision = registry.rollback(args.name)
+    else:
+        if not args.version:
+            raise GpunetError("--version is required (or pass --rollback)")
+        decision = registry.promote(args.name, args.version, min_top1=args.min_top1,
+                                    max_latency_ms=args.max_latency_ms, margin=args.margin)
+    print(decision.to_json() if args.json else decision.markdown())
+    return 0

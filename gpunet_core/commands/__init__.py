@@ -1,1 +1,0 @@
-"""Subcommands of the ``gpunet`` CLI, one module each."""

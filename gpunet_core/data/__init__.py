@@ -1,0 +1,1 @@
+"""Datasets: preparation (digits, ImageFolder, ImageNet), the image folder, transforms, loaders."""

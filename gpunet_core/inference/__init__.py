@@ -1,0 +1,1 @@
+"""Inference: validation, ONNX export, Triton repositories, latency backends, reports."""

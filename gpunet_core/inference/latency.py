@@ -1,0 +1,400 @@
+"""Latency benchmarks of a GPUNet ONNX export on several backends, one result schema.
+
+Backends: ``tensorrt`` (TensorRT 10 Python API, GPU compute time, see
+:mod:`gpunet_core.inference.tensorrt`), ``trtexec`` (runs NVIDIA's binary and parses its
+performance summary), ``onnxruntime`` (CUDA EP when present, else CPU) and ``torch`` (eager or
+``torch.compile``; the architecture is rebuilt from the export's metadata with random weights,
+since latency does not depend on weight values). ``auto`` picks TensorRT when a GPU and the
+package are present, else ONNX Runtime, and records why.
+
+Every result is a JSON-able dict with ``schema`` :data:`BENCH_SCHEMA`: latency statistics in ms
+(median, mean, min, max, p90, p95, p99, std), throughput in images/s, what was measured
+(``latency_kind``: ``gpu_compute`` or ``host_wall``) and a hardware/software fingerprint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpunet_core.inference.export import (
+    MAX_BATCH,
+    PARITY_SEED,
+    OnnxInfo,
+    fixed_input,
+    inspect_onnx,
+    onnxruntime_session,
+)
+from gpunet_core.inference.tensorrt import (
+    nvidia_driver_present,
+    tensorrt_unavailable_reason,
+    tensorrt_version,
+)
+from gpunet_core.utils.errors import BenchmarkError
+from gpunet_core.utils.files import BENCH_SCHEMA, atomic_write, sha256_file
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "trtexec", "onnxruntime", "torch")
+PRECISIONS = ("fp32", "fp16", "int8")
+GPU_ONLY = {"tensorrt", "trtexec"}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
+    """Summary of per-iteration latencies (ms), with trtexec's percentiles."""
+    if not times_ms:
+        raise BenchmarkError("no timed iterations: --iterations must be >= 1")
+    arr = np.asarray(times_ms, dtype=np.float64)
+    return {"median": float(np.median(arr)), "mean": float(arr.mean()), "min": float(arr.min()),
+            "max": float(arr.max()), "p90": float(np.percentile(arr, 90)),
+            "p95": float(np.percentile(arr, 95)), "p99": float(np.percentile(arr, 99)),
+            "std": float(arr.std()), "count": int(arr.size)}
+
+
+def time_host_loop(step: Callable[[], Any], iterations: int, warmup_ms: float,
+                   sync: Callable[[], Any] = lambda: None) -> list[float]:
+    """Wall-clock ms of ``iterations`` calls of ``step`` after ``warmup_ms`` of warm-up."""
+    deadline = time.perf_counter() + warmup_ms / 1000.0
+    while True:
+        step()
+        sync()
+        if time.perf_counter() >= deadline:
+            break
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter_ns()
+        step()
+        sync()
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def fingerprint() -> dict[str, Any]:
+    """Hardware and software the numbers were measured on."""
+    import importlib.metadata
+
+    import onnxruntime as ort
+
+    torch = None  # imported only where it can tell something: a GPU, or already loaded
+    if "torch" in sys.modules or nvidia_driver_present():
+        import torch
+    gpu = None
+    if torch is not None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = {"name": props.name, "count": torch.cuda.device_count(),
+               "memory_gib": round(props.total_memory / 2**30, 1),
+               "compute_capability": f"{props.major}.{props.minor}",
+               "driver": _nvidia_driver(), "cuda_runtime": torch.version.cuda}
+    return {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "gpu": gpu,
+        "torch": torch.__version__ if torch else importlib.metadata.version("torch"),
+        "torch_threads": torch.get_num_threads() if torch else None,
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "tensorrt": tensorrt_version(),
+        "trtexec": shutil.which("trtexec"),
+    }
+
+
+# --------------------------------------------------------------------------- trtexec
+
+
+_STAT_LINE = re.compile(
+    r"\[I\] (?P<name>Latency|Enqueue Time|H2D Latency|GPU Compute Time|D2H Latency): (?P<body>.+)")
+_STAT_ITEM = re.compile(r"(?P<key>min|max|mean|median|percentile\((?P<pct>[\d.]+)%\))\s*=?\s*"
+                        r"(?P<value>[-+\d.eE]+) ms")
+_STAT_KEYS = {"Latency": "host_latency", "Enqueue Time": "enqueue", "H2D Latency": "h2d",
+              "GPU Compute Time": "gpu_compute", "D2H Latency": "d2h"}
+
+
+def parse_trtexec_output(text: str) -> dict[str, Any]:
+    """The performance summary of a ``trtexec`` run (TensorRT 8.6-10 format) as a dict.
+
+    Keys: ``throughput_qps``, one stats dict (ms) per summary line (``gpu_compute``,
+    ``host_latency``, ``enqueue``, ``h2d``, ``d2h``; percentiles as ``p90`` etc.),
+    ``total_host_walltime_s``, ``total_gpu_compute_s``, ``tensorrt_version``, ``device``,
+    ``passed``. BenchmarkError when there is no summary.
+    """
+    if "=== Performance summary ===" not in text:
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise BenchmarkError(f"trtexec printed no performance summary; its last lines:\n{tail}")
+    summary = text.split("=== Performance summary ===", 1)[1]
+    out: dict[str, Any] = {}
+    for line in summary.splitlines():
+        if m := _STAT_LINE.search(line):
+            stats = {}
+            for item in _STAT_ITEM.finditer(m.group("body")):
+                pct = item.group("pct")
+                key = f"p{float(pct):g}" if pct else item.group("key")
+                stats[key] = float(item.group("value"))
+            out[_STAT_KEYS[m.group("name")]] = stats
+        elif m := re.search(r"\[I\] Throughput: ([\d.eE+-]+) qps", line):
+            out["throughput_qps"] = float(m.group(1))
+        elif m := re.search(r"\[I\] Total Host Walltime: ([\d.eE+-]+) s", line):
+            out["total_host_walltime_s"] = float(m.group(1))
+        elif m := re.search(r"\[I\] Total GPU Compute Time: ([\d.eE+-]+) s", line):
+            out["total_gpu_compute_s"] = float(m.group(1))
+    if "gpu_compute" not in out or "median" not in out["gpu_compute"]:
+        raise BenchmarkError("trtexec's performance summary has no 'GPU Compute Time' line")
+    if (m := re.search(r"\[I\] TensorRT version: (\S+)", text)) or (m := re.search(r"\[TensorRT v(\d+)\]", text)):
+        out["tensorrt_version"] = m.group(1)
+    if m := re.search(r"\[I\] Selected Device: (.+)", text):
+        out["device"] = m.group(1).strip()
+    out["passed"] = "&&&& PASSED" in text
+    return out
+
+
+def trtexec_command(onnx: Path, info: OnnxInfo, *, precision: str, batch: int, iterations: int,
+                    warmup_ms: float, engine: Path, workspace_mib: int,
+                    trtexec: str = "trtexec") -> list[str]:
+    cmd = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", f"--iterations={iterations}",
+           f"--warmUp={int(warmup_ms)}", "--duration=0",
+           f"--memPoolSize=workspace:{workspace_mib}M"]
+    if info.batch is None:
+        cmd.append(f"--shapes={info.input_name}:{batch}x3x{info.img_size}x{info.img_size}")
+    if precision == "fp16":
+        cmd.append("--fp16")
+    elif precision == "int8":
+        cmd += ["--fp16", "--int8"]
+    return cmd
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
+                    warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
+    from gpunet_core.inference import tensorrt as trtb
+
+    shape = info.input_shape(batch)
+    plan = trtb.build_engine(info.path, input_name=info.input_name, input_shape=shape,
+                             precision=precision, workspace_mib=workspace_mib)
+    with atomic_write(engine, "wb") as fh:
+        fh.write(plan)
+    times, details = trtb.time_engine(plan, input_name=info.input_name, input_shape=shape,
+                                      iterations=iterations, warmup_ms=warmup_ms)
+    return {"latency_ms": latency_stats(times), "latency_kind": "gpu_compute",
+            "engine_file": str(engine), "details": details}
+
+
+def _bench_trtexec(info: OnnxInfo, precision: str, batch: int, iterations: int,
+                   warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
+    if not nvidia_driver_present():
+        raise BenchmarkError("backend trtexec needs an NVIDIA GPU; none is visible. Use "
+                             "--backend onnxruntime or torch here")
+    binary = shutil.which("trtexec")
+    if not binary:
+        raise BenchmarkError("backend trtexec: no `trtexec` on PATH (it ships with TensorRT, "
+                             "e.g. /usr/src/tensorrt/bin in NVIDIA's containers); add it to PATH "
+                             "or use --backend tensorrt")
+    cmd = trtexec_command(info.path, info, precision=precision, batch=batch,
+                          iterations=iterations, warmup_ms=warmup_ms, engine=engine,
+                          workspace_mib=workspace_mib, trtexec=binary)
+    _logger.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        tail = "\n".join(text.strip().splitlines()[-8:])
+        raise BenchmarkError(f"trtexec failed (exit {proc.returncode}):\n{tail}")
+    parsed = parse_trtexec_output(text)
+    stats = dict(parsed["gpu_compute"])
+    stats.setdefault("count", iterations)
+    return {"latency_ms": stats, "latency_kind": "gpu_compute", "engine_file": str(engine),
+            "throughput_ips": parsed.get("throughput_qps", 0.0) * batch,
+            "details": {"trtexec": {k: v for k, v in parsed.items() if k != "gpu_compute"},
+                        "command": cmd}}
+
+
+def _bench_onnxruntime(info: OnnxInfo, precision: str, batch: int, iterations: int,
+                       warmup_ms: float, threads: int | None) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    if precision != "fp32":
+        raise BenchmarkError(f"backend onnxruntime runs the export as it is (fp32); --precision "
+                             f"{precision} needs --backend tensorrt or trtexec")
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = onnxruntime_session(info.path, providers, threads)
+    # latency does not depend on the values: numpy's N(0, 1), so this path needs no torch
+    feed = {info.input_name: np.random.default_rng(PARITY_SEED).standard_normal(
+        info.input_shape(batch), dtype=np.float32)}
+    times = time_host_loop(lambda: session.run(None, feed), iterations, warmup_ms)
+    opts = session.get_session_options()
+    return {"latency_ms": latency_stats(times), "latency_kind": "host_wall", "engine_file": None,
+            "details": {"providers": session.get_providers(),
+                        "intra_op_num_threads": opts.intra_op_num_threads or None}}
+
+
+def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
+                 warmup_ms: float, compile_model: bool, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from gpunet_core.models.gpunet import create_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision)
+    if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
+        raise BenchmarkError(f"backend torch on {device.type} supports --precision "
+                             f"{'fp32/fp16' if device.type == 'cuda' else 'fp32'}, not {precision}")
+    if threads:
+        torch.set_num_threads(threads)
+    from gpunet_core.inference.validate import fold_batchnorm
+
+    # BN folded into the convs, channels-last: 1.1-2x faster eager inference (BENCHMARKS.md)
+    model = fold_batchnorm(create_model(info.model, num_classes=info.num_classes).eval())
+    model = model.to(device, dtype).to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if compile_model else model
+    x = fixed_input(batch, info.img_size).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
+
+    def step():
+        with torch.inference_mode():
+            runner(x)
+
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        time_host_loop(step, 1, warmup_ms, torch.cuda.synchronize)  # warm-up only
+        times = []
+        for _ in range(iterations):
+            start.record(stream)
+            step()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        kind = "gpu_compute"
+    else:
+        times, kind = time_host_loop(step, iterations, warmup_ms), "host_wall"
+    return {"latency_ms": latency_stats(times), "latency_kind": kind, "engine_file": None,
+            "details": {"device": str(device), "compiled": compile_model,
+                        "bn_folded": True, "channels_last": True,
+                        "weights": "random (latency does not depend on weight values)",
+                        "threads": torch.get_num_threads()}}
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """``(backend, reason)``; ``auto`` prefers TensorRT, falls back to ONNX Runtime."""
+    if requested != "auto":
+        return requested, "requested"
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        return "tensorrt", "auto: a CUDA GPU and TensorRT are present"
+    return "onnxruntime", f"auto: TensorRT not usable ({reason}), using ONNX Runtime"
+
+
+def default_engine_path(onnx: Path, precision: str, batch: int) -> Path:
+    return onnx.with_name(f"{onnx.stem}.{precision}.b{batch}.plan")
+
+
+def run_benchmark(onnx: str | Path, *, backend: str = "auto", precision: str | None = None,
+                  batch: int = 1, iterations: int = 100, warmup_ms: float = 200.0,
+                  threads: int | None = None, compile_model: bool = False,
+                  engine: str | Path | None = None, workspace_mib: int = 1024) -> dict[str, Any]:
+    """Benchmark a GPUNet ONNX export; returns the result dict (schema :data:`BENCH_SCHEMA`).
+
+    ``precision`` defaults to fp16 on TensorRT/trtexec (NVIDIA's published setting) and fp32
+    elsewhere. The TensorRT engine is saved to ``engine`` (default beside the ONNX file).
+    """
+    if backend not in BACKENDS:
+        raise BenchmarkError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise BenchmarkError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise BenchmarkError(f"--batch must be in [1, {MAX_BATCH}], got {batch}")
+    if iterations < 1:
+        raise BenchmarkError(f"--iterations must be >= 1, got {iterations}")
+    if not 0 <= warmup_ms < float("inf"):  # also NaN
+        raise BenchmarkError(f"--warmup-ms must be a finite number >= 0, got {warmup_ms}")
+    if threads is not None and threads < 1:
+        raise BenchmarkError(f"--threads must be >= 1, got {threads}; leave it out for the "
+                             "runtime's default")
+    if workspace_mib < 1:
+        raise BenchmarkError(f"--workspace-mib must be >= 1, got {workspace_mib}")
+    info = inspect_onnx(onnx)
+    if info.batch is not None and info.batch != batch:
+        raise BenchmarkError(f"{info.path} was exported with a fixed batch of {info.batch}; "
+                             f"benchmark with --batch {info.batch} or re-export with "
+                             "--dynamic-batch")
+    used, reason = choose_backend(backend)
+    precision = precision or ("fp16" if used in GPU_ONLY else "fp32")
+    engine_path = Path(engine) if engine else default_engine_path(info.path, precision, batch)
+    _logger.info("benchmarking %s with %s (%s), %s, batch %d", info.path, used, reason, precision,
+                 batch)
+    if used == "tensorrt":
+        result = _bench_tensorrt(info, precision, batch, iterations, warmup_ms, engine_path,
+                                 workspace_mib)
+    elif used == "trtexec":
+        result = _bench_trtexec(info, precision, batch, iterations, warmup_ms, engine_path,
+                                workspace_mib)
+    elif used == "onnxruntime":
+        result = _bench_onnxruntime(info, precision, batch, iterations, warmup_ms, threads)
+    else:
+        result = _bench_torch(info, precision, batch, iterations, warmup_ms, compile_model,
+                              threads)
+    median = result["latency_ms"]["median"]
+    result.setdefault("throughput_ips", batch * 1000.0 / median if median > 0 else 0.0)
+    return {
+        "schema": BENCH_SCHEMA,
+        "model": info.model,
+        "num_classes": info.num_classes,
+        "img_size": info.img_size,
+        "onnx": str(info.path),
+        "onnx_sha256": sha256_file(info.path),
+        "backend": used,
+        "backend_requested": backend,
+        "backend_reason": reason,
+        "precision": precision,
+        "batch": batch,
+        "iterations": iterations,
+        "warmup_ms": warmup_ms,
+        **result,
+        "fingerprint": fingerprint(),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,1 @@
+"""MLOps: MLflow tracking and registry, cluster jobs, container image references."""

@@ -1,0 +1,1 @@
+"""GPUNet models: the JSON spec, the blocks, the builder, checkpoints and timm entry points."""

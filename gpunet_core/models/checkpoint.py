@@ -1,0 +1,243 @@
+"""Reading, filtering, loading and saving GPUNet checkpoints.
+
+Handles NVIDIA's published files (a timm training-script dict with ``state_dict_ema`` or a plain
+state dict for P0/P1, optionally still inside NGC's zip) and the project's own checkpoints:
+
+* safe by default: ``torch.load(weights_only=True)``; files holding pickled Python objects
+  (e.g. argparse ``args``) need ``trusted=True`` (CLI ``--trust-checkpoint``);
+* container keys are searched like timm's ``load_checkpoint(use_ema=True)``:
+  ``state_dict_ema`` > ``model_ema`` > ``state_dict`` > ``model`` > the file itself;
+* ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped;
+* loading is strict; a mismatch reports counts and the first keys of each kind, and which
+  shipped model the file does fit, if any.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpunet_core.utils.errors import CheckpointError
+
+_logger = logging.getLogger(__name__)
+
+CONTAINER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+PRETRAINED_DIR_ENV = "GPUNET_PRETRAINED_DIR"
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did."""
+
+    source: str
+    container_key: str | None
+    loaded: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def _open_ngc_zip(path: Path) -> io.BytesIO | None:
+    """If ``path`` is NGC's download archive (a zip holding ``<latency>.pth.tar``), read the member."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        if any(n.endswith("data.pkl") for n in names):
+            return None  # torch's own zip serialization format
+        members = [n for n in names if n.endswith((".pth.tar", ".pth", ".pt"))]
+        if len(members) != 1:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it is a zip archive with {len(members)} checkpoint "
+                f"files ({', '.join(members) or 'none'}); unzip it and pass one .pth.tar file")
+        return io.BytesIO(zf.read(members[0]))
+
+
+def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
+    """``torch.load`` a checkpoint (path or ``s3://`` URI) onto the CPU, weights-only unless ``trusted``."""
+    from gpunet_core.utils.storage import fetch_file
+
+    path = fetch_file(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}; check the path (a local "
+                              ".pth/.pth.tar file or an s3:// URI)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the .pth/.pth.tar file")
+    try:
+        source: Any = _open_ngc_zip(path) or path
+        return torch.load(source, map_location="cpu", weights_only=not trusted)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as exc:
+        if trusted:
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt pickle data ({exc})") from None
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "")
+        raise CheckpointError(
+            f"checkpoint {path} stores pickled Python objects"
+            f"{f' ({detail})' if detail else ''}, e.g. a training script's argparse args, so it "
+            "was not loaded: unpickling can run arbitrary code. If you trust where the file came "
+            "from, pass trusted=True (CLI: --trust-checkpoint)") from None
+    except PermissionError:
+        raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from None
+    except Exception as exc:  # torch raises many types for damaged files (KeyError, EOFError, ...)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint; "
+            f"copy or download it again (torch.load: {first})") from None
+
+
+def extract_state_dict(obj: Any, *, use_ema: bool = True,
+                       source: str = "<checkpoint>") -> tuple[dict[str, torch.Tensor], str | None]:
+    """Find the weights in a checkpoint object; returns ``(state_dict, container key or None)``."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {source} holds a {type(obj).__name__}, not a state dict")
+    keys = CONTAINER_KEYS if use_ema else CONTAINER_KEYS[2:] + CONTAINER_KEYS[:2]
+    for key in keys:
+        if isinstance(obj.get(key), Mapping):
+            state_dict, container = obj[key], key
+            break
+    else:
+        state_dict, container = obj, None
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {source}{f' [{container}]' if container else ''} is not a state dict: "
+            f"{len(bad)} entries are not tensors (first: {bad[:3]})")
+    return dict(state_dict), container
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm-style filter: strip wrapper prefixes and drop a classifier sized for other classes."""
+    state_dict = strip_prefixes(state_dict)
+    classifier = getattr(model, "classifier_name", None)
+    if classifier:
+        weight = state_dict.get(f"{classifier}.weight")
+        if weight is not None and weight.shape[0] != model.num_classes:
+            state_dict.pop(f"{classifier}.weight")
+            state_dict.pop(f"{classifier}.bias", None)
+    return state_dict
+
+
+def _guess_architecture(keys: set[str], shapes: Mapping[str, torch.Size]) -> str | None:
+    from gpunet_core.models.gpunet import create_model, list_models
+
+    for name in list_models():
+        with torch.device("meta"):
+            ref = create_model(name).state_dict()
+        if set(ref) == keys and all(ref[k].shape == shapes[k] for k in keys if "net.6." not in k
+                                    and "net.8." not in k):
+            return name
+    return None
+
+
+def _mismatch_error(source: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                    missing: list[str], unexpected: list[str], misshaped: list[str]) -> CheckpointError:
+    own = model.state_dict()
+    lines = [f"checkpoint {source} does not fit this model "
+             f"({getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)}):"]
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            lines.append(f"  {len(keys)} {label} keys, first: {keys[:5]}")
+    if misshaped:
+        shown = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+                 for k in misshaped[:5]]
+        lines.append(f"  {len(misshaped)} shape mismatches, first: {shown}")
+    guess = _guess_architecture(set(state_dict), {k: v.shape for k, v in state_dict.items()})
+    if guess:
+        lines.append(f"  the checkpoint fits model '{guess}': pass --model {guess}")
+    else:
+        lines.append("  was it saved from a different architecture or spec? pass the --model "
+                     "(name or JSON spec) it was trained with")
+    return CheckpointError("\n".join(lines))
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           source: str = "<state_dict>") -> LoadReport:
+    """Load a (filtered) state dict; every tensor must be consumed, the classifier may be skipped."""
+    filtered = checkpoint_filter_fn(state_dict, model)
+    own = model.state_dict()
+    skipped = [k for k in strip_prefixes(state_dict) if k not in filtered]
+    missing = [k for k in own if k not in filtered and k not in skipped]
+    unexpected = [k for k in filtered if k not in own]
+    misshaped = [k for k in filtered if k in own and filtered[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        raise _mismatch_error(source, model, strip_prefixes(state_dict), missing, unexpected,
+                              misshaped)
+    model.load_state_dict(filtered, strict=not skipped)
+    if skipped:
+        _logger.info("loaded %s except the classifier (%s): the checkpoint has %d classes, the "
+                     "model %d; the classifier keeps its fresh initialisation",
+                     source, ", ".join(skipped), state_dict_classes(state_dict, model),
+                     model.num_classes)
+    return LoadReport(source=source, container_key=None, loaded=len(filtered), skipped=skipped)
+
+
+def state_dict_classes(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> int | None:
+    weight = strip_prefixes(state_dict).get(f"{model.classifier_name}.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, use_ema: bool = True,
+                    trusted: bool = False) -> LoadReport:
+    """Load NVIDIA's or the project's checkpoint file into ``model`` (strict, EMA preferred)."""
+    obj = read_checkpoint(path, trusted=trusted)
+    state_dict, container = extract_state_dict(obj, use_ema=use_ema, source=str(path))
+    report = load_state_dict_strict(model, state_dict, source=str(path))
+    report.container_key = container
+    _logger.info("loaded %d tensors from %s%s", report.loaded, path,
+                 f" [{container}]" if container else "")
+    return report
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
+    """Save atomically: write a temp file beside ``path``, fsync, then rename over it."""
+    from gpunet_core.utils.files import atomic_write
+
+    with atomic_write(path, "wb", fsync=True) as fh:
+        torch.save(dict(obj), fh)
+    return Path(path)
+
+
+def pretrained_dir() -> Path:
+    return Path(os.environ.get(PRETRAINED_DIR_ENV, Path.home() / ".cache" / "gpunet" / "pretrained"))
+
+
+def find_pretrained(name: str, overlay: Mapping[str, Any] | None = None) -> Path:
+    """Local copy of NVIDIA's published weights for ``name`` (NGC needs a login, so no download)."""
+    from gpunet_core.models.gpunet import pretrained_cfg_for
+
+    if overlay and overlay.get("file"):
+        return Path(overlay["file"])
+    cfg = pretrained_cfg_for(name)
+    folder = pretrained_dir()
+    for candidate in (folder / cfg["checkpoint_file"], folder / f"{name}_pyt_ckpt.zip"):
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(
+        f"no local copy of NVIDIA's {name} weights in {folder}: download the NGC model "
+        f"{cfg['ngc_model']} version {cfg['ngc_version']} (e.g. `ngc registry model "
+        f"download-version {cfg['ngc_model']}:{cfg['ngc_version']}`) and put "
+        f"{cfg['checkpoint_file']} or the zip in {folder} (or set {PRETRAINED_DIR_ENV})")

@@ -1,0 +1,256 @@
+"""GPUNet architecture specs: loading and validating NVIDIA's JSON format.
+
+A spec is a JSON list. Entry 0 is ``{"layer_type": "data", "img_resolution": R, "distill": B}``;
+``distill`` selects the block family (``False``: timm-style blocks of GPUNet-0/1/2/P0/P1,
+``True``: the "D" blocks of GPUNet-D1/D2). Entry 1 is the stem (``head`` or ``head_large``),
+then blocks (``conv``, ``irb``, ``fused_irb``), and the last entry is the ``tail``.
+See ``ARCHITECTURE.md`` of NVIDIA's reference for the semantics the builder reproduces.
+
+:func:`load_spec` validates a spec and raises :class:`~gpunet_core.utils.errors.SpecError` naming the
+entry index and field of the first problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpunet_core.utils.errors import GpunetError, SpecError
+
+LAYER_TYPES = ("data", "head", "head_large", "conv", "irb", "fused_irb", "tail")
+ACTIVATIONS = ("swish", "relu")
+BLOCK_TYPES = ("conv", "irb", "fused_irb")
+
+# The shipped family: NVIDIA's config file, eval crop, published figures (README of
+# NVIDIA/DeepLearningExamples GPUNet): ImageNet top-1 and TensorRT8 FP16 batch-1 latency in ms.
+MODEL_INFO: dict[str, dict[str, Any]] = {
+    "gpunet_0": dict(display="GPUNet-0", config="0.65ms.json", crop_pct=1.0, top1=78.9,
+                     latency_ms_a100=0.46, latency_ms_v100=0.63, teacher=None),
+    "gpunet_1": dict(display="GPUNet-1", config="0.85ms.json", crop_pct=1.0, top1=80.5,
+                     latency_ms_a100=0.59, latency_ms_v100=0.82, teacher=None),
+    "gpunet_2": dict(display="GPUNet-2", config="1.75ms.json", crop_pct=1.0, top1=82.2,
+                     latency_ms_a100=1.25, latency_ms_v100=1.68, teacher=None),
+    "gpunet_p0": dict(display="GPUNet-P0", config="0.5ms-D.json", crop_pct=0.875, top1=80.3,
+                      latency_ms_a100=0.45, latency_ms_v100=0.63, teacher="tf_efficientnet_b2"),
+    "gpunet_p1": dict(display="GPUNet-P1", config="0.8ms-D.json", crop_pct=0.875, top1=81.1,
+                      latency_ms_a100=0.61, latency_ms_v100=0.96, teacher="tf_efficientnet_b2"),
+    "gpunet_d1": dict(display="GPUNet-D1", config="1.25ms-D.json", crop_pct=1.0, top1=82.5,
+                      latency_ms_a100=0.94, latency_ms_v100=1.24, teacher="tf_efficientnet_b5_ns"),
+    "gpunet_d2": dict(display="GPUNet-D2", config="2.25ms-D.json", crop_pct=1.0, top1=83.6,
+                      latency_ms_a100=1.40, latency_ms_v100=2.17, teacher="tf_efficientnet_b6_ns"),
+}
+
+# Largest input resolution a command accepts: GPUNets run at 224-560 px; far larger values are
+# typos that would only exhaust memory (100000 px is 120 GB per image).
+MAX_IMG_SIZE = 2048
+
+
+def check_img_size(value: int | None, flag: str = "--img-size", minimum: int = 8) -> None:
+    """A resolution flag must be ``None`` (the model's own) or in ``[minimum, MAX_IMG_SIZE]``."""
+    if value is not None and not minimum <= value <= MAX_IMG_SIZE:
+        raise GpunetError(f"{flag} must be in [{minimum}, {MAX_IMG_SIZE}] pixels, got {value}; "
+                          "leave it out to use the model's own resolution")
+
+
+# Fields each layer type needs, per family (False: non-D, True: D family).
+_REQUIRED: dict[bool, dict[str, tuple[str, ...]]] = {
+    False: {
+        "head": ("num_in_channels", "num_out_channels"),
+        "conv": ("num_in_channels", "num_out_channels", "stride", "kernel_size", "act", "stage"),
+        "irb": ("num_in_channels", "num_out_channels", "stride", "expansion", "kernel_size",
+                "act", "use_se", "stage"),
+        "fused_irb": ("num_in_channels", "num_out_channels", "stride", "expansion",
+                      "kernel_size", "act", "use_se", "stage"),
+        "tail": ("num_in_channels", "num_out_channels", "num_classes"),
+    },
+    True: {
+        "head": ("num_in_channels", "num_out_channels"),
+        "head_large": ("num_in_channels", "num_out_channels"),
+        "irb": ("num_in_channels", "num_out_channels", "stride", "expansion", "kernel_size",
+                "stage"),
+        "fused_irb": ("num_in_channels", "num_out_channels", "stride", "expansion",
+                      "kernel_size", "stage"),
+        "tail": ("num_in_channels", "num_out_channels", "num_classes"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A validated GPUNet architecture spec."""
+
+    layers: tuple[dict[str, Any], ...]
+    source: str
+
+    @property
+    def img_resolution(self) -> int:
+        return int(self.layers[0]["img_resolution"])
+
+    @property
+    def distill(self) -> bool:
+        """True for the "D" block family (GPUNet-D1/D2)."""
+        return bool(self.layers[0]["distill"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.layers[-1]["num_classes"])
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [dict(layer) for layer in self.layers]
+
+
+def _fail(source: str, index: int | None, field: str | None, problem: str, fix: str = "") -> SpecError:
+    where = source
+    if index is not None:
+        where += f", entry {index}"
+    if field is not None:
+        where += f", field '{field}'"
+    msg = f"invalid GPUNet spec ({where}): {problem}"
+    if fix:
+        msg += f". {fix}"
+    return SpecError(msg)
+
+
+def _read(spec: str | Path | dict | list) -> tuple[Any, str]:
+    if isinstance(spec, (list, tuple)):
+        return list(spec), "<list>"
+    if isinstance(spec, dict):
+        if "layers" not in spec:
+            raise _fail("<dict>", None, "layers", "a dict spec needs a 'layers' list",
+                        "Pass the JSON list itself or {'layers': [...]}")
+        return spec["layers"], "<dict>"
+    path = Path(spec)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _fail(source, None, None, "file not found", "Check the path") from None
+    except IsADirectoryError:
+        raise _fail(source, None, None, "is a directory, not a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(source, None, None, f"cannot read file ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(source, None, None,
+                    f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if isinstance(data, dict) and "layers" in data:
+        data = data["layers"]
+    return data, source
+
+
+def _check_int(source: str, i: int, entry: dict, field: str, *, minimum: int = 1) -> int:
+    value = entry[field]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, i, field, f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise _fail(source, i, field, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_entry(source: str, i: int, entry: dict, distill: bool) -> None:
+    layer_type = entry["layer_type"]
+    family = "D" if distill else "non-D"
+    required = _REQUIRED[distill].get(layer_type)
+    if required is None:
+        raise _fail(source, i, "layer_type",
+                    f"layer type '{layer_type}' is not supported by the {family} block family "
+                    f"(distill={str(distill).lower()})",
+                    f"Use one of {sorted(_REQUIRED[distill])} or change 'distill' in entry 0")
+    for field in required:
+        if field not in entry:
+            raise _fail(source, i, field, f"missing required field for layer_type '{layer_type}'")
+    for field in ("num_in_channels", "num_out_channels", "num_classes"):
+        if field in entry:
+            _check_int(source, i, entry, field)
+    if "stride" in entry and _check_int(source, i, entry, "stride") not in (1, 2):
+        raise _fail(source, i, "stride", f"must be 1 or 2, got {entry['stride']}")
+    if "kernel_size" in entry and _check_int(source, i, entry, "kernel_size") % 2 == 0:
+        raise _fail(source, i, "kernel_size", f"must be odd, got {entry['kernel_size']}")
+    if "stage" in entry:
+        _check_int(source, i, entry, "stage", minimum=0)
+    if "expansion" in entry:
+        exp = entry["expansion"]
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp) or exp <= 0:
+            raise _fail(source, i, "expansion", f"expected a positive number, got {exp!r}")
+        if distill and float(exp * entry["num_in_channels"]).is_integer() is False:
+            raise _fail(source, i, "expansion",
+                        f"D-family blocks need num_in_channels*expansion to be an integer, got "
+                        f"{entry['num_in_channels']}*{exp}")
+    if "act" in entry and entry["act"] not in ACTIVATIONS:
+        raise _fail(source, i, "act", f"unknown activation {entry['act']!r}",
+                    f"Use one of {list(ACTIVATIONS)}")
+    if "use_se" in entry and not isinstance(entry["use_se"], bool):
+        raise _fail(source, i, "use_se", f"expected true or false, got {entry['use_se']!r}")
+    if "groups" in entry:
+        groups = _check_int(source, i, entry, "groups")
+        cin, cout = entry["num_in_channels"], entry["num_out_channels"]
+        mid = int(round(cin * entry.get("expansion", 1)))
+        for name, ch in (("num_in_channels", cin), ("num_out_channels", cout), ("expanded width", mid)):
+            if ch % groups:
+                raise _fail(source, i, "groups", f"{groups} does not divide {name} {ch}")
+
+
+def validate_spec(data: Any, source: str = "<spec>") -> ArchSpec:
+    """Validate parsed JSON data and return an :class:`ArchSpec`."""
+    if not isinstance(data, list) or not data:
+        raise _fail(source, None, None, "a spec must be a non-empty JSON list of layer entries")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise _fail(source, i, None, f"expected a JSON object, got {type(entry).__name__}")
+        if "layer_type" not in entry:
+            raise _fail(source, i, "layer_type", "missing required field")
+        if entry["layer_type"] not in LAYER_TYPES:
+            raise _fail(source, i, "layer_type", f"unknown layer type {entry['layer_type']!r}",
+                        f"Use one of {list(LAYER_TYPES)}")
+
+    first = data[0]
+    if first["layer_type"] != "data":
+        raise _fail(source, 0, "layer_type", f"the first entry must be the 'data' entry, got "
+                    f"{first['layer_type']!r}", "Add {\"layer_type\": \"data\", \"img_resolution\": "
+                    "224, \"distill\": false} as entry 0")
+    for field in ("img_resolution", "distill"):
+        if field not in first:
+            raise _fail(source, 0, field, "missing required field of the 'data' entry")
+    _check_int(source, 0, first, "img_resolution", minimum=8)
+    if not isinstance(first["distill"], bool):
+        raise _fail(source, 0, "distill", f"expected true or false, got {first['distill']!r}")
+    distill = first["distill"]
+
+    if len(data) < 3:
+        raise _fail(source, None, None, "a spec needs at least a data, a head and a tail entry")
+    for i, entry in enumerate(data[1:], start=1):
+        if entry["layer_type"] == "data":
+            raise _fail(source, i, "layer_type", "'data' may only be entry 0")
+        if entry["layer_type"] in ("head", "head_large") and i != 1:
+            raise _fail(source, i, "layer_type", f"'{entry['layer_type']}' (the stem) must be entry 1")
+        if entry["layer_type"] == "tail" and i != len(data) - 1:
+            raise _fail(source, i, "layer_type", "'tail' must be the last entry")
+    if data[1]["layer_type"] not in ("head", "head_large"):
+        raise _fail(source, 1, "layer_type", f"entry 1 must be the stem ('head' or 'head_large'), "
+                    f"got {data[1]['layer_type']!r}")
+    if data[-1]["layer_type"] != "tail":
+        raise _fail(source, len(data) - 1, "layer_type",
+                    f"the last entry must be the 'tail', got {data[-1]['layer_type']!r}")
+
+    for i, entry in enumerate(data[1:], start=1):
+        _check_entry(source, i, entry, distill)
+    for i in range(2, len(data)):
+        prev_out = data[i - 1]["num_out_channels"]
+        cin = data[i]["num_in_channels"]
+        if cin != prev_out:
+            raise _fail(source, i, "num_in_channels",
+                        f"channel mismatch: {cin} but entry {i - 1} ({data[i - 1]['layer_type']}) "
+                        f"outputs {prev_out}", "Make consecutive layers' channels agree")
+    return ArchSpec(layers=tuple(dict(e) for e in data), source=source)
+
+
+def load_spec(spec: str | Path | dict | list | ArchSpec) -> ArchSpec:
+    """Load and validate a spec from a JSON file path, a list of entries or ``{"layers": [...]}``."""
+    if isinstance(spec, ArchSpec):
+        return spec
+    data, source = _read(spec)
+    return validate_spec(data, source)

@@ -1,0 +1,1 @@
+"""Training: the typed configuration, NVIDIA's presets, distributed set-up, distillation, the loop."""

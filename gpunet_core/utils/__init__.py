@@ -1,0 +1,1 @@
+"""The bottom layer: errors, files (atomic writes, names), object storage, process helpers."""
