@@ -31,15 +31,16 @@ run: setup ## the whole pipeline locally (kfp.local) on the embedded digits data
 test: setup ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup ## ruff over the code
-	$(VENV)/bin/ruff check gpunet_core components pipelines tests
+lint: setup ## ruff over the code, and the import layering (import-linter, pyproject.toml)
+	$(VENV)/bin/ruff check gpunet_core components pipelines tests bench
+	$(VENV)/bin/lint-imports
 
 format: setup ## ruff format + import sort fixes
-	$(VENV)/bin/ruff check --fix gpunet_core components pipelines tests
-	$(VENV)/bin/ruff format gpunet_core components pipelines tests
+	$(VENV)/bin/ruff check --fix gpunet_core components pipelines tests bench
+	$(VENV)/bin/ruff format gpunet_core components pipelines tests bench
 
 clean: ## remove caches and run outputs (keeps .venv)
-	rm -rf .pytest_cache .ruff_cache runs build *.egg-info
+	rm -rf .pytest_cache .ruff_cache .import_linter_cache runs build *.egg-info
 
 # ---- container images and Kubernetes (issue 7) ---------------------------------------------------
 # Image names live in images/images.yaml; `python -m gpunet_core.mlops.images` turns them into references,

@@ -10,8 +10,9 @@ def export_onnx(checkpoint: Input[Model], model_name: str, img_size: int, onnx: 
     import os
 
     from gpunet_core import steps
+    from gpunet_core.utils.files import BEST_CHECKPOINT
 
-    sidecar = steps.export_onnx(os.path.join(checkpoint.path, "model_best.pth.tar"), onnx.path,
+    sidecar = steps.export_onnx(os.path.join(checkpoint.path, BEST_CHECKPOINT), onnx.path,
                                 model=model_name, img_size=img_size)
     onnx.metadata.update({k: sidecar[k] for k in ("opset", "parity_max_abs_diff", "input_shape")
                           if k in sidecar})

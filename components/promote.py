@@ -14,12 +14,13 @@ def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Arti
     import os
 
     from gpunet_core import steps
+    from gpunet_core.utils.files import BEST_CHECKPOINT
 
     with open(validation.path) as fh:
         val = json.load(fh)
     with open(bench.path) as fh:
         lat = json.load(fh)
-    decision = steps.promote(os.path.join(checkpoint.path, "model_best.pth.tar"), onnx.path,
+    decision = steps.promote(os.path.join(checkpoint.path, BEST_CHECKPOINT), onnx.path,
                              val, lat, model=model_name, img_size=img_size,
                              registered_model=registered_model, min_top1=min_top1,
                              max_latency_ms=max_latency_ms, margin=margin,

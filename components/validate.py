@@ -12,9 +12,10 @@ def validate(dataset: Input[Dataset], checkpoint: Input[Model], model_name: str,
     import os
 
     from gpunet_core import steps
+    from gpunet_core.utils.files import BEST_CHECKPOINT
 
     out = steps.validate(os.path.join(dataset.path, "val"),
-                         os.path.join(checkpoint.path, "model_best.pth.tar"), model=model_name,
+                         os.path.join(checkpoint.path, BEST_CHECKPOINT), model=model_name,
                          img_size=img_size, results_file=results.path)
     for key in ("top1", "top5", "loss", "images_per_second"):
         metrics.log_metric(key, float(out[key]))

@@ -131,3 +131,16 @@ def test_fold_batchnorm_keeps_outputs_and_removes_every_bn(name):
         assert torch.allclose(model(x), folded(x), atol=1e-5)
     count = lambda m: sum(isinstance(q, torch.nn.BatchNorm2d) for q in m.modules())  # noqa: E731
     assert count(folded) == 0 and count(model) > 20  # the original is left as it was
+
+
+@pytest.mark.parametrize("name,crop", [("gpunet_p0", 0.875), ("gpunet_0", 1.0)])
+def test_pipeline_validate_step_uses_the_models_own_crop(digits_tiny, tmp_path, name, crop):
+    """The DAG's validate step crops like `gpunet validate` does: the model's own crop_pct."""
+    from gpunet_core import steps
+
+    with torch.device("meta"):
+        assert create_model(name).pretrained_cfg["crop_pct"] == crop
+    ckpt = save_checkpoint({"state_dict": create_model(name, num_classes=10).state_dict()},
+                           tmp_path / "ckpt.pth")
+    out = steps.validate(digits_tiny / "val", ckpt, model=name, img_size=IMG, batch_size=32)
+    assert out["crop_pct"] == crop and out["images"] == 32

@@ -71,6 +71,24 @@ def test_image_ref_defaults_and_overrides(monkeypatch):
         image_ref("gpu")
 
 
+def test_import_components_asks_git_once(monkeypatch):
+    """Every component's base image needs the tag: `git describe` runs once per process."""
+    monkeypatch.delenv("GPUNET_IMAGE_TAG", raising=False)
+    code = (
+        "import subprocess\n"
+        "calls = []\n"
+        "real = subprocess.run\n"
+        "def run(cmd, *a, **k):\n"
+        "    calls.append(cmd)\n"
+        "    return real(cmd, *a, **k)\n"
+        "subprocess.run = run\n"
+        "import components\n"
+        "print(sum(c[:2] == ['git', 'describe'] for c in calls))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "1"
+
+
 def test_bad_images_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "images.yaml"
     bad.write_text("registry: r\nprefix: p-\nimages:\n  cpu: {}\n")

@@ -15,8 +15,8 @@ from gpunet_core.data import prepare as datasets
 from gpunet_core.data.transforms import AugmentConfig, EvalConfig
 from gpunet_core.utils.errors import GpunetError
 
-MEAN = torch.tensor(loaders.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(loaders.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(transforms.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(transforms.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,19 @@ def test_first_better_worse_and_rollback(mlflow_sqlite):
     assert str(mlc.get_model_version_by_alias(NAME, registry.PREVIOUS).version) == v2
 
 
+def test_promoting_the_champion_again_changes_nothing(mlflow_sqlite):
+    mlc = mlflow_sqlite
+    v1 = add_version(mlc, 70.0, 1.0)
+    registry.promote(NAME, v1)
+    tag = mlc.get_model_version(NAME, v1).tags["promotion"]
+    again = registry.promote(NAME, v1)
+    assert again.alias == registry.CHAMPION and not again.promoted
+    assert again.reason == "it already is the champion"
+    version = mlc.get_model_version(NAME, v1)
+    assert version.aliases == [registry.CHAMPION]  # not also the challenger
+    assert version.tags["promotion"] == tag == "champion: first champion"
+
+
 @pytest.mark.parametrize("top1,latency,kw,reason", [
     (40.0, 1.0, {"min_top1": 50.0}, "below the minimum 50.00"),
     (90.0, 9.0, {"max_latency_ms": 2.0}, "latency 9 ms exceeds the budget 2 ms"),
@@ -134,7 +147,7 @@ def register_in_fresh_process(run_id, checkpoint, onnx_path, img_size=IMG):
     import subprocess
     import sys
 
-    code = (f"import sys; from gpunet_core import registry; "
+    code = (f"import sys; from gpunet_core.mlops import registry; "
             f"v = registry.register({run_id!r}, {str(checkpoint)!r}, {str(onnx_path)!r}, "
             f"model_name='gpunet_0', name={NAME!r}, img_size={img_size}, tags={{'top1': 1.0}}); "
             f"print(v, 'torch' in sys.modules)")

@@ -156,7 +156,7 @@ def source_files() -> list[Path]:
 
 def test_no_unsafe_loads_in_the_source_tree():
     files = source_files()
-    assert len(files) > 40 and REPO / "gpunet_core" / "checkpoint.py" in files
+    assert len(files) > 40 and REPO / "gpunet_core" / "models" / "checkpoint.py" in files
     findings, used = [], set()
     for path in files:
         found, allowed = scan_source(path.read_text(), path.relative_to(REPO).as_posix())
@@ -168,7 +168,7 @@ def test_no_unsafe_loads_in_the_source_tree():
 
 def test_the_trusted_path_is_opt_in():
     """read_checkpoint unpickles only when asked: ``trusted`` is keyword-only, default False."""
-    tree = ast.parse((REPO / "gpunet_core" / "checkpoint.py").read_text())
+    tree = ast.parse((REPO / "gpunet_core" / "models" / "checkpoint.py").read_text())
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
               and n.name == "read_checkpoint")
     defaults = dict(zip([a.arg for a in fn.args.kwonlyargs], fn.args.kw_defaults, strict=True))

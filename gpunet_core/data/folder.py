@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gpunet_core.utils.errors import GpunetError
+from gpunet_core.utils.files import MANIFEST_FILE
 
 # torchvision's ImageFolder extensions (matched case-insensitively)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -78,7 +79,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 def manifest_classes(root: str | Path) -> list[str] | None:
     """Class list (index order) from ``manifest.json`` next to a split directory, if any."""
     root = Path(root)
-    for candidate in (root / "manifest.json", root.parent / "manifest.json"):
+    for candidate in (root / MANIFEST_FILE, root.parent / MANIFEST_FILE):
         if candidate.is_file():
             try:
                 return list(json.loads(candidate.read_text())["classes"])

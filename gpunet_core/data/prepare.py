@@ -33,10 +33,10 @@ from typing import Any
 from gpunet_core.data.folder import IMAGE_EXTENSIONS
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import DataError
+from gpunet_core.utils.files import MANIFEST_FILE, write_bytes
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
 FORMAT = "gpunet-imagefolder/1"
 SPLITS = ("train", "val")
@@ -151,13 +151,6 @@ def _bounded_map(fn: Callable[[Record], Decoded], items: Iterable[Record],
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _output_name(name: str) -> str:
     stem, ext = os.path.splitext(name)
     return name if ext.lower() in (".jpg", ".jpeg") else f"{stem}.jpg"
@@ -227,12 +220,12 @@ class _Writer:
         rel = f"{record.split}/{record.cls}/{_output_name(record.name)}"
         if decoded.data is None:
             qpath = self._quarantine_path(record)
-            _atomic_write(qpath, record.data)
+            write_bytes(qpath, record.data)
             self.skipped.append({"path": rel, "source": record.origin,
                                  "quarantine": qpath.relative_to(self.root).as_posix(),
                                  "reason": decoded.error or "undecodable"})
             return
-        _atomic_write(self.root / rel, decoded.data)
+        write_bytes(self.root / rel, decoded.data)
         if decoded.converted_from:
             self.converted.append({"path": rel, "from": decoded.converted_from})
         self.files[rel] = (hashlib.sha256(decoded.data).hexdigest(), len(decoded.data),
@@ -252,7 +245,7 @@ class _Writer:
                             f"{max_bad_fraction:.2%}); see {self.root / 'quarantine'}; the "
                             "dataset was not marked complete")
         lines = [f"{digest}  {rel}\n" for rel, (digest, _, _) in sorted(self.files.items())]
-        _atomic_write(self.root / CHECKSUMS, "".join(lines).encode())
+        write_bytes(self.root / CHECKSUMS, "".join(lines).encode())
         splits: dict[str, Any] = {}
         by_split: dict[str, list[str]] = defaultdict(list)
         for rel in sorted(self.files):
@@ -292,21 +285,21 @@ def _fingerprint(source: dict[str, Any]) -> str:
 def read_manifest(location: str | Path, *, s3_endpoint: str | None = None) -> dict | None:
     """The manifest of a prepared dataset (local dir or s3:// prefix), or None if incomplete."""
     if storage.is_s3_uri(str(location)):
-        uri = storage.parse_s3_uri(str(location)).join(MANIFEST)
+        uri = storage.parse_s3_uri(str(location)).join(MANIFEST_FILE)
         client = storage.s3_client(s3_endpoint)
         storage.check_bucket(uri, client)
         if not storage.object_exists(uri, client):
             return None
         data = storage.read_bytes(uri, client)
     else:
-        path = Path(location) / MANIFEST
+        path = Path(location) / MANIFEST_FILE
         if not path.is_file():
             return None
         data = path.read_bytes()
     try:
         return json.loads(data)
     except ValueError as exc:
-        raise DataError(f"{location}/{MANIFEST} is not valid JSON ({exc}); delete it and "
+        raise DataError(f"{location}/{MANIFEST_FILE} is not valid JSON ({exc}); delete it and "
                         "re-run prepare") from None
 
 
@@ -344,12 +337,12 @@ def _prepare(out: str | Path, source: dict[str, Any], classes: list[str],
     if remote:
         dest = storage.parse_s3_uri(out)
         client = storage.s3_client(s3_endpoint, max_pool_connections=max(10, jobs * 4))
-        summary.uploaded = storage.upload_dir(root, dest, exclude=[MANIFEST], client=client,
+        summary.uploaded = storage.upload_dir(root, dest, exclude=[MANIFEST_FILE], client=client,
                                               jobs=max(4, jobs * 2), progress=progress)
-        _atomic_write(root / MANIFEST, payload)
-        storage.upload_file(root / MANIFEST, dest.join(MANIFEST), client=client)
+        write_bytes(root / MANIFEST_FILE, payload)
+        storage.upload_file(root / MANIFEST_FILE, dest.join(MANIFEST_FILE), client=client)
     else:
-        _atomic_write(root / MANIFEST, payload)
+        write_bytes(root / MANIFEST_FILE, payload)
     log.debug("%s", summary.describe())
     return summary
 

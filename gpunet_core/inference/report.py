@@ -17,7 +17,13 @@ from typing import Any
 
 from gpunet_core.models.spec import MODEL_INFO
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import BENCH_SCHEMA, RESULTS_SCHEMA, write_json
+from gpunet_core.utils.files import (
+    BENCH_SCHEMA,
+    RESULTS_SCHEMA,
+    atomic_path,
+    write_json,
+    write_text,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -161,10 +167,9 @@ def plot_pareto(rows: Sequence[dict[str, Any]], output: str | Path,
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(output)
     return output
 
 
@@ -175,7 +180,7 @@ def write_report(result_paths: Iterable[str | Path], output_dir: str | Path) -> 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
-    (out / "report.md").write_text(f"# GPUNet latency vs accuracy\n\n{table}\n")
+    write_text(out / "report.md", f"# GPUNet latency vs accuracy\n\n{table}\n")
     write_json({"rows": rows, "validations": [
         {k: v.get(k) for k in ("model", "top1", "top5", "loss", "data", "_file")}
         for v in validations]}, out / "report.json")
@@ -197,9 +202,4 @@ def write_html_report(result_paths: Iterable[str | Path], html_path: str | Path)
             "</head><body><h1>GPUNet latency vs accuracy</h1>"
             f"<pre>{html.escape(result['table'])}</pre>"
             f"<img alt='Pareto plot' src='data:image/png;base64,{png}'></body></html>")
-    out = Path(html_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(page)
-    tmp_out.replace(out)
-    return out
+    return write_text(html_path, page)

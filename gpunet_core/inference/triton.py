@@ -15,13 +15,12 @@ the defaults here.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from gpunet_core.inference.export import inspect_onnx
 from gpunet_core.utils.errors import ExportError
+from gpunet_core.utils.files import copy_file, write_text
 
 
 class Enum(str):
@@ -86,20 +85,6 @@ def triton_config(name: str, *, platform: str, input_name: str, output_name: str
     return config
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _write_atomic(text: str, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, dst)
-
-
 def export_triton(onnx: str | Path, repository: str | Path, *, name: str | None = None,
                   version: int = 1, plan: str | Path | None = None, max_batch_size: int = 64,
                   instances: int = 2, kind: str = "gpu", preferred_batch_sizes: list[int] | None = None,
@@ -150,7 +135,7 @@ def export_triton(onnx: str | Path, repository: str | Path, *, name: str | None 
                            static_batch=info.batch, instances=instances, kind=kind,
                            preferred_batch_sizes=preferred, max_queue_delay_us=max_queue_delay_us,
                            tensorrt_accelerator=tensorrt_accelerator)
-    _copy_atomic(Path(source), version_dir / filename)
-    _write_atomic(to_pbtxt(config) + "\n", model_dir / "config.pbtxt")
+    copy_file(source, version_dir / filename)
+    write_text(model_dir / "config.pbtxt", to_pbtxt(config) + "\n")
     return {"model_dir": str(model_dir), "model_file": str(version_dir / filename),
             "config": config}

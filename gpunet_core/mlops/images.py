@@ -63,9 +63,12 @@ def image_kinds() -> list[str]:
 
 def default_tag() -> str:
     """``$GPUNET_IMAGE_TAG``, else ``git describe --tags --always --dirty``, else ``"dev"``."""
-    tag = os.environ.get(TAG_ENV)
-    if tag:
-        return tag
+    return os.environ.get(TAG_ENV) or _git_describe()
+
+
+@functools.cache
+def _git_describe() -> str:
+    """The checkout's ``git describe``, asked once per process (every component's image needs it)."""
     try:
         out = subprocess.run(["git", "describe", "--tags", "--always", "--dirty"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=30, check=False)

@@ -295,17 +295,18 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
     if champion is not None:
         before = {"version": str(champion.version), "top1": _tag_float(champion, "top1"),
                   "latency_ms": _tag_float(champion, "latency_ms")}
+    thresholds = {"min_top1": min_top1, "max_latency_ms": max_latency_ms, "margin": margin}
+    if before and before["version"] == str(version):  # nothing to move, nothing to re-tag
+        return Decision(name, str(version), CHAMPION, False, "it already is the champion",
+                        {"top1": top1, "latency_ms": latency}, before, thresholds)
     reasons = []
     if top1 < min_top1:
         reasons.append(f"top-1 {top1:.2f} is below the minimum {min_top1:.2f}")
     if max_latency_ms is not None and (latency is None or latency > max_latency_ms):
         reasons.append(f"latency {_fmt(latency)} ms exceeds the budget {max_latency_ms:.4g} ms")
-    if before and before["version"] == str(version):
-        reasons.append("it already is the champion")
-    elif before and before["top1"] is not None and top1 < before["top1"] + margin:
+    if before and before["top1"] is not None and top1 < before["top1"] + margin:
         reasons.append(f"top-1 {top1:.2f} does not beat champion v{before['version']} "
                        f"({before['top1']:.2f}) by the margin {margin:.2f}")
-    thresholds = {"min_top1": min_top1, "max_latency_ms": max_latency_ms, "margin": margin}
     if reasons:
         mlc.set_registered_model_alias(name, CHALLENGER, str(version))
         mlc.set_model_version_tag(name, str(version), "promotion", "challenger: " + "; ".join(reasons))

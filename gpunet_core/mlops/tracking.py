@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet_core.mlops import mlflow_client  # noqa: F401  (MLflow client environment defaults)
+from gpunet_core.utils.files import RUN_ID_FILE, write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class RunTracker:
 
     # ---- internals
     def _run_id_file(self) -> Path:
-        return self.output / "mlflow_run_id"
+        return self.output / RUN_ID_FILE
 
     def _load_run_id(self) -> str | None:
         path = self._run_id_file()
@@ -101,9 +102,7 @@ class RunTracker:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         run = self.client.create_run(exp_id, tags=self.tags, run_name=self.run_name)
         self.run_id = run.info.run_id
-        tmp = self._run_id_file().with_suffix(".tmp")
-        tmp.write_text(self.run_id)
-        os.replace(tmp, self._run_id_file())
+        write_text(self._run_id_file(), self.run_id)
         return self.run_id
 
     def _apply(self, item: dict[str, Any]) -> None:
@@ -147,9 +146,7 @@ class RunTracker:
         if not items:
             self.spool.unlink(missing_ok=True)
             return
-        tmp = self.spool.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(i) + "\n" for i in items))
-        os.replace(tmp, self.spool)
+        write_text(self.spool, "".join(json.dumps(i) + "\n" for i in items))
 
     def _submit(self, item: dict[str, Any]) -> None:
         """Send spooled items then this one, in order; keep whatever could not be sent."""
