@@ -10,8 +10,9 @@ Sections (each a function returning a JSON-able dict, run by :func:`run_all`):
   ImageNet-like size that the benchmark renders itself, per worker.
 - ``inference``: latency at batch 1 and 32, native resolution: PyTorch eager, ``torch.compile``,
   ONNX Runtime; TensorRT FP16 where a GPU is present; NVIDIA's published table beside it.
-- ``pipeline``: the ``make run`` DAG's wall time split into step compute and overhead, from the
-  per-step timings of a KFP local run (:func:`pipeline_overhead`).
+- ``pipeline``: the ``make run`` DAG's wall time split into the steps' work and everything else:
+  ``pipelines run-local`` times each task's process from the runner's side, each step logs its
+  own work (:mod:`pipelines.timing`).
 - ``scaling``: ``gpunet train`` under ``torchrun`` with 1 and 2 processes, efficiency ratio.
 
 :func:`render_markdown` turns a results dict into ``BENCHMARKS.md``.
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from gpunet_core.utils.errors import BenchmarkError
+from pipelines.timing import TimingError, pipeline_overhead
 
 _logger = logging.getLogger(__name__)
 
@@ -208,7 +210,7 @@ def bare_train_loop(name: str, *, img_size: int, batch: int, steps: int, warmup:
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.utils import ModelEmaV3
 
-    from gpunet_core.models.gpunet import create_any_model
+    from gpunet_core.models.factory import create_any_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -262,9 +264,9 @@ def bare_train_loop(name: str, *, img_size: int, batch: int, steps: int, warmup:
 
 
 def _train_defaults():
-    from gpunet_core.training import loop as train
+    from gpunet_core.training.config import TrainConfig
 
-    return train.build_parser().parse_args(["."])
+    return TrainConfig(data=".")
 
 
 def train_argv(data: Path, output: Path, *, model: str, img_size: int, batch: int,
@@ -280,10 +282,11 @@ def gpunet_train_loop(name: str, data: Path, output: Path, *, img_size: int, bat
     """``gpunet train`` in this process; img/s and data-wait fraction averaged over the warm
     epochs (all but the first, which pays for worker start-up and allocator warm-up)."""
     from gpunet_core.training import loop as train
+    from gpunet_core.training.config import parse
 
     argv = train_argv(data, output, model=name, img_size=img_size, batch=batch, epochs=epochs,
                       workers=workers)
-    args = train.resolve_args(train.build_parser(), argv)
+    args = parse(argv)
     t0 = time.perf_counter()
     result = train.train(args)
     wall = time.perf_counter() - t0
@@ -443,7 +446,8 @@ def bench_inference_model(name: str, cfg: BenchConfig, work: Path) -> dict[str, 
     """Latency cells of one model: ``{backend: {batch: stats}}`` plus published figures."""
     from gpunet_core.inference.export import fixed_input, onnxruntime_session
     from gpunet_core.inference.validate import fold_batchnorm
-    from gpunet_core.models.gpunet import MODEL_INFO, create_model
+    from gpunet_core.models.factory import create_model
+    from gpunet_core.models.spec import MODEL_INFO
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
@@ -534,7 +538,7 @@ def _tensorrt_cells(onnx_path: Path, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def bench_inference(cfg: BenchConfig, work: Path) -> dict[str, Any]:
-    from gpunet_core.models.gpunet import list_models
+    from gpunet_core.models.factory import list_models
 
     models = cfg.models or tuple(list_models())
     if cfg.threads:
@@ -548,53 +552,24 @@ def bench_inference(cfg: BenchConfig, work: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- pipeline section
 
 
-def pipeline_overhead(step_timings: Iterable[dict[str, Any]],
-                      total_wall_s: float | None = None) -> dict[str, Any]:
-    """Split a pipeline run into step compute and everything else.
-
-    ``step_timings``: one dict per DAG step with ``name``, ``wall_s`` (the step's process: start,
-    imports, artifact copies, logging included), ``compute_s`` (the step's own work) and
-    optionally ``import_s`` (importing the library it needs). ``total_wall_s`` defaults to the
-    sum of the steps' wall times (a sequential DAG); what it has beyond that sum is ``runner_s``,
-    the runner's own time outside the step processes (launching, teardown, bookkeeping).
-    """
-    steps = []
-    for t in step_timings:
-        try:
-            wall, compute = float(t["wall_s"]), float(t["compute_s"])
-        except (KeyError, TypeError, ValueError):
-            raise BenchmarkError(f"pipeline step timing {t!r} needs numeric wall_s and "
-                                 "compute_s") from None
-        if compute > wall or compute < 0:
-            raise BenchmarkError(f"step {t.get('name')!r}: compute_s {compute} must be in "
-                                 f"[0, wall_s {wall}]")
-        imports = min(float(t.get("import_s") or 0.0), wall - compute)
-        steps.append({"name": str(t.get("name", f"step{len(steps)}")), "wall_s": wall,
-                      "compute_s": compute, "import_s": imports, "overhead_s": wall - compute})
-    if not steps:
-        raise BenchmarkError("no pipeline step timings given")
-    in_steps = sum(s["wall_s"] for s in steps)
-    total = float(total_wall_s) if total_wall_s is not None else in_steps
-    compute = sum(s["compute_s"] for s in steps)
-    return {"status": "measured", "total_wall_s": total, "compute_s": compute,
-            "overhead_s": total - compute, "overhead_frac": (total - compute) / total,
-            "import_s": sum(s["import_s"] for s in steps),
-            "runner_s": max(0.0, total - in_steps), "steps": steps}
-
-
 # the `make run` DAG as users run it: its own defaults (all 1,797 digits, 2 epochs); a
 # smaller DAG would only inflate the fixed overhead's share
 PIPELINE_PARAMS: tuple[str, ...] = ()
 
 
 def bench_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
-    """The `make run` DAG (kfp.local, no cache): wall time vs the steps' compute.
+    """The `make run` DAG (kfp.local, no cache): wall time vs the steps' work.
 
-    ``--pipeline-timings FILE.json`` instead splits a run measured elsewhere (e.g. a cluster).
-    Quick mode skips the run (it takes minutes).
+    The figures are ``run-local``'s own (its ``overhead``): each task's process timed by the
+    runner's side, each step's work from its log line. ``--pipeline-timings FILE.json`` instead
+    splits a run measured elsewhere (e.g. a cluster's task durations). Quick mode skips the run
+    (it takes minutes).
     """
     if cfg.pipeline_timings:
-        return pipeline_overhead(cfg.pipeline_timings)
+        try:
+            return pipeline_overhead(cfg.pipeline_timings)
+        except TimingError as exc:  # the user's file: fail the run, not just the section
+            raise BenchmarkError(f"--pipeline-timings: {exc}") from None
     if cfg.extra.get("quick"):
         return {"status": "skipped in quick mode (the local DAG run takes minutes)"}
     import sys
@@ -612,7 +587,7 @@ def bench_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         if "error" in summary:
             return summary
         if not summary.get("overhead"):
-            return {"error": "the local pipeline run recorded no step timings"}
+            return {"error": "the local pipeline run timed no task (all from the cache?)"}
         runs.append(summary["overhead"])
     runs.sort(key=lambda o: o["overhead_frac"])
     median = runs[len(runs) // 2]  # whole runs: the split shown is one run's
@@ -734,7 +709,7 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
     unknown = sorted(set(cfg.sections) - set(SECTIONS))
     if unknown:
         raise BenchmarkError(f"unknown section(s) {unknown}: use {', '.join(SECTIONS)}")
-    from gpunet_core.models.gpunet import list_models
+    from gpunet_core.models.factory import list_models
 
     unknown = sorted(set(cfg.models) - set(list_models()))
     if unknown:
@@ -950,19 +925,20 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
             lines += [f"`make run` DAG under kfp.local "
                       f"({', '.join(p.get('params') or []) or 'the defaults of make run'}; "
                       f"{of_runs}): ",
-                      f"Total {p['total_wall_s']:.1f} s, step compute {p['compute_s']:.1f} s, "
-                      f"everything else {p['overhead_s']:.1f} s = "
+                      f"Total {p['total_wall_s']:.1f} s, the steps' own work "
+                      f"{p['compute_s']:.1f} s, everything else {p['overhead_s']:.1f} s = "
                       f"{_ratio(p['overhead_frac'], TARGETS['pipeline_overhead_frac'], False)} "
-                      "of the total (target < 0.10). Of everything else: "
-                      f"{p.get('import_s', 0.0):.1f} s importing libraries in the steps, "
-                      f"{p.get('runner_s', 0.0):.1f} s in the runner outside the step processes "
-                      "(launch, process teardown, artifact bookkeeping), the rest in the step "
-                      "processes (interpreter and KFP executor start, artifact and MLflow I/O).",
-                      "", "| step | wall s | compute s | imports s | overhead s |",
-                      "|---|---:|---:|---:|---:|"]
+                      "of the total (target < 0.10). Each task's process is timed from the "
+                      "runner's side (from kfp.local starting it to its exit), each step logs its "
+                      "own work. Of everything else: "
+                      f"{p.get('runner_s', 0.0):.1f} s in the runner between the task processes "
+                      "(walking the DAG, cache look-ups), the rest inside them (interpreter and "
+                      "KFP executor start, library imports, artifact and MLflow I/O, exit), "
+                      "which a clock outside the step cannot split further.",
+                      "", "| step | task process s | work s | overhead s |",
+                      "|---|---:|---:|---:|"]
             lines += [f"| {st['name']} | {st['wall_s']:.1f} | {st['compute_s']:.1f} | "
-                      f"{st.get('import_s', 0.0):.1f} | {st['overhead_s']:.1f} |"
-                      for st in p["steps"]]
+                      f"{st['overhead_s']:.1f} |" for st in p["steps"]]
             floor = p.get("noop_floor") or {}
             if floor.get("total_s"):
                 lines += ["", f"Floor: a chain of {floor['tasks']} *empty* KFP components under "
@@ -1055,7 +1031,9 @@ def build_parser() -> Any:
     p.add_argument("--work-dir", default=None,
                    help="keep generated data/exports here (default: a temp dir, removed)")
     p.add_argument("--pipeline-timings", default=None,
-                   help="JSON list of {name, wall_s, compute_s} from a KFP local run")
+                   help="JSON list of {name, wall_s, compute_s}, one per task of a run measured "
+                        "elsewhere (wall_s: the task's process, compute_s: its step's work); "
+                        "split instead of running the DAG")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--output", default=None, help="results JSON (default: "
                    "<results-dir>/<date>-<host>.json, -quick.json with --quick)")
@@ -1095,6 +1073,10 @@ def config_from_args(args: Any) -> BenchConfig:
         except (OSError, ValueError) as exc:
             raise BenchmarkError(f"cannot read --pipeline-timings {args.pipeline_timings}: "
                                  f"{exc}") from None
+        try:  # now, not after the other sections have run for minutes
+            pipeline_overhead(overrides["pipeline_timings"])
+        except TimingError as exc:
+            raise BenchmarkError(f"--pipeline-timings: {exc}") from None
     overrides["extra"] = {"quick": bool(args.quick)}
     return BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make bench`: run gpunet_core.perf (see its docstring and `bench/run.py --help`)."""
+"""`make bench`: run bench.perf (see its docstring and `bench/run.py --help`)."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""train_teacher / train_student: torchrun training (gpunet_core.steps.train)."""
+"""train_teacher / train_student: torchrun training (gpunet_core.steps.train_config + train)."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -17,9 +17,10 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
     os.makedirs(checkpoint.path, exist_ok=True)
     checkpoint.metadata["enabled"] = enabled
     if enabled:
-        result = steps.train(dataset.path, checkpoint.path, model=model_name, epochs=epochs,
-                             batch_size=batch_size, img_size=img_size, lr=lr, opt=optimizer,
-                             augment=augment, nproc_per_node=nproc_per_node)
+        cfg = steps.train_config(dataset.path, checkpoint.path, augment=augment,
+                                 model=model_name, epochs=epochs, batch_size=batch_size,
+                                 img_size=img_size, lr=lr, opt=optimizer or None)
+        result = steps.train(cfg, nproc_per_node=nproc_per_node)
         checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                     "top1": result.get("top1", 0.0)})
 
@@ -35,17 +36,20 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
     import os
 
     from gpunet_core import steps
+    from gpunet_core.utils.files import LAST_CHECKPOINT
 
     use_teacher = bool(teacher.metadata.get("enabled"))
-    result = steps.train(
-        dataset.path, checkpoint.path, model=model_name, preset=preset, epochs=epochs,
-        batch_size=batch_size, img_size=img_size, lr=lr or None, opt=optimizer or None,
-        augment=augment, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
-        teacher=teacher_name if use_teacher else "",
-        teacher_checkpoint=os.path.join(teacher.path, "last.pth.tar") if use_teacher else "",
-        teacher_img_size=teacher_img_size if use_teacher else 0, kd_weight=kd_weight,
-        kd_temperature=kd_temperature, mlflow=bool(os.environ.get("MLFLOW_TRACKING_URI")),
-        experiment=mlflow_experiment)
+    distill = {"enable_distill": True, "teacher": teacher_name,
+               "teacher_checkpoint": os.path.join(teacher.path, LAST_CHECKPOINT),
+               "teacher_img_size": teacher_img_size or None, "kd_weight": kd_weight,
+               "kd_temperature": kd_temperature} if use_teacher and teacher_name else {}
+    mlflow = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    cfg = steps.train_config(
+        dataset.path, checkpoint.path, augment=augment, model=model_name, preset=preset or None,
+        epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr or None,
+        opt=optimizer or None, mlflow=mlflow, experiment=mlflow_experiment if mlflow else None,
+        **distill)
+    result = steps.train(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image)
     checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                 "distilled": use_teacher})
     for key in ("train_loss", "top1", "top5", "eval_loss", "img_per_sec"):

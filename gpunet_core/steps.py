@@ -15,99 +15,67 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from gpunet_core.training.config import TrainConfig, to_argv
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.process import fast_exit, process_age_s
+from gpunet_core.utils.files import LAST_CHECKPOINT, RESULT_FILE, RUN_ID_FILE
+from gpunet_core.utils.process import fast_exit
 
 _logger = logging.getLogger(__name__)
 RUN_TAG = "kfp_run_id"
-AUGMENT = {"recipe": [], "light": ["--aa", "", "--reprob", "0", "--scale", "0.5", "1.0"]}
+# train_config(augment=...): the flags each augmentation recipe sets
+AUGMENT: dict[str, dict[str, Any]] = {
+    "recipe": {}, "light": {"aa": "", "reprob": 0.0, "scale": (0.5, 1.0)}}
 
 
 class StepError(GpunetError):
     """A pipeline step failed; the message says which and why."""
 
 
-TIMINGS_ENV = "GPUNET_STEP_TIMINGS"
+WORK_LOG = "gpunet step %s: %.3f s of work"
+_WORK_RE = re.compile(r"gpunet step (.+): (\d+(?:\.\d+)?) s of work\s*$")
 
 
-class _LateImportClock:
-    """Times ``import`` statements of the named packages that run inside a step.
-
-    For libraries whose first import writes files (onnxruntime a device id, matplotlib a font
-    cache): they cannot be imported before the step checks its arguments, yet their import is
-    start-up, not the step's work. Only the outermost first import of a package counts.
-    """
-
-    def __init__(self, packages: tuple[str, ...]):
-        self.packages, self.seconds, self._busy = set(packages), 0.0, False
-
-    def __enter__(self) -> _LateImportClock:
-        import builtins
-
-        self._builtins, self._import = builtins, builtins.__import__
-        if self.packages:
-            builtins.__import__ = self._timed_import
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._builtins.__import__ = self._import
-
-    def _timed_import(self, name, globals=None, locals=None, fromlist=(), level=0):
-        if (self._busy or level or name.partition(".")[0] not in self.packages
-                or name in sys.modules):
-            return self._import(name, globals, locals, fromlist, level)
-        self._busy, start = True, time.perf_counter()
-        try:
-            return self._import(name, globals, locals, fromlist, level)
-        finally:
-            self.seconds += time.perf_counter() - start
-            self._busy = False
+def parse_work_log(line: str) -> tuple[str, float] | None:
+    """The (step name, seconds) of a :data:`WORK_LOG` line in a task's log, else None."""
+    match = _WORK_RE.search(line)
+    return (match[1], float(match[2])) if match else None
 
 
-def timed(*modules: str, late: tuple[str, ...] = ()):
-    """Decorate a step: import ``modules`` (the libraries it uses), then time its compute.
+def timed(*modules: str):
+    """Decorate a step: import ``modules`` (the libraries it uses), run it, log its work time.
 
-    Each call appends ``{name, compute_s, import_s, wall_s}`` to ``$GPUNET_STEP_TIMINGS``:
-    ``import_s`` is the time importing ``modules`` (process start-up, not the step's work),
-    ``wall_s`` the age of the step's process. The pipeline's overhead (process start, imports,
-    artifact copies, MLflow logging) is the run's wall time minus the steps' compute
-    (:func:`gpunet_core.perf.pipeline_overhead`). Imports are done before the clock starts
-    so moving an import into a function cannot make it look like compute. Only modules whose
-    import writes nothing belong here: the step checks its arguments after them, and a bad
-    call must leave no files behind. Packages whose first import writes files (``late``:
-    onnxruntime writes a device id, matplotlib a font cache) are imported by the step after
-    its checks, and the time of those imports moves from compute to ``import_s``.
+    The one log line (:data:`WORK_LOG`, INFO: KFP's executor shows it in the task's log) is
+    how long the step worked, so whoever watches the task from outside (``pipelines run-local``,
+    ``make bench``) can tell it from the task process's own cost: interpreter and executor
+    start, imports, artifact copies, exit. The clock starts after ``modules`` are loaded, so
+    moving an import into the function cannot make it look like work. Only modules whose
+    import writes nothing belong here: the step checks its arguments after them, and a bad call
+    must leave no files behind. Libraries whose first import writes files (onnxruntime a device
+    id, matplotlib a font cache) load inside the step after its checks and count as its work
+    (about 0.1 and 0.4 s), as does torch where a step needs it only sometimes.
     """
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             fast_exit()
-            loaded = time.perf_counter()
             for module in modules:
                 importlib.import_module(module)
             start = time.perf_counter()
-            with _LateImportClock(late) as clock:
-                result = fn(*args, **kwargs)
-            path = os.environ.get(TIMINGS_ENV)
-            if path:
-                end = time.perf_counter()
-                compute, age = end - start - clock.seconds, process_age_s()
-                name = fn.__name__ + (f"({kwargs['model']})" if kwargs.get("model") else "")
-                entry = {"name": name, "compute_s": round(compute, 3),
-                         "import_s": round(start - loaded + clock.seconds, 3),
-                         "wall_s": round(max(end - loaded, age if age is not None else 0.0), 3)}
-                with open(path, "a") as fh:  # one short line per step: appends do not interleave
-                    fh.write(json.dumps(entry) + "\n")
-            return result
+            try:
+                return fn(*args, **kwargs)
+            finally:  # a failed attempt's work was work too (a retried step counts both)
+                model = kwargs.get("model") or getattr(args[0] if args else None, "model", "")
+                name = fn.__name__ + (f"({model})" if model else "")  # train(cfg): cfg.model
+                _logger.info(WORK_LOG, name, time.perf_counter() - start)
 
         wrapper.modules = modules  # what the step imports before its clock starts
-        wrapper.late = late  # what it imports after its checks, timed as imports too
         return wrapper
 
     return decorate
@@ -133,7 +101,7 @@ def pipeline_run_id(kfp_run_id: str, experiment: str) -> str | None:
 
 def training_run_id(checkpoint: str | Path) -> str | None:
     """The MLflow run that trained ``checkpoint`` (``mlflow_run_id`` beside it), if it exists."""
-    marker = Path(checkpoint).parent / "mlflow_run_id"
+    marker = Path(checkpoint).parent / RUN_ID_FILE
     if not marker.is_file():
         return None
     run_id = marker.read_text().strip()
@@ -199,48 +167,20 @@ def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
 
 
 @timed()
-def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs: int = 1,
-          batch_size: int = 16, img_size: int = 32, lr: float | None = None,
-          opt: str | None = None, preset: str = "", nproc_per_node: int = 1, nodes: int = 1,
-          teacher: str = "", teacher_checkpoint: str = "", teacher_img_size: int = 0,
-          kd_weight: float = 1.0, kd_temperature: float = 1.0, mlflow: bool = False,
-          experiment: str = "gpunet", kfp_run_id: str = "", workers: int = 1,
-          extra_args: list[str] | None = None, image: str = "", augment: str = "recipe",
+def train(cfg: TrainConfig, *, nproc_per_node: int = 1, nodes: int = 1, image: str = "",
           namespace: str = "gpunet") -> dict[str, Any]:
-    """Run ``gpunet train`` under torchrun (or a PyTorchJob when ``nodes > 1``).
+    """Run ``gpunet train`` with ``cfg`` under torchrun (or a PyTorchJob when ``nodes > 1``).
 
-    ``augment``: ``recipe`` keeps NVIDIA's augmentation (RandAugment, 0.08-1 crops, random
-    erasing; or the preset's); ``light`` (no RandAugment/erasing, 0.5-1 crops) suits tiny images
-    and few epochs, as in the laptop demo.
+    Both get the same argv, :func:`~gpunet_core.training.config.to_argv` of ``cfg``; build
+    ``cfg`` from a pipeline's parameters with :func:`train_config`.
     """
-    if augment not in AUGMENT:
-        raise StepError(f"augment must be one of {sorted(AUGMENT)}, got {augment!r}")
-    args = [str(data), "--model", model, "--epochs", str(epochs), "-b", str(batch_size),
-            "--img-size", str(img_size), "-j", str(workers), "--output", str(out),
-            "--auto-resume", *AUGMENT[augment]]
-    if preset:
-        args += ["--preset", preset]
-    if lr is not None:
-        args += ["--lr", str(lr)]
-    if opt:
-        args += ["--opt", opt]
-    if teacher:
-        args += ["--enable-distill", "True", "--teacher", teacher, "--kd-weight", str(kd_weight),
-                 "--kd-temperature", str(kd_temperature)]
-        if teacher_checkpoint:
-            args += ["--teacher-checkpoint", str(teacher_checkpoint)]
-        if teacher_img_size:
-            args += ["--teacher-img-size", str(teacher_img_size)]
-    if mlflow:
-        args += ["--mlflow", "--experiment", experiment]
-        if kfp_run_id:
-            args += ["--run-tag", f"{RUN_TAG}={kfp_run_id}"]
-    args += list(extra_args or [])
+    args = to_argv(cfg)
     if nodes > 1:
         from gpunet_core.mlops.pytorchjob import run_pytorchjob
 
+        run_id = dict(tag.split("=", 1) for tag in cfg.run_tag).get(RUN_TAG) or "job"
         return run_pytorchjob(args, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
-                              namespace=namespace, name=f"gpunet-train-{kfp_run_id or 'job'}")
+                              namespace=namespace, name=f"gpunet-train-{run_id}")
     if nproc_per_node > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc_per_node}", "--max-restarts=1", "-m", "gpunet_core",
@@ -253,18 +193,37 @@ def train(data: str | Path, out: str | Path, *, model: str = "gpunet_0", epochs:
     if code != 0:
         raise StepError(f"training failed (exit code {code}): "
                         f"{reason or 'no error message; see the log above'}")
-    return train_result(out)
+    return train_result(cfg.output)
+
+
+def train_config(data: str | Path, out: str | Path, *, augment: str = "recipe",
+                 kfp_run_id: str = "", workers: int = 1, **settings: Any) -> TrainConfig:
+    """The :class:`~gpunet_core.training.config.TrainConfig` of a pipeline's training step.
+
+    ``settings`` are TrainConfig fields (None: not given), layered as on the command line:
+    defaults < ``preset`` < the ``augment`` recipe < ``settings``. The step always resumes
+    (``--auto-resume``: a retried task continues its run). ``augment``: ``recipe`` keeps NVIDIA's
+    augmentation (RandAugment, 0.08-1 crops, random erasing; or the preset's); ``light`` (no
+    RandAugment/erasing, 0.5-1 crops) suits tiny images and few epochs, as in the laptop demo.
+    Checked here, so a bad value fails before any training process starts.
+    """
+    if augment not in AUGMENT:
+        raise StepError(f"augment must be one of {sorted(AUGMENT)}, got {augment!r}")
+    tags = [f"{RUN_TAG}={kfp_run_id}"] if kfp_run_id else None
+    return TrainConfig.resolve(**{"data": str(data), "output": str(out), "auto_resume": True,
+                                  "workers": workers, "run_tag": tags, **AUGMENT[augment],
+                                  **settings})
 
 
 def train_result(out: str | Path) -> dict[str, Any]:
     """The finished run's epochs, steps, best top-1 and last epoch's figures, from the
     ``result.json`` that ``gpunet train`` writes beside its checkpoints (no torch import)."""
-    path = Path(out) / "result.json"
+    path = Path(out) / RESULT_FILE
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise StepError(f"training finished but {path} is missing or unreadable ({exc}); "
-                        "re-run the step (it resumes from last.pth.tar)") from None
+                        f"re-run the step (it resumes from {LAST_CHECKPOINT})") from None
     last = result.get("last") or {}
     return {"epochs": result["epochs"], "steps": result.get("steps", 0),
             "best_top1": result.get("best_top1"),
@@ -287,8 +246,10 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 @timed("gpunet_core.inference.validate", "gpunet_core.data.loaders")
 def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: int,
-             crop_pct: float = 1.0, batch_size: int = 64,
+             crop_pct: float | None = None, batch_size: int = 64,
              results_file: str | Path | None = None) -> dict[str, Any]:
+    """Accuracy of ``checkpoint`` on ``data``; ``crop_pct`` defaults to the model's own (as
+    ``gpunet validate``: 0.875 for GPUNet-P0/P1, 1.0 for the others)."""
     from gpunet_core.inference.validate import load_inference_model
     from gpunet_core.inference.validate import validate as run_validate
     from gpunet_core.models.spec import check_img_size
@@ -304,7 +265,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     return results
 
 
-@timed("gpunet_core.inference.export", "gpunet_core.inference.validate", "onnx", late=("onnxruntime",))
+@timed("gpunet_core.inference.export", "gpunet_core.inference.validate", "onnx")
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
     from gpunet_core.inference import export
@@ -317,7 +278,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                               dynamic_batch=True, checkpoint=checkpoint)
 
 
-@timed("gpunet_core.inference.latency", late=("onnxruntime", "tensorrt", "torch"))
+@timed("gpunet_core.inference.latency")
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
     from gpunet_core.inference.latency import run_benchmark
@@ -329,7 +290,7 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     return result
 
 
-@timed("gpunet_core.mlops.registry", "mlflow", "mlflow.onnx", "onnx", late=("torch",))
+@timed("gpunet_core.mlops.registry", "mlflow", "mlflow.onnx", "onnx")
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
@@ -369,7 +330,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}
 
 
-@timed("gpunet_core.inference.report", late=("matplotlib",))
+@timed("gpunet_core.inference.report")
 def write_html_report(results: list[str | Path], out: str | Path) -> Path:
     """The latency/accuracy report (table + Pareto plot) of validation and benchmark results."""
     from gpunet_core.inference import report

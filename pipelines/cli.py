@@ -328,9 +328,9 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     """
     from kfp import local
 
-    from gpunet_core import steps
     from gpunet_core.mlops import registry
     from pipelines.gpunet_training import gpunet_training
+    from pipelines.timing import TaskClock, pipeline_overhead
 
     preflight(params)
 
@@ -353,16 +353,16 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(workdir / "kfp"), raise_on_error=True,
                enable_caching=cache, cache_root=str(workdir / "kfp-cache"))
-    timings = workdir / "step_timings.jsonl"
-    timings.unlink(missing_ok=True)
-    os.environ[steps.TIMINGS_ENV] = str(timings)  # each step appends its compute time
     started = time.monotonic()
-    try:
-        gpunet_training(**params)
-    except Exception as exc:
-        raise PipelineError(f"the local pipeline run failed: {str(exc).splitlines()[0]}") from None
+    with TaskClock.on_stdout() as clock:  # each task's process, timed from this side
+        try:
+            gpunet_training(**params)
+        except Exception as exc:
+            raise PipelineError(f"the local pipeline run failed: "
+                                f"{str(exc).splitlines()[0]}") from None
     elapsed = time.monotonic() - started
-    overhead = _overhead(timings, elapsed)
+    tasks = clock.timings()  # none when every task came from the cache
+    overhead = pipeline_overhead(tasks, total_wall_s=elapsed) if tasks else None
     latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     tags = latest.tags or {}
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
@@ -378,18 +378,6 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             "kfp_outputs": str(workdir / "kfp")}
 
 
-def _overhead(timings: Path, elapsed: float) -> dict[str, Any] | None:
-    """The run's wall time split into the steps' compute and everything else (None if no
-    step recorded its time, e.g. when every step came from the cache)."""
-    from bench.perf import pipeline_overhead
-
-    entries = [json.loads(line) for line in timings.read_text().splitlines()
-               if line.strip()] if timings.exists() else []
-    if not entries:
-        return None
-    return pipeline_overhead(entries, total_wall_s=elapsed)
-
-
 def format_summary(s: dict[str, Any]) -> str:
     ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}"
           if s["tracking_uri"].startswith("sqlite") else s["tracking_uri"])
@@ -397,7 +385,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"pipeline finished in {s['seconds']:.0f} s" + (
             f" ({s['overhead']['compute_s']:.0f} s in the steps' own work, "
             f"{100 * s['overhead']['overhead_frac']:.0f} % process start, imports, artifact "
-            "copies and logging)" if s.get("overhead") else ""),
+            f"copies and logging, timed around its {len(s['overhead']['steps'])} task "
+            "processes)" if s.get("overhead") else ""),
         f"  candidate: {s['registered_model']} v{s['version']}: top-1 {s['top1']:.2f} %, "
         f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)",
         f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}",

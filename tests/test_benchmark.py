@@ -17,7 +17,7 @@ from gpunet_core.inference.latency import (
     run_benchmark,
     trtexec_command,
 )
-from gpunet_core.models.gpunet import create_model
+from gpunet_core.models.factory import create_model
 from gpunet_core.utils.errors import BenchmarkError, ExportError
 
 TRTEXEC_LOG = Path(__file__).parent / "data" / "trtexec10_gpunet0_fp16.txt"

@@ -10,12 +10,8 @@ import pytest
 import torch
 
 import gpunet_core
-from gpunet_core.models.checkpoint import (
-    find_pretrained,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
+from gpunet_core.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from gpunet_core.models.pretrained import find_pretrained
 from gpunet_core.utils.errors import CheckpointError
 
 MODELS = gpunet_core.list_models()

@@ -42,7 +42,7 @@ def test_models_json_parses():
 
 
 def test_spec_json_for_an_edited_file(tmp_path):
-    raw = json.loads((REPO / "gpunet_core" / "configs" / "0.5ms-D.json").read_text())
+    raw = json.loads((REPO / "gpunet_core" / "models" / "configs" / "0.5ms-D.json").read_text())
     raw[-1]["num_classes"] = 10
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(raw))
@@ -59,7 +59,7 @@ def test_spec_json_for_an_edited_file(tmp_path):
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     bad = tmp_path / "bad.json"
-    raw = json.loads((REPO / "gpunet_core" / "configs" / "0.65ms.json").read_text())
+    raw = json.loads((REPO / "gpunet_core" / "models" / "configs" / "0.65ms.json").read_text())
     raw[2]["num_in_channels"] = 3
     bad.write_text(json.dumps(raw))
     args = [str(bad) if a == "BAD" else a for a in args]

@@ -15,7 +15,7 @@ from gpunet_core.data.prepare import prepare_digits
 from gpunet_core.data.transforms import EvalConfig, eval_transform
 from gpunet_core.inference.validate import load_inference_model, validate
 from gpunet_core.models.checkpoint import save_checkpoint
-from gpunet_core.models.gpunet import create_model
+from gpunet_core.models.factory import create_model
 from gpunet_core.utils.errors import GpunetError
 
 IMG = 32
@@ -115,7 +115,7 @@ def test_class_count_mismatch_and_missing_dir_are_clear(digits_checkpoint, tmp_p
 @pytest.mark.parametrize("name", ["gpunet_0", "gpunet_d1"])
 def test_fold_batchnorm_keeps_outputs_and_removes_every_bn(name):
     from gpunet_core.inference.validate import fold_batchnorm
-    from gpunet_core.models.gpunet import create_model
+    from gpunet_core.models.factory import create_model
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).eval()

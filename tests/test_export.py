@@ -25,7 +25,7 @@ from gpunet_core.inference.export import (
 )
 from gpunet_core.inference.validate import load_inference_model
 from gpunet_core.models.checkpoint import save_checkpoint
-from gpunet_core.models.gpunet import create_model, list_models
+from gpunet_core.models.factory import create_model, list_models
 from gpunet_core.utils.errors import CheckpointError, ExportError
 
 REPO = Path(__file__).resolve().parents[1]

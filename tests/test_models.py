@@ -12,7 +12,9 @@ import torch
 
 import gpunet_core
 from gpunet_core.cli import main as cli_main
-from gpunet_core.models.gpunet import count_parameters, make_divisible, spec_json
+from gpunet_core.models.factory import count_parameters
+from gpunet_core.models.layers import SqueezeExcite, make_divisible
+from gpunet_core.models.spec import spec_json
 
 # Trainable parameter counts from NVIDIA's reference builder (shared/gpunet_reference/README.md).
 REFERENCE_PARAMS = {
@@ -91,7 +93,7 @@ def test_blocks_follow_reference_table(name):
             assert module.drop_path_rate == pytest.approx(float(row["drop_path"]), abs=6e-5)
             se = getattr(module, "se", None)
             if row["se"] == "-":
-                assert not isinstance(se, gpunet_core.models.gpunet.SqueezeExcite)
+                assert not isinstance(se, SqueezeExcite)
             else:
                 assert se.conv_reduce.out_channels == int(row["se"])
         if row["type"] == "ConvBnAct":
@@ -299,9 +301,10 @@ def test_reset_classifier_and_features():
     model.reset_classifier(3)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        feats = model.forward_features(x)
-        assert feats.shape[1] == 448
+        feats = model.forward_features(x)  # timm's split: up to the tail's 1x1 conv-BN-ReLU
+        assert feats.shape[1] == model.num_features == 1280
         assert model.forward_head(feats).shape == (1, 3)
+        assert torch.equal(model.forward_head(feats), model(x))
 
 
 def test_unknown_model_lists_valid_names():
@@ -330,7 +333,7 @@ def test_cli_models_table(capsys):
 def test_drop_path_draws_and_scales_like_timms():
     from timm.layers import drop_path as timm_drop_path
 
-    from gpunet_core.models.gpunet import drop_path
+    from gpunet_core.models.layers import drop_path
 
     x = torch.randn(16, 4, 3, 3)
     for prob in (0.0, 0.3, 1.0):

@@ -153,6 +153,24 @@ def test_run_local_preflight_fails_before_the_dag(tmp_path, capsys, s3_env, monk
     assert not (work / "kfp").exists()
 
 
+def test_run_local_summary_splits_the_steps_work_from_the_rest():
+    from pipelines.timing import pipeline_overhead
+
+    summary = {"registered_model": "gpunet", "version": "1", "alias": "champion",
+               "champion_version": "1", "top1": 90.0, "latency_ms": 1.5,
+               "latency_backend": "onnxruntime", "seconds": 120.4,
+               "tracking_uri": "sqlite:///m.db", "kfp_outputs": "runs/local/kfp",
+               "overhead": pipeline_overhead([{"name": "a", "wall_s": 50.0, "compute_s": 45.0},
+                                              {"name": "b", "wall_s": 68.0, "compute_s": 63.0}],
+                                             total_wall_s=120.4)}
+    first = cli.format_summary(summary).splitlines()[0]
+    assert first == ("pipeline finished in 120 s (108 s in the steps' own work, 10 % process "
+                     "start, imports, artifact copies and logging, timed around its 2 task "
+                     "processes)")
+    assert cli.format_summary({**summary, "overhead": None}).splitlines()[0] == \
+        "pipeline finished in 120 s"  # every task from the cache: nothing was timed
+
+
 def test_list_runs(fake_kfp, capsys):
     assert cli.main(["list-runs", "--host", fake_kfp.host]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-1"
@@ -211,6 +229,16 @@ def test_dag_with_mlflow_server_and_s3_artifacts(tmp_path, s3_env, monkeypatch):
                                                          "registered_model=gpunet-s3"],
                               MLFLOW_TRACKING_URI=server.uri)
         assert out["alias"] == "champion"
+        # each task's process was timed from outside, against the work its step logged
+        overhead = out["overhead"]
+        tasks = {st["task"]: st for st in overhead["steps"]}
+        assert set(tasks) == set(STEPS) and len(overhead["steps"]) == len(STEPS)
+        assert tasks["train-teacher"]["compute_s"] == 0  # disabled: it ran no step
+        assert tasks["train-student"]["name"] == "train(gpunet_0)"
+        assert all(0 < st["compute_s"] < st["wall_s"] for t, st in tasks.items()
+                   if t != "train-teacher")
+        assert overhead["tasks_s"] <= overhead["total_wall_s"]
+        assert overhead["total_wall_s"] == pytest.approx(out["seconds"], abs=0.1)
         # the S3 keys were in every step's environment: none may reach a log or an output
         secrets = [s3_env.secret_key, s3_env.access_key]
         assert not [s for s in secrets if s in logs + (tmp_path / "mlflow" / "server.log")

@@ -108,7 +108,7 @@ def two_checkpoints(tmp_path_factory):
     import torch
 
     from gpunet_core.inference.export import export_onnx
-    from gpunet_core.models.gpunet import create_model
+    from gpunet_core.models.factory import create_model
 
     folder = tmp_path_factory.mktemp("ckpt")
     paths = []

@@ -10,7 +10,7 @@ from PIL import Image
 
 from gpunet_core.cli import main as cli_main
 from gpunet_core.inference.report import pareto_front, write_report
-from gpunet_core.models.gpunet import MODEL_INFO
+from gpunet_core.models.spec import MODEL_INFO
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import BENCH_SCHEMA, RESULTS_SCHEMA
 

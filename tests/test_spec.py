@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gpunet_core
-from gpunet_core.models.gpunet import count_parameters, spec_json
-from gpunet_core.models.spec import load_spec
+from gpunet_core.models.factory import count_parameters
+from gpunet_core.models.spec import load_spec, spec_json
 
 
 def test_spec_from_path_list_and_dict_agree(tmp_path):

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpunet_core import steps
 from gpunet_core.models.checkpoint import read_checkpoint
-from gpunet_core.training.loop import build_parser, kd_loss, resolve_args
+from gpunet_core.training.config import parse
+from gpunet_core.training.distill import kd_loss
 from gpunet_core.training.presets import PRESETS, load_preset
 from tests import mlflow_server as mlflow_server_helper
-from tests.train_helpers import FAST, gpunet_cmd, read_summary, run, torchrun_cmd
+from tests.train_helpers import FAST, REPO, gpunet_cmd, read_summary, run, torchrun_cmd
 
 COMMON = {"sched": "step", "decay_epochs": 2.4, "decay_rate": 0.97, "opt": "rmsproptf",
           "opt_eps": 0.001, "workers": 8, "epochs": 450, "warmup_lr": 1e-6,
@@ -42,14 +44,13 @@ def test_presets_reproduce_train_params(name):
     assert preset.get("teacher") == teacher and preset.get("teacher_img_size") == timg
     for key, value in COMMON.items():
         assert preset[key] == value, (name, key)
-    args = resolve_args(build_parser(), ["data", "--preset", name])
-    assert (args.batch_size, args.lr, args.img_size, args.model_ema) == (b, lr, img, True)
+    cfg = parse(["data", "--preset", name])
+    assert (cfg.batch_size, cfg.lr, cfg.img_size, cfg.model_ema) == (b, lr, img, True)
 
 
 def test_explicit_flags_override_preset():
-    args = resolve_args(build_parser(), ["data", "--preset", "gpunet_p0", "-b", "8", "--lr",
-                                         "0.01"])
-    assert (args.batch_size, args.lr, args.teacher, args.crop_pct) == (
+    cfg = parse(["data", "--preset", "gpunet_p0", "-b", "8", "--lr", "0.01"])
+    assert (cfg.batch_size, cfg.lr, cfg.teacher, cfg.crop_pct) == (
         8, 0.01, "tf_efficientnet_b2", 0.875)
     assert set(PRESETS) == set(TABLE)
 
@@ -87,7 +88,18 @@ def test_bad_arguments_fail_before_training(digits_small, tmp_path, extra, messa
 
 def test_negative_batch_is_a_usage_error(digits_small):
     result = run(gpunet_cmd("train", str(digits_small), "-b", "0"))
-    assert result.returncode == 2 and "must be >= 1" in result.stderr
+    assert result.returncode == 2 and "-b/--batch-size must be >= 1, got 0" in result.stderr
+
+
+def test_step_says_why_training_failed(digits_small, tmp_path, monkeypatch):
+    # a check that needs timm runs in the training process; the step reports its message
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    cfg = steps.train_config(digits_small, tmp_path / "run", model="gpunet_0", epochs=1,
+                             batch_size=8, img_size=32, opt="adamw9")
+    with pytest.raises(steps.StepError, match=r"training failed \(exit code 2\): --opt "
+                                              r"'adamw9' is not usable"):
+        steps.train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -109,8 +121,6 @@ def test_torchrun_two_workers_learn_and_stay_in_sync(digits_small, tmp_path):
     assert {"state_dict", "state_dict_ema", "optimizer", "epoch"} <= set(ckpt)
     assert ckpt["epoch"] == 3 and (out / "model_best.pth.tar").exists()
     # result.json: what the pipeline's launcher reads instead of unpickling the checkpoint
-    from gpunet_core import steps
-
     summary = steps.train_result(out)
     assert summary["epochs"] == 3 and summary["steps"] == ckpt["steps"]
     assert summary["top1"] == ckpt["history"][-1]["top1"]

@@ -10,7 +10,7 @@ import pytest
 from gpunet_core.cli import main as cli_main
 from gpunet_core.inference.export import export_onnx, fixed_input
 from gpunet_core.inference.triton import export_triton
-from gpunet_core.models.gpunet import create_model
+from gpunet_core.models.factory import create_model
 from gpunet_core.utils.errors import ExportError
 
 IMG = 64

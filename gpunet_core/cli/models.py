@@ -34,7 +34,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpunet_core.models.gpunet import list_models, model_summary
+    from gpunet_core.models.factory import list_models, model_summary
 
     rows = [model_summary(name) for name in list_models()]
     if args.json:

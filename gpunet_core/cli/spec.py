@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gpunet_core.models.gpunet import count_parameters, create_model, describe_layers
+    from gpunet_core.models.factory import count_parameters, create_model, describe_layers
 
     with torch.device("meta"):
         model = create_model(args.spec, num_classes=args.num_classes)

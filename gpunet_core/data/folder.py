@@ -12,8 +12,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import MANIFEST_FILE
 
@@ -29,8 +27,11 @@ def load_rgb(path: str | Path):
         return Image.open(fh).convert("RGB")
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset:
     """``(image, class index)`` samples of a ``<root>/<class>/.../<image>`` tree.
+
+    A map-style dataset for ``torch.utils.data.DataLoader`` that does not import torch itself,
+    so dataset preparation (which shares :data:`IMAGE_EXTENSIONS`) runs without it.
 
     torchvision's ``ImageFolder`` rules: classes are the sorted sub-directory names (or the
     given list), files are walked in sorted order (symlinks followed) and kept when their

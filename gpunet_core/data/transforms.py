@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gpunet_core.models.gpunet import IMAGENET_MEAN, IMAGENET_STD
+from gpunet_core.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from gpunet_core.utils.errors import GpunetError
 
 

@@ -276,7 +276,7 @@ def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
                  warmup_ms: float, compile_model: bool, threads: int | None) -> dict[str, Any]:
     import torch
 
-    from gpunet_core.models.gpunet import create_model
+    from gpunet_core.models.factory import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision)

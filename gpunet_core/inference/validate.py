@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpunet_core.models.gpunet import GPUNet, create_model
+from gpunet_core.inference.metrics import top_classes, topk_hits
+from gpunet_core.models.factory import create_model
+from gpunet_core.models.gpunet import GPUNet
 from gpunet_core.models.spec import check_img_size
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import RESULTS_SCHEMA
@@ -150,10 +152,10 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
             logits = model(images)
         logits = logits.float()
         loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        top = logits.topk(topk, dim=1).indices
-        hits = top.eq(targets[:, None])
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
+        top = top_classes(logits, topk)
+        hits1, hits5 = topk_hits(top, targets).tolist()
+        correct1 += hits1
+        correct5 += hits5
         seen += targets.numel()
         pairs = targets.cpu() * num_classes + top[:, 0].cpu()
         confusion += torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, num_classes)

@@ -8,15 +8,18 @@ state dict for P0/P1, optionally still inside NGC's zip) and the project's own c
 * container keys are searched like timm's ``load_checkpoint(use_ema=True)``:
   ``state_dict_ema`` > ``model_ema`` > ``state_dict`` > ``model`` > the file itself;
 * ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped;
+* a 3-channel first conv is adapted to a model with other ``in_chans`` (timm's rule);
 * loading is strict; a mismatch reports counts and the first keys of each kind, and which
   shipped model the file does fit, if any.
+
+Only the spec and the builder sit below this module: the model class and the factories load
+through it, never the other way round.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -27,13 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpunet_core.models.builder import build_network, head_names
+from gpunet_core.models.spec import MODEL_INFO, shipped_spec
 from gpunet_core.utils.errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
 
 CONTAINER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
-PRETRAINED_DIR_ENV = "GPUNET_PRETRAINED_DIR"
 
 
 @dataclass
@@ -129,8 +133,20 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """timm's stem adaptation of RGB weights: summed for 1 channel, else repeated and rescaled."""
+    dtype, weight = weight.dtype, weight.float()
+    if in_chans == 1:
+        weight = weight.sum(dim=1, keepdim=True)
+    else:
+        repeat = -(-in_chans // weight.shape[1])
+        weight = weight.repeat(1, repeat, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+    return weight.to(dtype)
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm-style filter: strip wrapper prefixes and drop a classifier sized for other classes."""
+    """timm-style filter: strip wrapper prefixes, drop a classifier sized for other classes, and
+    adapt an RGB first conv to the model's ``in_chans``."""
     state_dict = strip_prefixes(state_dict)
     classifier = getattr(model, "classifier_name", None)
     if classifier:
@@ -138,17 +154,23 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
         if weight is not None and weight.shape[0] != model.num_classes:
             state_dict.pop(f"{classifier}.weight")
             state_dict.pop(f"{classifier}.bias", None)
+    first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    in_chans = getattr(model, "in_chans", 3)
+    weight = state_dict.get(f"{first_conv}.weight")
+    if weight is not None and weight.ndim == 4 and weight.shape[1] == 3 != in_chans:
+        state_dict[f"{first_conv}.weight"] = adapt_input_conv(weight, in_chans)
     return state_dict
 
 
 def _guess_architecture(keys: set[str], shapes: Mapping[str, torch.Size]) -> str | None:
-    from gpunet_core.models.gpunet import create_model, list_models
-
-    for name in list_models():
+    """The shipped model whose layout the keys and shapes fit (the classifier may differ)."""
+    for name in MODEL_INFO:
+        arch = shipped_spec(name)
         with torch.device("meta"):
-            ref = create_model(name).state_dict()
-        if set(ref) == keys and all(ref[k].shape == shapes[k] for k in keys if "net.6." not in k
-                                    and "net.8." not in k):
+            ref = build_network(arch).state_dict(prefix="network.")
+        classifier = head_names(arch)[1]
+        if set(ref) == keys and all(ref[k].shape == shapes[k] for k in keys
+                                    if not k.startswith(f"{classifier}.")):
             return name
     return None
 
@@ -195,8 +217,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     return LoadReport(source=source, container_key=None, loaded=len(filtered), skipped=skipped)
 
 
-def state_dict_classes(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> int | None:
-    weight = strip_prefixes(state_dict).get(f"{model.classifier_name}.weight")
+def state_dict_classes(state_dict: Mapping[str, torch.Tensor],
+                       classifier: str | nn.Module) -> int | None:
+    """Classes of the checkpoint's classifier (a model or its classifier prefix); None if absent."""
+    name = classifier if isinstance(classifier, str) else classifier.classifier_name
+    weight = strip_prefixes(state_dict).get(f"{name}.weight")
     return None if weight is None else int(weight.shape[0])
 
 
@@ -220,24 +245,3 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
         torch.save(dict(obj), fh)
     return Path(path)
 
-
-def pretrained_dir() -> Path:
-    return Path(os.environ.get(PRETRAINED_DIR_ENV, Path.home() / ".cache" / "gpunet" / "pretrained"))
-
-
-def find_pretrained(name: str, overlay: Mapping[str, Any] | None = None) -> Path:
-    """Local copy of NVIDIA's published weights for ``name`` (NGC needs a login, so no download)."""
-    from gpunet_core.models.gpunet import pretrained_cfg_for
-
-    if overlay and overlay.get("file"):
-        return Path(overlay["file"])
-    cfg = pretrained_cfg_for(name)
-    folder = pretrained_dir()
-    for candidate in (folder / cfg["checkpoint_file"], folder / f"{name}_pyt_ckpt.zip"):
-        if candidate.exists():
-            return candidate
-    raise CheckpointError(
-        f"no local copy of NVIDIA's {name} weights in {folder}: download the NGC model "
-        f"{cfg['ngc_model']} version {cfg['ngc_version']} (e.g. `ngc registry model "
-        f"download-version {cfg['ngc_model']}:{cfg['ngc_version']}`) and put "
-        f"{cfg['checkpoint_file']} or the zip in {folder} (or set {PRETRAINED_DIR_ENV})")

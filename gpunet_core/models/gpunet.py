@@ -1,340 +1,90 @@
-"""The GPUNet model family: blocks, the JSON-spec builder, and timm-style entry points.
+"""GPUNet as a timm model: the ``nn.Module`` with timm's model API, and its seven entry points.
 
-The builder reproduces NVIDIA's reference ``GPUNet_Builder`` exactly (see ARCHITECTURE.md):
-module names, parameter shapes, BN eps per family, activations, SE width, the stride-2 fused-block
-padding quirk, residual rules and the drop-path schedule. Module names are NVIDIA's own
-(``network.stage: 2 layer5.conv_exp.weight``), so NVIDIA's published checkpoints and the project's
-own load without key conversion; :mod:`gpunet_core.models.checkpoint` handles containers and prefixes.
+Module names are NVIDIA's own (``network.stage: 2 layer5.conv_exp.weight``), so NVIDIA's published
+checkpoints and the project's own load without key conversion. On top, :class:`GPUNet` has what
+timm's models have: ``forward_features``/``forward_head``, ``reset_classifier``, ``feature_info``,
+``forward_intermediates``, gradient checkpointing, ``group_matcher``; it scripts and FX-traces.
 
-Public entry points: :func:`create_model`, :func:`list_models`, :func:`build_model`; the seven
-``gpunet_*`` names are also in timm's model registry once timm is imported (building a GPUNet
-does not import timm).
+The entry points (``gpunet_0`` ... ``gpunet_d2``) and :data:`default_cfgs` follow timm's own model
+modules; :func:`register_models` adds them to timm's registry (``gpunet_core.models`` arranges that
+when timm is imported). They build through timm's ``build_model_with_cfg`` (features_only, cfg
+overlays), so they import timm; :func:`build_model` and ``gpunet_core.models.create_model`` do not.
+
+Kept free of ``from __future__ import annotations``: TorchScript reads the annotations.
 """
 
-from __future__ import annotations
-
-import json
-import logging
-from collections.abc import Callable
-from importlib import resources
+import dataclasses
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-from gpunet_core.models.spec import MODEL_INFO, ArchSpec, load_spec
-from gpunet_core.utils.errors import UnknownModelError
-
-_logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_DROP_RATE = 0.2
-DEFAULT_DROP_PATH_RATE = 0.2  # non-D family only; the D family has no drop path upstream
-BN_EPS = {False: 1e-3, True: 1e-5}  # keyed by ``distill`` (block family)
-
-NGC_VERSION = "21.12.0_amp"
-
-
-def list_models() -> list[str]:
-    """Names of the shipped GPUNet models, in NVIDIA's README order."""
-    return list(MODEL_INFO)
-
-
-def spec_path(name: str) -> Path:
-    """Path of the packaged JSON spec of a shipped model."""
-    info = _model_info(name)
-    return Path(str(resources.files("gpunet_core.models") / "configs" / info["config"]))
-
-
-def _model_info(name: str) -> dict[str, Any]:
-    if name not in MODEL_INFO:
-        raise UnknownModelError(
-            f"unknown model {name!r}: valid names are {', '.join(MODEL_INFO)} "
-            "(or pass the path of a GPUNet JSON spec)")
-    return MODEL_INFO[name]
-
-
-def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """timm's channel rounding: nearest multiple of ``divisor``, never below 90% of ``v``."""
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
-
-
-def _act(name: str, inplace: bool = True) -> nn.Module:
-    return nn.SiLU(inplace=inplace) if name == "swish" else nn.ReLU(inplace=inplace)
-
-
-def _symmetric_pad(kernel_size: int, stride: int) -> int:
-    return ((stride - 1) + (kernel_size - 1)) // 2
-
-
-# --------------------------------------------------------------------------- non-D family blocks
-
-
-class Prologue(nn.Module):
-    """Stem: conv3x3 stride 2, BN, activation (``head``)."""
-
-    def __init__(self, in_chs: int, out_chs: int, act: str, bn_eps: float, inplace: bool = True):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_chs, out_chs, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(out_chs, eps=bn_eps),
-            _act(act, inplace),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class PrologueLarge(nn.Module):
-    """D-family large stem (``head_large``): three conv3x3-BN-ReLU, the first with stride 2."""
-
-    def __init__(self, in_chs: int, out_chs: int, bn_eps: float):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(3):
-            layers += [
-                nn.Conv2d(in_chs if i == 0 else out_chs, out_chs, 3, 2 if i == 0 else 1, 1,
-                          bias=False),
-                nn.BatchNorm2d(out_chs, eps=bn_eps),
-                nn.ReLU(inplace=False),
-            ]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class ConvBnAct(nn.Module):
-    """``conv`` layer: conv, BN, act. Never residual, whatever its shape."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, act: str,
-                 bn_eps: float):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride,
-                              _symmetric_pad(kernel_size, stride), bias=False)
-        self.bn1 = nn.BatchNorm2d(out_chs, eps=bn_eps)
-        self.act1 = _act(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv(x)))
-
-
-class SqueezeExcite(nn.Module):
-    """timm's SE: mean over H,W, 1x1 reduce (bias), act, 1x1 expand (bias), sigmoid gate."""
-
-    def __init__(self, chs: int, rd_chs: int, act: str):
-        super().__init__()
-        self.conv_reduce = nn.Conv2d(chs, rd_chs, 1, bias=True)
-        self.act1 = _act(act)
-        self.conv_expand = nn.Conv2d(rd_chs, chs, 1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        s = self.conv_expand(self.act1(self.conv_reduce(s)))
-        return x * s.sigmoid()
-
-
-def _se_width(mid: int, expansion: float) -> int:
-    # timm passes rd_ratio = se_ratio / exp_ratio to the SE of the expanded width.
-    return round(mid * (0.25 / expansion))
-
-
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (timm's ``drop_path``: same draws, same scaling)."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    if keep > 0.0:
-        mask.div_(keep)
-    return x * mask
-
-
-class _Residual(nn.Module):
-    """Adds the block input back (with per-sample drop path in training) when shapes allow."""
-
-    has_skip: bool
-    drop_path_rate: float
-
-    def _add_skip(self, out: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        if not self.has_skip:
-            return out
-        if self.drop_path_rate > 0.0 and self.training:
-            out = drop_path(out, self.drop_path_rate, self.training)
-        return out + shortcut
-
-
-class InvertedResidual(_Residual):
-    """``irb`` of the non-D family (timm MBConv): pw-expand, dw, [SE], pw-project, residual."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int,
-                 expansion: float, act: str, use_se: bool, bn_eps: float, drop_path_rate: float):
-        super().__init__()
-        mid = make_divisible(in_chs * expansion)
-        self.has_skip = in_chs == out_chs and stride == 1
-        self.drop_path_rate = drop_path_rate
-        self.conv_pw = nn.Conv2d(in_chs, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid, eps=bn_eps)
-        self.act1 = _act(act)
-        self.conv_dw = nn.Conv2d(mid, mid, kernel_size, stride, _symmetric_pad(kernel_size, stride),
-                                 groups=mid, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid, eps=bn_eps)
-        self.act2 = _act(act)
-        self.se = SqueezeExcite(mid, _se_width(mid, expansion), act) if use_se else nn.Identity()
-        self.conv_pwl = nn.Conv2d(mid, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs, eps=bn_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(self.conv_pw(x)))
-        out = self.act2(self.bn2(self.conv_dw(out)))
-        out = self.bn3(self.conv_pwl(self.se(out)))
-        return self._add_skip(out, x)
-
-
-class EdgeResidual(_Residual):
-    """``fused_irb`` of the non-D family (timm FusedMBConv).
-
-    Quirk reproduced: upstream asks for "same" padding, which is static only for stride 1; for
-    stride 2 it builds a plain conv with padding 0 and never pads (GPUNet-0: 160 -> 79 -> 39).
-    """
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int,
-                 expansion: float, act: str, use_se: bool, bn_eps: float, drop_path_rate: float):
-        super().__init__()
-        mid = make_divisible(in_chs * expansion)
-        self.has_skip = in_chs == out_chs and stride == 1
-        self.drop_path_rate = drop_path_rate
-        padding = (kernel_size - 1) // 2 if stride == 1 else 0
-        self.conv_exp = nn.Conv2d(in_chs, mid, kernel_size, stride, padding, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid, eps=bn_eps)
-        self.act1 = _act(act)
-        self.se = SqueezeExcite(mid, _se_width(mid, expansion), act) if use_se else nn.Identity()
-        self.conv_pwl = nn.Conv2d(mid, out_chs, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs, eps=bn_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.se(self.act1(self.bn1(self.conv_exp(x))))
-        out = self.bn2(self.conv_pwl(out))
-        return self._add_skip(out, x)
-
-
-class Epilogue(nn.Module):
-    """Non-D ``tail``: conv1x1, BN, ReLU (always), pool, flatten, dropout, linear."""
-
-    classifier_index = 6
-
-    def __init__(self, in_chs: int, out_chs: int, num_classes: int, drop_rate: float,
-                 bn_eps: float):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_chs, out_chs, 1, bias=False),
-            nn.BatchNorm2d(out_chs, eps=bn_eps),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Dropout(drop_rate),
-            nn.Linear(out_chs, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-# --------------------------------------------------------------------------- D family blocks
-
-
-class InvertedResidualD(_Residual):
-    """D-family ``irb``: 1x1 expand (even for expansion 1), dw kxk, 1x1 project; ReLU; no SE."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int,
-                 expansion: float, groups: int, bn_eps: float, drop_path_rate: float):
-        super().__init__()
-        mid = int(round(in_chs * expansion))
-        self.has_skip = in_chs == out_chs and stride == 1
-        self.drop_path_rate = drop_path_rate
-        self.body = nn.Sequential(
-            nn.Conv2d(in_chs, mid, 1, groups=groups, bias=False),
-            nn.BatchNorm2d(mid, eps=bn_eps),
-            nn.ReLU(inplace=False),
-            nn.Conv2d(mid, mid, kernel_size, stride, kernel_size // 2, groups=mid, bias=False),
-            nn.BatchNorm2d(mid, eps=bn_eps),
-            nn.ReLU(inplace=False),
-            nn.Conv2d(mid, out_chs, 1, groups=groups, bias=False),
-            nn.BatchNorm2d(out_chs, eps=bn_eps),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_skip(self.body(x), x)
-
-
-class FusedIRBD(_Residual):
-    """D-family ``fused_irb`` (unused by D1/D2): conv kxk expand, 1x1 project; BN eps 1e-3."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int,
-                 expansion: float, groups: int, drop_path_rate: float):
-        super().__init__()
-        mid = int(round(in_chs * expansion))
-        self.has_skip = in_chs == out_chs and stride == 1
-        self.drop_path_rate = drop_path_rate
-        self.body = nn.Sequential(
-            nn.Conv2d(in_chs, mid, kernel_size, stride, kernel_size // 2, groups=groups,
-                      bias=False),
-            nn.BatchNorm2d(mid, eps=1e-3),
-            nn.ReLU(inplace=False),
-            nn.Conv2d(mid, out_chs, 1, groups=groups, bias=False),
-            nn.BatchNorm2d(out_chs, eps=1e-3),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_skip(self.body(x), x)
-
-
-class EpilogueD(nn.Module):
-    """D-family ``tail``: conv1x1 -> 1152, BN, ReLU, pool, conv1x1 -> C (no BN), ReLU, linear."""
-
-    classifier_index = 8
-    hidden = 1152
-
-    def __init__(self, in_chs: int, out_chs: int, num_classes: int, drop_rate: float,
-                 bn_eps: float):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_chs, self.hidden, 1, bias=False),
-            nn.BatchNorm2d(self.hidden, eps=bn_eps),
-            nn.ReLU(inplace=False),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(self.hidden, out_chs, 1, bias=False),
-            nn.ReLU(inplace=False),
-            nn.Flatten(),
-            nn.Dropout(drop_rate),
-            nn.Linear(out_chs, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-# --------------------------------------------------------------------------- the network
+from torch.utils.checkpoint import checkpoint
+
+from gpunet_core.models.blocks import IdentityTail
+from gpunet_core.models.builder import (
+    build_network,
+    check_global_pool,
+    check_num_classes,
+    feature_stages,
+    resolve_args,
+)
+from gpunet_core.models.checkpoint import load_checkpoint
+from gpunet_core.models.layers import feature_take_indices
+from gpunet_core.models.pretrained import (
+    default_cfg,
+    find_pretrained,
+    published_metadata,
+    spec_cfg,
+)
+from gpunet_core.models.spec import MODEL_INFO, ArchSpec, load_spec, shipped_spec
+from gpunet_core.utils.errors import ModelConfigError
+
+SpecLike = str | Path | dict | list | ArchSpec
+
+__all__ = ["GPUNet", "build_model", "register_models", *MODEL_INFO]
 
 
 class GPUNet(nn.Module):
-    """A GPUNet: one ``nn.Sequential`` called ``network`` whose children carry NVIDIA's names."""
+    """A GPUNet: one ``nn.Sequential`` called ``network`` whose children carry NVIDIA's names.
 
-    def __init__(self, network: nn.Sequential, spec: ArchSpec, num_classes: int,
-                 pretrained_cfg: dict[str, Any]):
+    ``network`` is the stem, the blocks and the tail. timm's split: ``forward_features`` runs the
+    stem, the blocks and the tail's 1x1 conv-BN-ReLU (``num_features`` channels, unpooled);
+    ``forward_head`` the pool (the D family's pooled 1x1 conv-ReLU too: ``head_hidden_size``),
+    dropout and classifier. ``feature_info`` lists the last layer at each output stride.
+    """
+
+    __jit_unused_properties__ = ["tail", "classifier_name"]  # Python-side helpers only
+
+    def __init__(self, spec: SpecLike, num_classes: int | None = None, in_chans: int = 3,
+                 drop_rate: float | None = None, drop_path_rate: float | None = None,
+                 global_pool: str = "avg", device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
-        self.network = network
-        self.spec = spec
-        self.num_classes = num_classes
-        self.img_resolution = spec.img_resolution
-        self.pretrained_cfg = pretrained_cfg
-        self.default_cfg = pretrained_cfg  # timm's older name
-        self.num_features = self.tail.net[self.tail.classifier_index].in_features
+        arch = load_spec(spec)
+        args = resolve_args(arch, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                            drop_path_rate=drop_path_rate, global_pool=global_pool)
+        with torch.device(device) if device is not None else nullcontext():
+            self.network = build_network(arch, **args)
+        if dtype is not None:
+            self.network.to(dtype=dtype)
+        self.spec = arch
+        self.img_resolution = arch.img_resolution
+        self.num_classes = args["num_classes"]
+        self.in_chans = args["in_chans"]
+        self.drop_rate = args["drop_rate"]
+        self.global_pool = global_pool
+        self.num_features = self.tail.num_features
+        self.head_hidden_size = self.tail.head_hidden_size
+        self.feature_info = feature_stages(arch)
+        self.stage_ends = [info["stage"] for info in self.feature_info]
+        self.num_blocks = len(self.network) - 1  # stem and blocks: all but the tail
+        self.grad_checkpointing = False
+        self.pretrained_cfg = spec_cfg(arch, self.in_chans)
+        self.default_cfg = self.pretrained_cfg  # timm's older name
+
+    # ------------------------------------------------------------------ naming
 
     @property
     def tail(self) -> nn.Module:
@@ -348,313 +98,268 @@ class GPUNet(nn.Module):
     def _names(self) -> list[str]:
         return [name for name, _ in self.network.named_children()]
 
-    def get_classifier(self) -> nn.Linear:
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer decay): stem, each block (or spec stage), head conv."""
+        return dict(
+            stem=r"^network\.head:",
+            blocks=[
+                (r"^network\.stage: (\d+) " if coarse else r"^network\.stage: (\d+) [a-z_]+?(\d+)\.",
+                 None),
+                (r"^network\.(?: layer\d+|tail:)\.net\.[0-5]\.", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer in backward (``torch.utils.checkpoint``) instead of storing it."""
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ classifier
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
         return self.tail.net[self.tail.classifier_index]
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh Linear for ``num_classes`` outputs."""
-        old = self.get_classifier()
-        self.tail.net[self.tail.classifier_index] = nn.Linear(old.in_features, num_classes)
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: none); ``global_pool`` ``""``: no pooling.
+
+        ``pretrained_cfg`` still describes the source weights, as in timm.
+        """
+        pool = self.global_pool if global_pool is None else global_pool
+        check_num_classes(num_classes)
+        check_global_pool(pool, num_classes)
+        if isinstance(self.tail, IdentityTail):
+            if num_classes or pool:
+                raise ModelConfigError("the head was pruned (prune_intermediate_layers): "
+                                       "reset_classifier accepts only num_classes=0, global_pool=''")
+            return
+        self.tail.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.default_cfg = self.pretrained_cfg
+        self.global_pool = pool
+
+    # ------------------------------------------------------------------ forward
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing:
+            return checkpoint(layer, x, use_reentrant=False)  # keeps the drop-path RNG state
+        return layer(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network[:-1](x)
+        # Written out rather than via _layer: TorchScript cannot pass a module to a method, and
+        # it unrolls this loop over the Sequential (a slice of it would not script).
+        for i, layer in enumerate(self.network):
+            if i < self.num_blocks:  # the tail contributes only its head conv
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(layer, x, use_reentrant=False)
+                else:
+                    x = layer(x)
+        return self.network[-1].forward_features(x)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(x)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool and classify; ``pre_logits`` returns the pooled features the classifier takes."""
+        return self.network[-1].forward_head(x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: int | list[int] | tuple[int, ...] | None = None,
+            norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The ``feature_info`` levels picked by ``indices`` (timm's semantics), and the features.
+
+        ``indices``: None all, an int the last n, a sequence those levels. ``norm`` is accepted
+        for the API (a GPUNet has no final norm). Returns the list with ``intermediates_only``,
+        else ``(forward_features output, list)``; ``stop_early`` stops after the last level.
+        """
+        if output_fmt != "NCHW":
+            raise ModelConfigError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stage_ends), indices)
+        take_layers = {self.stage_ends[i] for i in take}
+        if self.stage_ends[max_index] >= self.num_blocks:
+            raise ModelConfigError(f"indices: level {max_index} was pruned "
+                                   "(prune_intermediate_layers)")
+        last = self.stage_ends[max_index] if stop_early or intermediates_only \
+            else self.num_blocks - 1
+        intermediates = []
+        for i, layer in enumerate(self.network):
+            if i > last:
+                break
+            x = self._layer(layer, x)
+            if i in take_layers:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if last == self.num_blocks - 1:
+            x = self.tail.forward_features(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the layers after the last level picked by ``indices``, and the head unless kept.
+
+        Remaining state-dict keys are unchanged. Returns the absolute indices kept (timm's API).
+        """
+        take, max_index = feature_take_indices(len(self.stage_ends), indices)
+        end = self.stage_ends[max_index]
+        if end < self.num_blocks - 1 or prune_head:
+            names = self._names()
+            for name in names[end + 1:]:
+                delattr(self.network, name)
+            num_chs = self.feature_info[max_index]["num_chs"]
+            self.network.add_module(names[-1], IdentityTail(num_chs))
+            self.num_blocks = end + 1
+            self.num_features = self.head_hidden_size = num_chs
+            self.num_classes = 0
+            self.global_pool = ""
+        return take
 
 
-def _build_layer(entry: dict[str, Any], distill: bool, drop_path_rate: float, drop_rate: float,
-                 num_classes: int, in_chans: int) -> nn.Module:
-    kind = entry["layer_type"]
-    eps = BN_EPS[distill]
-    cin, cout = entry["num_in_channels"], entry["num_out_channels"]
-    if kind in ("head", "head_large"):
-        cin = in_chans
-        if kind == "head_large":
-            return PrologueLarge(cin, cout, eps)
-        if distill:
-            return Prologue(cin, cout, "relu", eps, inplace=False)
-        return Prologue(cin, cout, entry.get("act", "swish"), eps)
-    if kind == "tail":
-        tail_cls = EpilogueD if distill else Epilogue
-        return tail_cls(cin, cout, num_classes, drop_rate, eps)
-    k, s = entry["kernel_size"], entry["stride"]
-    if distill:
-        groups = entry.get("groups", 1)
-        if kind == "irb":
-            return InvertedResidualD(cin, cout, k, s, entry["expansion"], groups, eps,
-                                     drop_path_rate)
-        return FusedIRBD(cin, cout, k, s, entry["expansion"], groups, drop_path_rate)
-    if kind == "conv":
-        return ConvBnAct(cin, cout, k, s, entry["act"], eps)
-    block_cls = InvertedResidual if kind == "irb" else EdgeResidual
-    return block_cls(cin, cout, k, s, entry["expansion"], entry["act"], entry["use_se"], eps,
-                     drop_path_rate)
-
-
-def _child_name(entry: dict[str, Any], position: int, distill: bool) -> str:
-    """NVIDIA's child name; ``position`` is 1-based, counting the ``data`` entry as 1."""
-    kind = entry["layer_type"]
-    if distill:
-        if kind in ("head", "head_large"):
-            return "head:"
-        if kind == "tail":
-            return "tail:"
-        return f"stage: {entry['stage']} {kind}{position}"
-    if kind == "head":
-        return f"head: {position}"
-    if kind == "tail":
-        return f" layer{position}"
-    return f"stage: {entry['stage']} layer{position}"
-
-
-def build_model(spec: str | Path | dict | list | ArchSpec, *, num_classes: int | None = None,
+def build_model(spec: SpecLike, *, num_classes: int | None = None,
                 drop_rate: float | None = None, drop_path_rate: float | None = None,
-                in_chans: int = 3, pretrained_cfg: dict[str, Any] | None = None) -> GPUNet:
+                in_chans: int = 3, global_pool: str = "avg",
+                pretrained_cfg: Mapping[str, Any] | None = None) -> GPUNet:
     """Build a GPUNet from a JSON spec (path, list, ``{"layers": [...]}`` or :class:`ArchSpec`).
 
     ``num_classes`` defaults to the spec's tail value; ``drop_rate`` to 0.2 (the tail dropout);
     ``drop_path_rate`` to 0.2 for the non-D family (entry ``i`` of ``N`` gets ``rate*i/(N-1)``)
-    and 0 for the D family, as in NVIDIA's reference. The model is returned in train mode.
+    and 0 for the D family, as in NVIDIA's reference. ``pretrained_cfg`` entries override the
+    spec's config. The model is returned in train mode; timm is not imported.
     """
-    arch = load_spec(spec)
-    distill = arch.distill
-    num_classes = arch.num_classes if num_classes is None else int(num_classes)
-    drop_rate = DEFAULT_DROP_RATE if drop_rate is None else float(drop_rate)
-    if drop_path_rate is None:
-        drop_path_rate = 0.0 if distill else DEFAULT_DROP_PATH_RATE
-    _check_rate("drop_rate", drop_rate)
-    _check_rate("drop_path_rate", drop_path_rate)
-    if num_classes < 1:
-        raise UnknownModelError(f"num_classes (--num-classes) must be >= 1, got {num_classes}")
-
-    network = nn.Sequential()
-    last = len(arch.layers) - 1
-    for index, entry in enumerate(arch.layers):
-        if entry["layer_type"] == "data":
-            continue
-        layer = _build_layer(entry, distill, drop_path_rate * index / last, drop_rate,
-                             num_classes, in_chans)
-        network.add_module(_child_name(entry, index + 1, distill), layer)
-
-    cfg = {
-        "architecture": "custom",
-        "num_classes": num_classes,
-        "input_size": (in_chans, arch.img_resolution, arch.img_resolution),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "spec_source": arch.source,
-    }
-    cfg.update(pretrained_cfg or {})
-    model = GPUNet(network, arch, num_classes, cfg)
-    model.pretrained_cfg["first_conv"] = f"network.{model._names()[0]}.net.0"
-    model.pretrained_cfg["classifier"] = model.classifier_name
+    model = GPUNet(spec, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                   drop_path_rate=drop_path_rate, global_pool=global_pool)
+    model.pretrained_cfg.update(pretrained_cfg or {})
     return model
 
 
-def _check_rate(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise UnknownModelError(f"{name} must be in [0, 1), got {value}")
+# --------------------------------------------------------------------------- timm entry points
+
+# timm's create_model applies these itself (set_layer_config); GPUNet's layers have no variants.
+_LAYER_CONFIG_KWARGS = ("scriptable", "exportable", "no_jit")
+_ENTRYPOINTS: list[Callable[..., nn.Module]] = []
 
 
-def pretrained_cfg_for(name: str) -> dict[str, Any]:
-    """timm-style pretrained config of a shipped model (no download URL: NGC needs a login)."""
-    info = _model_info(name)
-    latency = info["config"].removesuffix(".json")
-    return {
-        "architecture": name,
-        "crop_pct": info["crop_pct"],
-        "interpolation": "bicubic",
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "num_classes": 1000,
-        "ngc_model": f"nvidia/dle/{name}_pyt_ckpt",
-        "ngc_version": NGC_VERSION,
-        "checkpoint_file": f"{latency}.pth.tar",
-        "teacher": info["teacher"],
-        "published_top1": info["top1"],
-        "published_latency_ms": {"a100_trt_fp16": info["latency_ms_a100"],
-                                 "v100_trt_fp16": info["latency_ms_v100"]},
-        "spec_file": info["config"],
-    }
+def _timm_cfg(cfg: Any) -> Any:
+    """A ``pretrained_cfg`` dict as timm takes it: only ``PretrainedCfg`` fields (ours carry more)."""
+    if not isinstance(cfg, Mapping):
+        return cfg
+    from timm.models import PretrainedCfg
+
+    names = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    return {k: v for k, v in cfg.items() if k in names}
 
 
-def load_model_spec(name_or_spec: str | Path | dict | list | ArchSpec) -> tuple[ArchSpec, str | None]:
-    """Resolve a model name or spec to ``(ArchSpec, registered name or None)``."""
-    if isinstance(name_or_spec, str) and name_or_spec in MODEL_INFO:
-        return load_spec(spec_path(name_or_spec)), name_or_spec
-    if isinstance(name_or_spec, (str, Path)):
-        text = str(name_or_spec)
-        if not (text.endswith(".json") or Path(text).exists()):
-            _model_info(text)  # raises the "unknown model" error listing valid names
-    return load_spec(name_or_spec), None
+def _create_gpunet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a shipped GPUNet through timm's ``build_model_with_cfg``.
 
-
-def create_model(name_or_spec: str | Path | dict | list | ArchSpec, *,
-                 num_classes: int | None = None, checkpoint: str | Path | None = None,
-                 drop_rate: float | None = None, drop_path_rate: float | None = None,
-                 trusted: bool = False, use_ema: bool = True, in_chans: int = 3,
-                 pretrained_cfg_overlay: dict[str, Any] | None = None, **kwargs: Any) -> GPUNet:
-    """Create a GPUNet by registered name (see :func:`list_models`) or from a JSON spec.
-
-    ``num_classes`` defaults to the checkpoint's classifier size when ``checkpoint`` is given,
-    else to the spec's (1000 for the shipped family). ``checkpoint`` (a path or ``s3://`` URI)
-    loads NVIDIA's published files or the project's own; with an explicit ``num_classes`` other
-    than the checkpoint's, everything but the classifier is loaded.
-    Pickled (non-weights-only) checkpoints load only with ``trusted=True``.
+    Weights load through the project's loader (NVIDIA's containers, NGC zip, ``trusted`` for
+    pickled files, ``use_ema``) inside the model constructor, so timm's ``features_only`` wrappers
+    get the loaded model; the file is :func:`find_pretrained`'s (``pretrained_cfg_overlay`` or
+    ``pretrained_cfg`` ``file`` first).
     """
-    unknown = {k for k, v in kwargs.items() if v is not None}
-    if unknown:
-        raise TypeError(f"create_model() got unexpected keyword arguments: {sorted(unknown)}")
-    arch, name = load_model_spec(name_or_spec)
-    cfg = pretrained_cfg_for(name) if name else {}
-    cfg.update(pretrained_cfg_overlay or {})
-    state_dict = None
-    if checkpoint is not None:
-        from gpunet_core.models import checkpoint as ckpt
+    from timm.models import build_model_with_cfg
 
-        obj = ckpt.read_checkpoint(checkpoint, trusted=trusted)
-        state_dict, container = ckpt.extract_state_dict(obj, use_ema=use_ema, source=str(checkpoint))
-        if num_classes is None:  # size the classifier like the checkpoint's
-            with torch.device("meta"):
-                probe = build_model(arch)
-            num_classes = ckpt.state_dict_classes(state_dict, probe)
-    model = build_model(arch, num_classes=num_classes, drop_rate=drop_rate,
-                        drop_path_rate=drop_path_rate, in_chans=in_chans, pretrained_cfg=cfg)
-    if state_dict is not None:
-        ckpt.load_state_dict_strict(model, state_dict, source=str(checkpoint))
-        _logger.info("loaded %s%s into %s (%d classes)", checkpoint,
-                     f" [{container}]" if container else "", name or arch.source,
-                     model.num_classes)
+    for key in _LAYER_CONFIG_KWARGS:
+        kwargs.pop(key, None)
+    trusted = kwargs.pop("trusted", False)
+    use_ema = kwargs.pop("use_ema", True)
+    pretrained_cfg = _timm_cfg(kwargs.pop("pretrained_cfg", None))
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    feature_cfg = {"flatten_sequential": True, **(kwargs.pop("feature_cfg", None) or {})}
+    source = None
+    if pretrained:
+        explicit = overlay.get("file") or (
+            pretrained_cfg.get("file") if isinstance(pretrained_cfg, Mapping)
+            else getattr(pretrained_cfg, "file", None))
+        source = find_pretrained(variant, {"file": explicit} if explicit else None)
+        overlay["file"] = str(source)
+    spec = shipped_spec(variant)
+
+    def gpunet(**model_kwargs: Any) -> GPUNet:
+        model = GPUNet(spec, **model_kwargs)
+        if source is not None:
+            load_checkpoint(model, source, trusted=trusted, use_ema=use_ema)
+        return model
+
+    model = build_model_with_cfg(gpunet, variant, False, pretrained_cfg=pretrained_cfg,
+                                 pretrained_cfg_overlay=overlay, feature_cfg=feature_cfg, **kwargs)
+    model.pretrained_cfg.update(published_metadata(variant))
     return model
 
 
-def create_any_model(name_or_spec: str | Path | dict | list | ArchSpec, *,
-                     num_classes: int | None = None, drop_rate: float | None = None,
-                     drop_path_rate: float | None = None) -> nn.Module:
-    """A GPUNet (name or spec, see :func:`create_model`), else timm's model of that name.
+def _entrypoint(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Collect an entry point for :func:`register_models` (timm's ``@register_model``, deferred)."""
+    _ENTRYPOINTS.append(fn)
+    return fn
 
-    The timm fallback (random weights) lets ``gpunet train`` and ``make bench`` run the
-    GPUNet paper's comparison models, e.g. ``efficientnet_b0``, under the same recipe.
+
+@_entrypoint
+def gpunet_0(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-0: NVIDIA's 0.65ms.json, 320 px, 78.9 % top-1."""
+    return _create_gpunet("gpunet_0", pretrained, **kwargs)
+
+
+@_entrypoint
+def gpunet_1(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-1: NVIDIA's 0.85ms.json, 288 px, 80.5 % top-1."""
+    return _create_gpunet("gpunet_1", pretrained, **kwargs)
+
+
+@_entrypoint
+def gpunet_2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-2: NVIDIA's 1.75ms.json, 384 px, 82.2 % top-1."""
+    return _create_gpunet("gpunet_2", pretrained, **kwargs)
+
+
+@_entrypoint
+def gpunet_p0(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-P0: NVIDIA's 0.5ms-D.json, 224 px, 80.3 % top-1 (distilled from tf_efficientnet_b2)."""
+    return _create_gpunet("gpunet_p0", pretrained, **kwargs)
+
+
+@_entrypoint
+def gpunet_p1(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-P1: NVIDIA's 0.8ms-D.json, 224 px, 81.1 % top-1 (distilled from tf_efficientnet_b2)."""
+    return _create_gpunet("gpunet_p1", pretrained, **kwargs)
+
+
+@_entrypoint
+def gpunet_d1(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-D1: NVIDIA's 1.25ms-D.json, 456 px, 82.5 % top-1 (tf_efficientnet_b5_ns teacher)."""
+    return _create_gpunet("gpunet_d1", pretrained, **kwargs)
+
+
+@_entrypoint
+def gpunet_d2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """GPUNet-D2: NVIDIA's 2.25ms-D.json, 528 px, 83.6 % top-1 (tf_efficientnet_b6_ns teacher)."""
+    return _create_gpunet("gpunet_d2", pretrained, **kwargs)
+
+
+_registered = False
+
+
+def register_models() -> None:
+    """Add the seven entry points and :data:`default_cfgs` to timm's registry now (once).
+
+    Imports timm; ``gpunet_core.models.timm_hook.register_with_timm`` calls this as soon as timm
+    is loaded, so importing the models package costs no timm import by itself.
     """
-    if isinstance(name_or_spec, str) and name_or_spec not in MODEL_INFO \
-            and not name_or_spec.endswith(".json") and not Path(name_or_spec).exists():
-        import timm
-
-        if timm.is_model(name_or_spec):
-            kwargs = {k: v for k, v in (("drop_rate", drop_rate),
-                                        ("drop_path_rate", drop_path_rate)) if v is not None}
-            if num_classes is not None:
-                kwargs["num_classes"] = num_classes
-            return timm.create_model(name_or_spec, pretrained=False, **kwargs)
-    return create_model(name_or_spec, num_classes=num_classes, drop_rate=drop_rate,
-                        drop_path_rate=drop_path_rate)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def model_summary(name: str) -> dict[str, Any]:
-    """The facts ``gpunet models`` shows for one shipped model (built on the meta device)."""
-    with torch.device("meta"):
-        model = create_model(name)
-    info = MODEL_INFO[name]
-    return {
-        "name": name,
-        "display_name": info["display"],
-        "family": "D" if model.spec.distill else "non-D",
-        "params": count_parameters(model),
-        "input_size": list(model.pretrained_cfg["input_size"]),
-        "crop_pct": info["crop_pct"],
-        "interpolation": "bicubic",
-        "published_top1": info["top1"],
-        "published_latency_ms_a100_trt_fp16": info["latency_ms_a100"],
-        "published_latency_ms_v100_trt_fp16": info["latency_ms_v100"],
-        "teacher": info["teacher"],
-        "spec_file": info["config"],
-    }
-
-
-# --------------------------------------------------------------------------- timm registration
-
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "cache_dir", "features_only", "scriptable", "exportable",
-                     "no_jit")
-
-
-def _timm_entry(name: str) -> Callable[..., GPUNet]:
-    def entry(pretrained: bool = False, **kwargs: Any) -> GPUNet:
-        for key in _TIMM_ONLY_KWARGS:
-            kwargs.pop(key, None)
-        if pretrained:
-            from gpunet_core.models.checkpoint import find_pretrained
-
-            kwargs.setdefault("checkpoint", find_pretrained(name, kwargs.get("pretrained_cfg_overlay")))
-        return create_model(name, **kwargs)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__module__ = __name__
-    entry.__doc__ = f"{MODEL_INFO[name]['display']} from NVIDIA's {MODEL_INFO[name]['config']}."
-    return entry
-
-
-for _name in MODEL_INFO:
-    globals()[_name] = _timm_entry(_name)
-
-_registered_with_timm = False
-
-
-def register_with_timm() -> None:
-    """Add the seven ``gpunet_*`` entry points to timm's model registry (once).
-
-    ``gpunet_core/__init__`` calls it when timm is already loaded, and otherwise from an import
-    hook right after timm's own import, so building a GPUNet never imports timm (and
-    torchvision, ~3 s) by itself.
-    """
-    global _registered_with_timm
-    if _registered_with_timm:
+    global _registered, default_cfgs
+    if _registered:
         return
-    from timm.models import register_model
+    from timm.models import generate_default_cfgs, register_model
 
-    for name in MODEL_INFO:
-        register_model(globals()[name])
-    _registered_with_timm = True
-
-
-
-def spec_json(name: str) -> list[dict[str, Any]]:
-    """The raw JSON spec of a shipped model (a copy you may edit and pass to create_model)."""
-    return json.loads(spec_path(name).read_text())
+    default_cfgs = generate_default_cfgs({name: default_cfg(name) for name in MODEL_INFO})
+    for fn in _ENTRYPOINTS:
+        register_model(fn)  # reads this module's default_cfgs, as for timm's own models
+    _registered = True
 
 
-def describe_layers(model: GPUNet) -> list[dict[str, Any]]:
-    """One row per network child (like NVIDIA's block tables): widths, kernel, stride, residual."""
-    rows = []
-    for name, module in model.network.named_children():
-        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-        spatial = [c for c in convs if c.kernel_size != (1, 1)] or convs
-        main = spatial[0] if isinstance(module, (Prologue, PrologueLarge, ConvBnAct)) else spatial[-1]
-        se = getattr(module, "se", None)
-        rows.append({
-            "name": name,
-            "type": type(module).__name__,
-            "in": convs[0].in_channels,
-            "out": convs[-1].out_channels if not hasattr(module, "classifier_index")
-            else module.net[module.classifier_index].out_features,
-            "kernel": main.kernel_size[0],
-            "stride": main.stride[0],
-            "padding": main.padding[0],
-            "se": se.conv_reduce.out_channels if isinstance(se, SqueezeExcite) else None,
-            "residual": bool(getattr(module, "has_skip", False)),
-            "drop_path": round(float(getattr(module, "drop_path_rate", 0.0)), 4),
-            "params": sum(p.numel() for p in module.parameters()),
-        })
-    return rows
+def __getattr__(name: str) -> Any:
+    """``default_cfgs`` (timm's ``DefaultCfg`` table) exists once timm is loaded: build it then."""
+    if name == "default_cfgs":
+        register_models()
+        return globals()["default_cfgs"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,8 @@ then blocks (``conv``, ``irb``, ``fused_irb``), and the last entry is the ``tail
 See ``ARCHITECTURE.md`` of NVIDIA's reference for the semantics the builder reproduces.
 
 :func:`load_spec` validates a spec and raises :class:`~gpunet_core.utils.errors.SpecError` naming the
-entry index and field of the first problem.
+entry index and field of the first problem. The seven shipped specs (:data:`MODEL_INFO`) are
+packaged with the library: :func:`spec_path`, :func:`spec_json`, :func:`shipped_spec`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gpunet_core.utils.errors import GpunetError, SpecError
+from gpunet_core.utils.errors import GpunetError, SpecError, UnknownModelError
 
 LAYER_TYPES = ("data", "head", "head_large", "conv", "irb", "fused_irb", "tail")
 ACTIVATIONS = ("swish", "relu")
@@ -254,3 +257,44 @@ def load_spec(spec: str | Path | dict | list | ArchSpec) -> ArchSpec:
         return spec
     data, source = _read(spec)
     return validate_spec(data, source)
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """:data:`MODEL_INFO` entry of a shipped model; the error lists the valid names."""
+    if name not in MODEL_INFO:
+        raise UnknownModelError(
+            f"unknown model {name!r}: valid names are {', '.join(MODEL_INFO)} "
+            "(or pass the path of a GPUNet JSON spec)")
+    return MODEL_INFO[name]
+
+
+def spec_path(name: str) -> Path:
+    """Path of the packaged JSON spec of a shipped model."""
+    info = model_info(name)
+    return Path(str(resources.files("gpunet_core.models") / "configs" / info["config"]))
+
+
+def spec_json(name: str) -> list[dict[str, Any]]:
+    """The raw JSON spec of a shipped model (a copy you may edit and pass to create_model)."""
+    return json.loads(spec_path(name).read_text())
+
+
+@cache
+def shipped_spec(name: str) -> ArchSpec:
+    """The validated spec of a shipped model, read once per process (builders never mutate it)."""
+    return load_spec(spec_path(name))
+
+
+def resolve_spec(name_or_spec: str | Path | dict | list | ArchSpec) -> tuple[ArchSpec, str | None]:
+    """Resolve a model name or spec to ``(ArchSpec, shipped name or None)``.
+
+    A string that is neither a shipped name nor a ``.json``/existing path is a mistyped name, so
+    the error lists the valid names instead of reporting a missing file.
+    """
+    if isinstance(name_or_spec, str) and name_or_spec in MODEL_INFO:
+        return shipped_spec(name_or_spec), name_or_spec
+    if isinstance(name_or_spec, (str, Path)):
+        text = str(name_or_spec)
+        if not (text.endswith(".json") or Path(text).exists()):
+            model_info(text)  # raises the "unknown model" error listing valid names
+    return load_spec(name_or_spec), None

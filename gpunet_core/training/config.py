@@ -1,24 +1,31 @@
-"""``gpunet train``'s flags: NVIDIA's names and meanings, presets resolved (no torch import).
+"""``gpunet train``'s settings: one typed :class:`TrainConfig`, its flags and its argv (no torch).
 
-Kept apart from :mod:`gpunet_core.training.loop` so that parsing, ``--help`` and flag errors cost no
-torch import; :mod:`gpunet_core.training.loop` re-exports everything here.
+Every flag of ``gpunet train`` is a field of :class:`TrainConfig` (NVIDIA's names and meanings,
+plus this project's additions); the parser (:func:`add_arguments`), the checks and the argv of a
+torchrun or cluster launch (:func:`to_argv`) are all generated from those fields, so a setting
+has one path from the command line, a pipeline step or a PyTorchJob to the loop. Settings are
+layered *defaults < ``--preset`` values < explicit flags* (:meth:`TrainConfig.resolve`). Parsing,
+``--help`` and bad values cost no torch import; :func:`check_runtime` runs the checks that need
+torch and timm (optimizer and scheduler names, the S3 output bucket).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from gpunet_core.models.spec import check_img_size
 from gpunet_core.training.presets import PRESETS, load_preset
 from gpunet_core.utils.errors import GpunetError
 
 
 class TrainError(GpunetError):
     """Bad training configuration, caught before any training starts."""
-
-
-# --------------------------------------------------------------------------- arguments
 
 
 def _bool(text: str) -> bool:
@@ -29,98 +36,338 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+@dataclass(frozen=True)
+class Flag:
+    """How a :class:`TrainConfig` field is spelled on the command line.
+
+    ``kind``: ``value`` (``--flag VALUE``), ``toggle`` (``--flag`` / ``--no-flag``), ``bool``
+    (NVIDIA's ``--flag True|False``), ``pair`` (``--flag A B``), ``append`` (repeatable) or
+    ``positional``.
+    """
+
+    names: tuple[str, ...]
+    kind: str = "value"
+    parse: Callable[[str], Any] = str
+    help: str = ""
+    group: str = ""
+    choices: tuple[str, ...] | None = None
+    metavar: str | tuple[str, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """The flag as messages name it (``-b/--batch-size``)."""
+        return "/".join(self.names) if self.names else "DATA"
+
+    @property
+    def long(self) -> str:
+        return self.names[-1]
+
+
+_MODEL, _OPTIM, _DATA, _DISTILL, _OUTPUTS = ("model", "optimisation", "data", "distillation",
+                                             "outputs")
+
+
+def _flag(default: Any, *names: str, group: str, help: str = "", kind: str = "value",
+          parse: Callable[[str], Any] = str, choices: tuple[str, ...] | None = None,
+          metavar: str | tuple[str, ...] | None = None) -> Any:
+    meta = {"flag": Flag(names, kind, parse, help, group, choices, metavar)}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of one training run, checked on construction (a :class:`TrainError` names
+    the flag). Build it with :meth:`resolve` (or :func:`parse`) to layer a preset; the
+    constructor takes the final values."""
+
+    data: str = field(metadata={"flag": Flag((), "positional", help="dataset root holding "
+                                                                    "train/ and val/ ImageFolders")})
+    preset: str | None = _flag(None, "--preset", group="", choices=tuple(sorted(PRESETS)),
+                               help="load NVIDIA's hyper-parameters for this model (flags "
+                                    "override)")
+    # ---- model
+    model: str = _flag("gpunet_0", "--model", group=_MODEL,
+                       help="model name or JSON spec (default gpunet_0); other timm model names "
+                            "train from scratch (e.g. efficientnet_b0, for comparisons)")
+    num_classes: int | None = _flag(None, "--num-classes", group=_MODEL, parse=int,
+                                    help="classes (default: the dataset's)")
+    drop: float | None = _flag(None, "--drop", group=_MODEL, parse=float,
+                               help="classifier dropout (default 0.2, NVIDIA's hard-coded value)")
+    drop_connect: float | None = _flag(None, "--drop-connect", group=_MODEL, parse=float,
+                                       help="drop-path base rate, block i of N gets rate*i/N "
+                                            "(default 0.2; 0 for D)")
+    img_size: int | None = _flag(None, "--img-size", group=_MODEL, parse=int,
+                                 help="train/eval resolution (default: the model's)")
+    crop_pct: float | None = _flag(None, "--crop-pct", group=_MODEL, parse=float,
+                                   help="eval crop (default: the model's)")
+    initial_checkpoint: str | None = _flag(None, "--initial-checkpoint", group=_MODEL,
+                                           help="start from these weights (e.g. NVIDIA's "
+                                                "published file)")
+    trust_checkpoint: bool = _flag(False, "--trust-checkpoint", group=_MODEL, kind="toggle",
+                                   help="allow checkpoints holding pickled Python objects "
+                                        "(trusted sources only)")
+    # ---- optimisation
+    batch_size: int = _flag(32, "-b", "--batch-size", group=_OPTIM, parse=int,
+                            help="batch per process")
+    epochs: int = _flag(10, "--epochs", group=_OPTIM, parse=int)
+    opt: str = _flag("rmsproptf", "--opt", group=_OPTIM, help="timm optimizer name")
+    opt_eps: float = _flag(1e-3, "--opt-eps", group=_OPTIM, parse=float)
+    momentum: float = _flag(0.9, "--momentum", group=_OPTIM, parse=float)
+    lr: float = _flag(0.06, "--lr", group=_OPTIM, parse=float)
+    weight_decay: float = _flag(1e-5, "--weight-decay", group=_OPTIM, parse=float)
+    sched: str = _flag("step", "--sched", group=_OPTIM, help="timm scheduler")
+    decay_epochs: float = _flag(2.4, "--decay-epochs", group=_OPTIM, parse=float)
+    decay_rate: float = _flag(0.97, "--decay-rate", group=_OPTIM, parse=float)
+    warmup_lr: float = _flag(1e-6, "--warmup-lr", group=_OPTIM, parse=float)
+    warmup_epochs: int = _flag(3, "--warmup-epochs", group=_OPTIM, parse=int)
+    min_lr: float = _flag(1e-5, "--min-lr", group=_OPTIM, parse=float)
+    smoothing: float = _flag(0.1, "--smoothing", group=_OPTIM, parse=float,
+                             help="label smoothing")
+    model_ema: bool = _flag(False, "--model-ema", group=_OPTIM, kind="toggle",
+                            help="keep an EMA of the weights")
+    model_ema_decay: float = _flag(0.9998, "--model-ema-decay", group=_OPTIM, parse=float)
+    amp: bool = _flag(False, "--amp", group=_OPTIM, kind="toggle",
+                      help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
+    channels_last: bool = _flag(False, "--channels-last", group=_OPTIM, kind="toggle")
+    compile: bool = _flag(False, "--compile", group=_OPTIM, kind="toggle",
+                          help="torch.compile the model")
+    seed: int = _flag(42, "--seed", group=_OPTIM, parse=int)
+    max_steps: int | None = _flag(None, "--max-steps", group=_OPTIM, parse=int,
+                                  help="stop after this many optimizer steps in total (smoke "
+                                       "runs)")
+    # ---- data
+    workers: int = _flag(4, "-j", "--workers", group=_DATA, parse=int,
+                         help="loader workers per process")
+    data_backend: str = _flag("pil", "--data-backend", group=_DATA,
+                              choices=("auto", "pil", "dali"))
+    aa: str = _flag("rand-m9-mstd0.5", "--aa", group=_DATA,
+                    help="timm auto-augment policy ('' for none)")
+    scale: tuple[float, float] = _flag((0.08, 1.0), "--scale", group=_DATA, kind="pair",
+                                       parse=float, metavar=("MIN", "MAX"),
+                                       help="random-resized-crop area range")
+    reprob: float = _flag(0.2, "--reprob", group=_DATA, parse=float, help="random erasing prob")
+    remode: str = _flag("pixel", "--remode", group=_DATA, help="random erasing mode")
+    # ---- distillation
+    enable_distill: bool = _flag(False, "--enable-distill", group=_DISTILL, kind="bool",
+                                 parse=_bool, metavar="True|False")
+    teacher: str | None = _flag(None, "--teacher", group=_DISTILL,
+                                help="timm model name of the teacher")
+    teacher_checkpoint: str | None = _flag(None, "--teacher-checkpoint", group=_DISTILL,
+                                           help="teacher weights (timm or gpunet)")
+    teacher_img_size: int | None = _flag(None, "--teacher-img-size", group=_DISTILL, parse=int,
+                                         help="teacher resolution; the student sees a bicubic "
+                                              "downsample")
+    test_teacher: bool = _flag(False, "--test-teacher", group=_DISTILL, kind="bool", parse=_bool,
+                               metavar="True|False", help="validate the teacher once before "
+                                                          "training")
+    kd_weight: float = _flag(1.0, "--kd-weight", group=_DISTILL, parse=float)
+    kd_temperature: float = _flag(1.0, "--kd-temperature", group=_DISTILL, parse=float)
+    # ---- outputs
+    output: str = _flag("runs/train", "--output", group=_OUTPUTS,
+                        help="output directory (or s3:// prefix)")
+    resume: str | None = _flag(None, "--resume", group=_OUTPUTS,
+                               help="resume from this checkpoint")
+    auto_resume: bool = _flag(False, "--auto-resume", group=_OUTPUTS, kind="toggle",
+                              help="resume from <output>/last.pth.tar when it exists")
+    log_interval: int = _flag(50, "--log-interval", group=_OUTPUTS, parse=int)
+    mlflow: bool = _flag(False, "--mlflow", group=_OUTPUTS, kind="toggle",
+                         help="track the run in MLflow (MLFLOW_TRACKING_URI)")
+    log_model: bool = _flag(True, "--log-model", group=_OUTPUTS, kind="toggle",
+                            help="with --mlflow: log the best checkpoint's model to the run as "
+                                 "an MLflow model (pytorch flavor), which registration reuses")
+    experiment: str = _flag("gpunet", "--experiment", group=_OUTPUTS,
+                            help="MLflow experiment name")
+    run_tag: tuple[str, ...] = _flag((), "--run-tag", group=_OUTPUTS, kind="append",
+                                     metavar="KEY=VALUE",
+                                     help="extra MLflow run tag (repeatable), e.g. "
+                                          "kfp_run_id=...")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _typed(f, getattr(self, f.name)))
+        _check(self)
+
+    @classmethod
+    def resolve(cls, **explicit: Any) -> TrainConfig:
+        """Layer *defaults < ``preset``'s values < ``explicit``* (None means not given)."""
+        unknown = sorted(set(explicit) - set(FIELDS))
+        if unknown:
+            raise TrainError(f"unknown training settings {unknown}: valid names are the "
+                             f"fields of TrainConfig ({', '.join(FIELDS)})")
+        explicit = {k: v for k, v in explicit.items() if v is not None}
+        if "data" not in explicit:
+            raise TrainError("no dataset: pass DATA (the folder holding train/ and val/)")
+        return cls(**{**preset_values(explicit.get("preset")), **explicit})
+
+
+FIELDS: dict[str, Flag] = {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig)}
+
+
+def preset_values(name: str | None) -> dict[str, Any]:
+    """``{field: value}`` of NVIDIA's train_params file for preset ``name`` ({} for none)."""
+    if not name:
+        return {}
+    if name not in PRESETS:
+        raise TrainError(f"--preset {name!r}: valid presets are {', '.join(sorted(PRESETS))}")
+    values = load_preset(name)
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise TrainError(f"preset {name} sets unknown flags {unknown}")
+    return values
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _typed(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field's type (ints for float fields become floats); TrainError if not."""
+    flag: Flag = f.metadata["flag"]
+    if value is None and f.default is None:
+        return None
+    if flag.kind == "pair":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise TrainError(f"{flag.label} takes two numbers (MIN MAX), got {value!r}")
+        return tuple(_scalar(flag, float, v) for v in value)
+    if flag.kind == "append":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise TrainError(f"{flag.label} takes a list of KEY=VALUE strings, got {value!r}")
+        return tuple(_scalar(flag, str, v) for v in value)
+    kind = bool if flag.kind in ("toggle", "bool") else flag.parse
+    return _scalar(flag, kind, value)
+
+
+def _scalar(flag: Flag, kind: Callable[[str], Any], value: Any) -> Any:
+    if kind is str and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    expected, what = {int: (int, "an integer"), float: (float, "a number"),
+                      str: (str, "a string"), bool: (bool, "True or False")}[kind]
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise TrainError(f"{flag.label} must be {what}, got {value!r}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _at_least(cfg: TrainConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if value is not None and not (math.isfinite(value) and value >= low):
+        what = "a finite number " if isinstance(value, float) else ""
+        raise TrainError(f"{FIELDS[name].label} must be {what}>= {low}, got {value}")
+
+
+def _check(cfg: TrainConfig) -> None:
+    """The value checks that need neither torch nor timm; each error names its flag."""
+    for name in ("num_classes", "batch_size", "epochs", "max_steps", "log_interval"):
+        _at_least(cfg, name, 1)
+    for name in ("drop", "drop_connect", "lr", "weight_decay", "smoothing", "reprob",
+                 "kd_weight", "warmup_lr", "min_lr", "warmup_epochs", "workers"):
+        _at_least(cfg, name, 0)
+    for name in ("img_size", "teacher_img_size"):
+        try:
+            check_img_size(getattr(cfg, name), FIELDS[name].label)
+        except GpunetError as exc:
+            raise TrainError(str(exc)) from None
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise TrainError(f"--preset {cfg.preset!r}: valid presets are "
+                         f"{', '.join(sorted(PRESETS))}")
+    if cfg.data_backend not in FIELDS["data_backend"].choices:
+        raise TrainError(f"--data-backend {cfg.data_backend!r}: valid backends are "
+                         f"{', '.join(FIELDS['data_backend'].choices)}")
+    for name in ("drop", "drop_connect"):
+        value = getattr(cfg, name)
+        if value is not None and value >= 1:
+            raise TrainError(f"{FIELDS[name].label} must be < 1, got {value}")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise TrainError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    low, high = cfg.scale
+    if not 0 < low <= high <= 1:
+        raise TrainError(f"--scale {low:g} {high:g}: the random-resized-crop area range needs "
+                         "0 < MIN <= MAX <= 1 (default 0.08 1.0)")
+    if not (math.isfinite(cfg.decay_epochs) and cfg.decay_epochs > 0):
+        raise TrainError(f"--decay-epochs must be > 0, got {cfg.decay_epochs}")
+    if not 0 < cfg.decay_rate <= 1:
+        raise TrainError(f"--decay-rate must be in (0, 1], got {cfg.decay_rate}")
+    if not 0 <= cfg.model_ema_decay < 1:
+        raise TrainError(f"--model-ema-decay must be in [0, 1), got {cfg.model_ema_decay}")
+    if not (math.isfinite(cfg.kd_temperature) and cfg.kd_temperature > 0):
+        raise TrainError(f"--kd-temperature must be > 0, got {cfg.kd_temperature}")
+    if cfg.enable_distill:
+        if not cfg.teacher:
+            raise TrainError("--enable-distill True needs --teacher NAME (a timm model name)")
+        if cfg.teacher_img_size is not None and cfg.img_size is not None \
+                and cfg.teacher_img_size < cfg.img_size:
+            raise TrainError(f"--teacher-img-size {cfg.teacher_img_size} is smaller than "
+                             f"--img-size {cfg.img_size}: the student batch is a downsample of "
+                             "the teacher batch, so the teacher's size must be >= the student's")
+    for tag in cfg.run_tag:
+        if "=" not in tag or not tag.split("=", 1)[0]:
+            raise TrainError(f"--run-tag {tag!r}: expected KEY=VALUE")
+    if cfg.resume and cfg.auto_resume:
+        raise TrainError("use either --resume PATH or --auto-resume, not both")
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """The checks that need torch/timm or the network, run before any data, model or output
+    work: values that would otherwise surface as a timm traceback or a late S3 failure."""
+    import torch
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    from gpunet_core.utils import storage
+
+    probe = torch.nn.Linear(1, 1)
+    try:
+        optimizer = create_optimizer_v2(probe, opt=cfg.opt, lr=cfg.lr,
+                                        weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                        eps=cfg.opt_eps)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise TrainError(f"--opt {cfg.opt!r} is not usable ({exc}); use a timm optimizer name "
+                         "such as rmsproptf (NVIDIA's), adamw or sgd") from None
+    try:
+        create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+                            decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+                            warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                            min_lr=cfg.min_lr, updates_per_epoch=1)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise TrainError(f"--sched {cfg.sched!r} is not usable ({exc}); use a timm scheduler "
+                         "name such as step (NVIDIA's), cosine or multistep") from None
+    if storage.is_s3_uri(cfg.output):  # fail now, not after the first epoch's upload
+        storage.check_bucket(storage.parse_s3_uri(cfg.output))
+
+
+# --------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """NVIDIA's ``train.py`` flags (same names and meanings) plus this project's additions."""
-    parser.add_argument("data", help="dataset root holding train/ and val/ ImageFolders")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="load NVIDIA's hyper-parameters for this model (flags override)")
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="gpunet_0",
-                   help="model name or JSON spec (default gpunet_0); other timm model names "
-                        "train from scratch (e.g. efficientnet_b0, for comparisons)")
-    g.add_argument("--num-classes", type=_positive_int, default=None,
-                   help="classes (default: the dataset's)")
-    g.add_argument("--drop", type=_non_negative_float, default=None,
-                   help="classifier dropout (default 0.2, NVIDIA's hard-coded value)")
-    g.add_argument("--drop-connect", type=_non_negative_float, default=None,
-                   help="drop-path base rate, block i of N gets rate*i/N (default 0.2; 0 for D)")
-    g.add_argument("--img-size", type=_positive_int, default=None,
-                   help="train/eval resolution (default: the model's)")
-    g.add_argument("--crop-pct", type=float, default=None, help="eval crop (default: the model's)")
-    g.add_argument("--initial-checkpoint", default=None,
-                   help="start from these weights (e.g. NVIDIA's published file)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints holding pickled Python objects (trusted sources only)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("-b", "--batch-size", type=_positive_int, default=32, help="batch per process")
-    g.add_argument("--epochs", type=_positive_int, default=10)
-    g.add_argument("--opt", default="rmsproptf", help="timm optimizer name (default rmsproptf)")
-    g.add_argument("--opt-eps", type=float, default=1e-3)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--lr", type=_non_negative_float, default=0.06)
-    g.add_argument("--weight-decay", type=_non_negative_float, default=1e-5)
-    g.add_argument("--sched", default="step", help="timm scheduler (default step)")
-    g.add_argument("--decay-epochs", type=float, default=2.4)
-    g.add_argument("--decay-rate", type=float, default=0.97)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-epochs", type=int, default=3)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--smoothing", type=_non_negative_float, default=0.1, help="label smoothing")
-    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights")
-    g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--amp", action="store_true",
-                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU")
-    g.add_argument("--channels-last", action="store_true")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="stop after this many optimizer steps in total (smoke runs)")
-    g = parser.add_argument_group("data")
-    g.add_argument("-j", "--workers", type=int, default=4, help="loader workers per process")
-    g.add_argument("--data-backend", choices=("auto", "pil", "dali"), default="pil")
-    g.add_argument("--aa", default="rand-m9-mstd0.5", help="timm auto-augment policy ('' for none)")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="random-resized-crop area range (default 0.08 1.0)")
-    g.add_argument("--reprob", type=_non_negative_float, default=0.2, help="random erasing prob")
-    g.add_argument("--remode", default="pixel", help="random erasing mode")
-    g = parser.add_argument_group("distillation")
-    g.add_argument("--enable-distill", type=_bool, default=False, metavar="True|False")
-    g.add_argument("--teacher", default=None, help="timm model name of the teacher")
-    g.add_argument("--teacher-checkpoint", default=None, help="teacher weights (timm or gpunet)")
-    g.add_argument("--teacher-img-size", type=_positive_int, default=None,
-                   help="teacher resolution; the student sees a bicubic downsample")
-    g.add_argument("--test-teacher", type=_bool, default=False, metavar="True|False",
-                   help="validate the teacher once before training")
-    g.add_argument("--kd-weight", type=_non_negative_float, default=1.0)
-    g.add_argument("--kd-temperature", type=float, default=1.0)
-    g = parser.add_argument_group("outputs")
-    g.add_argument("--output", default="runs/train", help="output directory")
-    g.add_argument("--resume", default=None, help="resume from this checkpoint")
-    g.add_argument("--auto-resume", action="store_true",
-                   help="resume from <output>/last.pth.tar when it exists")
-    g.add_argument("--log-interval", type=_positive_int, default=50)
-    g.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
-                   help="track the run in MLflow (MLFLOW_TRACKING_URI)")
-    g.add_argument("--log-model", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --mlflow: log the best checkpoint's model to the run as an MLflow "
-                        "model (pytorch flavor), which registration reuses (default: on)")
-    g.add_argument("--experiment", default="gpunet", help="MLflow experiment name")
-    g.add_argument("--run-tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra MLflow run tag (repeatable), e.g. kfp_run_id=...")
+    """Add every :class:`TrainConfig` field as a flag, defaults suppressed: the namespace holds
+    only what was given, which :func:`from_namespace` layers over the defaults and the preset."""
+    groups: dict[str, Any] = {"": parser}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, flag in FIELDS.items():
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        group = groups[flag.group]
+        helptext = flag.help
+        default = defaults[name]
+        if flag.kind != "positional" and "default" not in helptext \
+                and default not in (None, False, ()):
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            helptext = f"{helptext} (default {shown})".lstrip()
+        kwargs: dict[str, Any] = {"help": helptext or None, "default": argparse.SUPPRESS}
+        if flag.kind == "positional":
+            group.add_argument(name, help=helptext)
+            continue
+        if flag.kind == "toggle":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif flag.kind == "append":
+            kwargs.update(action="append", metavar=flag.metavar)
+        else:
+            kwargs.update(type=flag.parse, metavar=flag.metavar, choices=flag.choices)
+            if flag.kind == "pair":
+                kwargs["nargs"] = 2
+        group.add_argument(*flag.names, dest=name, **kwargs)
     return parser
 
 
@@ -130,15 +377,42 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(or a single process)."))
 
 
-def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse twice: defaults < ``--preset`` values < explicit flags."""
-    args = parser.parse_args(argv)
-    if args.preset:
-        preset = load_preset(args.preset)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(preset) - known)
-        if unknown:
-            raise TrainError(f"preset {args.preset} sets unknown flags {unknown}")
-        parser.set_defaults(**preset)
-        args = parser.parse_args(argv)
-    return args
+def from_namespace(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of a namespace parsed by :func:`add_arguments`' flags."""
+    return TrainConfig.resolve(**{k: v for k, v in vars(args).items() if k in FIELDS})
+
+
+def parse(argv: Sequence[str]) -> TrainConfig:
+    """``gpunet train``'s argv (without the ``train``) as a :class:`TrainConfig`."""
+    return from_namespace(build_parser().parse_args(list(argv)))
+
+
+def _option(flag: Flag, value: Any) -> list[str]:
+    """``[--flag, VALUE]``, or ``[--flag=VALUE]`` when VALUE starts with a dash."""
+    text = "True" if value is True else "False" if value is False else str(value)
+    return [f"{flag.long}={text}"] if text.startswith("-") else [flag.long, text]
+
+
+def to_argv(cfg: TrainConfig) -> list[str]:
+    """``gpunet train``'s argv for ``cfg`` (``parse(to_argv(cfg)) == cfg``): the preset, then
+    each setting that differs from the defaults and the preset."""
+    base = preset_values(cfg.preset)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    argv: list[str] = []
+    for name, flag in FIELDS.items():
+        value = getattr(cfg, name)
+        if flag.kind == "positional" or value == base.get(name, defaults[name]):
+            continue
+        if value is None:
+            raise TrainError(f"{flag.label} cannot be unset on the command line once preset "
+                             f"{cfg.preset} sets it; pass a value")
+        if flag.kind == "toggle":
+            argv.append(flag.long if value else f"--no-{flag.long[2:]}")
+        elif flag.kind == "pair":
+            argv += [flag.long, *map(str, value)]
+        elif flag.kind == "append":
+            argv += [part for v in value for part in _option(flag, v)]
+        else:
+            argv += _option(flag, value)
+    return [*argv, "--", cfg.data] if cfg.data.startswith("-") else [cfg.data, *argv]
+

@@ -22,6 +22,10 @@ class UnknownModelError(GpunetError, ValueError):
     """A model name that is neither registered nor a spec file."""
 
 
+class ModelConfigError(GpunetError, ValueError):
+    """A model argument out of its range (num_classes, drop rates, global_pool, feature indices)."""
+
+
 class CheckpointError(GpunetError):
     """A checkpoint cannot be read, is untrusted, or does not fit the model."""
 

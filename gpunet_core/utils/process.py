@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import os
-from pathlib import Path
 
 _fast_exit_registered = False
 
@@ -23,16 +21,3 @@ def fast_exit() -> None:
         atexit.register(gc.freeze)
         _fast_exit_registered = True
 
-
-def process_age_s() -> float | None:
-    """Seconds since this process started (Linux /proc, 10 ms resolution), None elsewhere.
-
-    Both ends are measured from boot (``/proc/uptime``), not from the wall clock: the boot time
-    in ``/proc/stat`` is rounded to the second, which would add up to 1 s per step.
-    """
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None

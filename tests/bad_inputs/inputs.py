@@ -40,7 +40,7 @@ def _tar(members: dict[str, bytes]) -> bytes:
 
 
 def _specs(root: Path) -> None:
-    from gpunet_core.models.gpunet import spec_json
+    from gpunet_core.models.spec import spec_json
 
     (root / "spec_not_json.json").write_text('{"layer_type": "data", img_resolution: 224')
     (root / "spec_empty.json").write_text("")
@@ -56,7 +56,7 @@ def _specs(root: Path) -> None:
 def _checkpoints(root: Path) -> None:
     import torch
 
-    from gpunet_core.models.gpunet import create_model
+    from gpunet_core.models.factory import create_model
 
     torch.manual_seed(0)
     g0 = create_model("gpunet_0", num_classes=10).state_dict()

@@ -112,10 +112,11 @@ def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, mon
     assert second["champion_version"] == "1"
     reason = mlc.get_model_version("gpunet", "2").tags["promotion"]
     assert reason.startswith("challenger: top-1") and "by the margin 1000.00" in reason
-    # the steps that ran recorded their compute time: the run's overhead is the rest
+    # the tasks that ran were timed from outside, against the work their steps logged (the
+    # teacher task, disabled, ran no step); the run's overhead is the rest
     overhead = second["overhead"]
     assert {st["name"] for st in overhead["steps"]} == {
-        "train(gpunet_0)", "validate(gpunet_0)", "export_onnx(gpunet_0)", "benchmark",
-        "promote(gpunet_0)", "write_html_report"}
+        "train-teacher", "train(gpunet_0)", "validate(gpunet_0)", "export_onnx(gpunet_0)",
+        "benchmark", "promote(gpunet_0)", "write_html_report"}
     assert 0 < overhead["compute_s"] < overhead["total_wall_s"]
     assert overhead["total_wall_s"] == pytest.approx(second["seconds"], abs=0.1)
