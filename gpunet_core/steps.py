@@ -24,7 +24,7 @@ from typing import Any
 
 from gpunet_core.training.config import TrainConfig, to_argv
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import LAST_CHECKPOINT, RESULT_FILE, RUN_ID_FILE
+from gpunet_core.utils.files import LAST_CHECKPOINT, RESULT_FILE, RUN_ID_FILE, write_json
 from gpunet_core.utils.process import fast_exit
 
 _logger = logging.getLogger(__name__)
@@ -119,7 +119,6 @@ def training_run_id(checkpoint: str | Path) -> str | None:
 
 def log_metrics(run_id: str, metrics: dict[str, float], prefix: str) -> None:
     """Log numeric results into ``run_id`` once (a cached step's figures are not re-logged)."""
-    import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -140,7 +139,6 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
     KFP keeps Metrics in the artifact's metadata only; with no file at the artifact's URI a
     cache (``kfp.local``'s treats a missing file as a miss) would re-run the step every time.
     """
-    from gpunet_core.utils.files import write_json
 
     write_json(dict(data), path)
 
@@ -152,6 +150,7 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
 def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
                     per_class: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """``digits`` (the embedded demo set) or an ImageFolder tree (local path or ``s3://``)."""
+    # every KFP task imports steps: each step loads only its own libraries
     from gpunet_core.data import prepare as datasets
     from gpunet_core.utils import storage
 
@@ -176,6 +175,7 @@ def train(cfg: TrainConfig, *, nproc_per_node: int = 1, nodes: int = 1, image: s
     """
     args = to_argv(cfg)
     if nodes > 1:
+        # the Kubernetes client: multi-node only
         from gpunet_core.mlops.pytorchjob import run_pytorchjob
 
         run_id = dict(tag.split("=", 1) for tag in cfg.run_tag).get(RUN_TAG) or "job"
@@ -250,10 +250,10 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
              results_file: str | Path | None = None) -> dict[str, Any]:
     """Accuracy of ``checkpoint`` on ``data``; ``crop_pct`` defaults to the model's own (as
     ``gpunet validate``: 0.875 for GPUNet-P0/P1, 1.0 for the others)."""
+    # torch: every KFP task imports steps, only the model steps need it
     from gpunet_core.inference.validate import load_inference_model
     from gpunet_core.inference.validate import validate as run_validate
     from gpunet_core.models.spec import check_img_size
-    from gpunet_core.utils.files import write_json
 
     check_img_size(img_size)  # before the checkpoint is read
     net = load_inference_model(model, checkpoint)
@@ -268,6 +268,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
 @timed("gpunet_core.inference.export", "gpunet_core.inference.validate", "onnx")
 def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                 img_size: int) -> dict[str, Any]:
+    # torch: every KFP task imports steps, only the model steps need it
     from gpunet_core.inference import export
     from gpunet_core.inference.validate import load_inference_model
 
@@ -281,8 +282,8 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
 @timed("gpunet_core.inference.latency")
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
+    # every KFP task imports steps: each step loads only its own libraries
     from gpunet_core.inference.latency import run_benchmark
-    from gpunet_core.utils.files import write_json
 
     result = run_benchmark(onnx, backend=backend, iterations=iterations)
     if results_file:
@@ -304,6 +305,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     """
     from mlflow import MlflowClient
 
+    # every KFP task imports steps: each step loads only its own libraries
     from gpunet_core.mlops import registry
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -333,6 +335,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
 @timed("gpunet_core.inference.report")
 def write_html_report(results: list[str | Path], out: str | Path) -> Path:
     """The latency/accuracy report (table + Pareto plot) of validation and benchmark results."""
+    # every KFP task imports steps: each step loads only its own libraries
     from gpunet_core.inference import report
 
     return report.write_html_report(results, out)

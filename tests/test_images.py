@@ -64,6 +64,7 @@ def test_image_ref_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("GPUNET_REGISTRY", "example.org/team")
     assert image_ref("bench") == "example.org/team/gpunet-bench:v9"
     monkeypatch.delenv("GPUNET_IMAGE_TAG")
+    images._git_describe.cache_clear()  # asked once per process; the tree may have changed since
     described = subprocess.run(["git", "describe", "--tags", "--always", "--dirty"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip() or "dev"
     assert images.default_tag() == described

@@ -25,6 +25,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace) -> GPUNet:
+    # torch: `gpunet --help` imports every subcommand module, only this one's run needs it
     from gpunet_core.inference.validate import load_inference_model
 
     return load_inference_model(args.model, args.checkpoint,

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from gpunet_core.models.spec import check_img_size
+from gpunet_core.utils.errors import GpunetError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -33,9 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from gpunet_core.models.spec import check_img_size
-    from gpunet_core.utils.errors import GpunetError
-
     check_img_size(args.img_size)
     if args.batch_size < 1:
         raise GpunetError(f"-b/--batch-size must be >= 1, got {args.batch_size}")
@@ -50,6 +50,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def benchmark(args: argparse.Namespace) -> list[dict]:
     check_args(args)
+    # torch: only when the command runs (`gpunet --help` imports every subcommand)
     from gpunet_core.data import loaders
 
     root = Path(args.root) / args.split

@@ -34,6 +34,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch: only when the command runs (`gpunet --help` imports every subcommand)
     from gpunet_core.models.factory import list_models, model_summary
 
     rows = [model_summary(name) for name in list_models()]

@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # kfp (0.5 s): only `gpunet pipeline` needs the DAG's CLI
     from pipelines.cli import build_parser
     from pipelines.cli import run as run_action
 

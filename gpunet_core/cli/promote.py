@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from gpunet_core.mlops import registry
+from gpunet_core.utils.errors import GpunetError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -24,9 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpunet_core.mlops import registry
-    from gpunet_core.utils.errors import GpunetError
-
     if args.rollback:
         decision = registry.rollback(args.name)
     else:

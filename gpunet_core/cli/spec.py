@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    # torch: only when the command runs (`gpunet --help` imports every subcommand)
     from gpunet_core.models.factory import count_parameters, create_model, describe_layers
 
     with torch.device("meta"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from gpunet_core.training.config import add_arguments, from_namespace
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from gpunet_core.training.config import add_arguments
-
     parser = sub.add_parser(
         "train", help="train a GPUNet (run under torchrun for several processes)",
         description="Train a GPUNet with NVIDIA's recipe. Single process as is; several with "
@@ -18,9 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpunet_core.training.config import from_namespace
-
     cfg = from_namespace(args)  # bad values fail here, before torch is imported
+    # torch: parsing, --help and flag errors cost no torch import
     from gpunet_core.training.loop import train
 
     result = train(cfg)

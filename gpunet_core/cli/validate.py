@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch: only when the command runs (`gpunet --help` imports every subcommand)
     from gpunet_core.inference.validate import check_options, validate
 
     check_options(batch_size=args.batch_size, workers=args.workers, img_size=args.img_size,

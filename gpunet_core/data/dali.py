@@ -13,6 +13,7 @@ center-crops. Outputs: float32 ``[B, 3, S, S]`` normalised with mean/std, labels
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +84,6 @@ def build_pipeline(files: list[str], labels: list[int], root: str, cfg: AugmentC
                 interp = _interp(cfg.interpolation, types)
             images = fn.resize(images, device=op_device, size=[size, size], interp_type=interp)
             if augment is not None:
-                import warnings
 
                 n, m = augment
                 with warnings.catch_warnings():  # DALI's own use of deprecated aliases

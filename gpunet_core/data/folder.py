@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from PIL import Image
+
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import MANIFEST_FILE
 
@@ -21,7 +23,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def load_rgb(path: str | Path):
     """The image at ``path`` as an RGB PIL image (torchvision's ``pil_loader``)."""
-    from PIL import Image
 
     with open(path, "rb") as fh:
         return Image.open(fh).convert("RGB")

@@ -9,9 +9,13 @@ neither timm nor torchvision (:mod:`gpunet_core.data.folder`, :mod:`~gpunet_core
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gpunet_core.data.folder import open_image_folder
@@ -72,6 +76,7 @@ def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 25
     if not 0 <= rank < world_size:
         raise GpunetError(f"rank {rank} is outside world size {world_size}")
     if resolve_backend(backend) == "dali":
+        # nvidia.dali: only for the DALI backend (GPU machines)
         from gpunet_core.data.dali import DaliLoader
 
         return DaliLoader(root, cfg, train=False, batch_size=batch_size, workers=workers,
@@ -86,7 +91,6 @@ def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 25
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed determined by ``parts`` (e.g. run seed, epoch, sample index)."""
-    import hashlib
 
     digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -127,10 +131,6 @@ class _SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        import random
-
-        import numpy as np
-
         epoch, index = key
         seed = derive_seed(self.seed, epoch, index)
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -165,6 +165,7 @@ def build_train_loader(root: str | Path, cfg: AugmentConfig, *, batch_size: int 
     if not 0 <= rank < world_size:
         raise GpunetError(f"rank {rank} is outside world size {world_size}")
     if resolve_backend(backend) == "dali":
+        # nvidia.dali: only for the DALI backend (GPU machines)
         from gpunet_core.data.dali import DaliLoader
 
         return DaliLoader(root, cfg, train=True, batch_size=batch_size, workers=workers,
@@ -188,7 +189,6 @@ def set_epoch(loader, epoch: int) -> None:
 
 def measure_throughput(loader, *, max_batches: int = 50, warmup: int = 2) -> dict[str, float]:
     """Images/s of a loader (after ``warmup`` batches, over at most ``max_batches``)."""
-    import time
 
     images, batches, start = 0, 0, None
     for i, (x, _) in enumerate(loader):

@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
 from gpunet_core.data.folder import IMAGE_EXTENSIONS
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import DataError
@@ -97,7 +101,6 @@ def decode_image(data: bytes) -> Decoded:
     PNG-under-a-JPEG-name, CMYK and grayscale inputs are re-encoded; truncated or
     undecodable inputs come back with ``error`` set instead of raising.
     """
-    from PIL import Image, ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -116,7 +119,6 @@ def decode_image(data: bytes) -> Decoded:
 
 def _source_kind(data: bytes) -> str:
     """What a re-encoded input was (format, or mode for non-RGB JPEG), from its header only."""
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -157,8 +159,6 @@ def _output_name(name: str) -> str:
 
 
 def _image_size_of(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(path) as img:
         return img.size
 
@@ -186,8 +186,6 @@ class _Writer:
     reused: int = 0
 
     def run(self, records: Iterable[Record], total: int | None, desc: str) -> None:
-        from tqdm import tqdm
-
         with tqdm(total=total, unit="img", desc=desc, disable=not self.progress) as bar:
             fresh = (r for r in self._reuse_existing(records, bar))
             for record, decoded in _bounded_map(_decode_record, fresh, self.jobs):
@@ -394,9 +392,6 @@ def prepare_digits(out: str | Path, *, img_size: int = 32, val_fraction: float =
 
 
 def _render_digit(image, img_size: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
     gray = Image.fromarray((np.asarray(image) * (255.0 / 16.0)).round().astype("uint8"), "L")
     rgb = gray.resize((img_size, img_size), Image.Resampling.BICUBIC).convert("RGB")
     buf = io.BytesIO()

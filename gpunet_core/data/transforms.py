@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from gpunet_core.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
@@ -65,8 +66,6 @@ class EvalTransform:
                               f"{', '.join(PIL_RESAMPLE)}")
 
     def __call__(self, img) -> torch.Tensor:
-        import numpy as np
-
         size = self.cfg.img_size
         short_target = math.floor(size / self.cfg.crop_pct)
         w, h = img.size

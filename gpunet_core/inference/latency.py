@@ -15,6 +15,7 @@ Every result is a JSON-able dict with ``schema`` :data:`BENCH_SCHEMA`: latency s
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import logging
 import os
 import platform
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from gpunet_core.inference import tensorrt as trtb
 from gpunet_core.inference.export import (
     MAX_BATCH,
     PARITY_SEED,
@@ -111,7 +113,6 @@ def _nvidia_driver() -> str | None:
 
 def fingerprint() -> dict[str, Any]:
     """Hardware and software the numbers were measured on."""
-    import importlib.metadata
 
     import onnxruntime as ort
 
@@ -210,8 +211,6 @@ def trtexec_command(onnx: Path, info: OnnxInfo, *, precision: str, batch: int, i
 
 def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
                     warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
-    from gpunet_core.inference import tensorrt as trtb
-
     shape = info.input_shape(batch)
     plan = trtb.build_engine(info.path, input_name=info.input_name, input_shape=shape,
                              precision=precision, workspace_mib=workspace_mib)
@@ -276,6 +275,7 @@ def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
                  warmup_ms: float, compile_model: bool, threads: int | None) -> dict[str, Any]:
     import torch
 
+    # torch: only the torch backend needs it (a KFP benchmark task on ONNX Runtime does not)
     from gpunet_core.models.factory import create_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,6 +285,7 @@ def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
                              f"{'fp32/fp16' if device.type == 'cuda' else 'fp32'}, not {precision}")
     if threads:
         torch.set_num_threads(threads)
+    # torch: only the torch backend needs it
     from gpunet_core.inference.validate import fold_batchnorm
 
     # BN folded into the convs, channels-last: 1.1-2x faster eager inference (BENCHMARKS.md)

@@ -9,8 +9,11 @@ V100, from :data:`gpunet_core.models.spec.MODEL_INFO`) are always drawn.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -191,9 +194,6 @@ def write_report(result_paths: Iterable[str | Path], output_dir: str | Path) -> 
 
 def write_html_report(result_paths: Iterable[str | Path], html_path: str | Path) -> Path:
     """One self-contained HTML page (table + embedded Pareto PNG), e.g. a KFP visualization."""
-    import base64
-    import html
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         result = write_report(result_paths, tmp)

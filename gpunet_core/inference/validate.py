@@ -9,6 +9,7 @@ writes with :func:`gpunet_core.utils.files.write_json`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gpunet_core.data.loaders import EvalConfig, build_eval_loader
 from gpunet_core.inference.metrics import top_classes, topk_hits
 from gpunet_core.models.factory import create_model
 from gpunet_core.models.gpunet import GPUNet
@@ -47,7 +49,6 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     eager inference runs one kernel instead of two. Outputs match the original to float
     rounding; ``model`` itself is left untouched. (ONNX Runtime and TensorRT fold on their own.)
     """
-    import copy
 
     import torch.fx
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -123,7 +124,6 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
     """
     dev = check_options(batch_size=batch_size, workers=workers, img_size=img_size,
                         crop_pct=crop_pct, device=device)
-    from gpunet_core.data.loaders import EvalConfig, build_eval_loader
 
     cfg = EvalConfig.for_model(model, img_size, crop_pct)
     loader = build_eval_loader(data_dir, cfg, batch_size=batch_size, workers=workers)

@@ -26,8 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gpunet_core.mlops.mlflow_client import client
 from gpunet_core.utils.errors import GpunetError
+from gpunet_core.utils.files import sha256_file
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ IMG_SIZE_TAG = "gpunet.model_img_size"  # the resolution of its signature
 def build_pytorch_model_dir(model, img_size: int, dest: str | Path) -> Path:
     """An MLflow model directory with the ``pytorch`` flavor, its signature and input example."""
     import mlflow.pytorch
-    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
@@ -107,6 +109,7 @@ def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: i
                          dest: str | Path) -> Path:
     """:func:`build_pytorch_model_dir` for ``checkpoint``'s weights (as validation loads them);
     :class:`ModelBuildError` when the weights or the model fail."""
+    # torch: only when the run lacks the checkpoint's model (promotion usually needs no torch)
     from gpunet_core.inference.validate import load_inference_model
 
     try:
@@ -126,7 +129,6 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
     the folder; they are cleared first and set after the upload, so they never describe a
     partial one.
     """
-    from gpunet_core.utils.files import sha256_file
 
     mlc = mlc or client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,8 +145,6 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
 
 
 def _logged_model_matches(run, checkpoint: str | Path, img_size: int) -> bool:
-    from gpunet_core.utils.files import sha256_file
-
     tags = run.data.tags
     return (tags.get(IMG_SIZE_TAG) == str(img_size)
             and tags.get(CHECKPOINT_TAG) == sha256_file(checkpoint))

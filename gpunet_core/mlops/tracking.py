@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpunet_core.mlops import mlflow_client  # noqa: F401  (MLflow client environment defaults)
+from gpunet_core.mlops import (
+    mlflow_client,  # noqa: F401  (MLflow client environment defaults)
+    registry,
+)
 from gpunet_core.utils.files import RUN_ID_FILE, write_text
 
 _logger = logging.getLogger(__name__)
@@ -123,7 +126,6 @@ class RunTracker:
             if Path(item["path"]).exists():
                 self.client.log_artifact(run_id, item["path"])
         elif op == "model":
-            from gpunet_core.mlops import registry
 
             if Path(item["checkpoint"]).exists():
                 try:

@@ -33,6 +33,8 @@ from torch import nn
 from gpunet_core.models.builder import build_network, head_names
 from gpunet_core.models.spec import MODEL_INFO, shipped_spec
 from gpunet_core.utils.errors import CheckpointError
+from gpunet_core.utils.files import atomic_write
+from gpunet_core.utils.storage import fetch_file
 
 _logger = logging.getLogger(__name__)
 
@@ -68,7 +70,6 @@ def _open_ngc_zip(path: Path) -> io.BytesIO | None:
 
 def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
     """``torch.load`` a checkpoint (path or ``s3://`` URI) onto the CPU, weights-only unless ``trusted``."""
-    from gpunet_core.utils.storage import fetch_file
 
     path = fetch_file(path)
     if not path.exists():
@@ -239,7 +240,6 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, use_ema: bool = True,
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     """Save atomically: write a temp file beside ``path``, fsync, then rename over it."""
-    from gpunet_core.utils.files import atomic_write
 
     with atomic_write(path, "wb", fsync=True) as fh:
         torch.save(dict(obj), fh)

@@ -21,6 +21,7 @@ from typing import Any
 
 from gpunet_core.models.spec import check_img_size
 from gpunet_core.training.presets import PRESETS, load_preset
+from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
 
 
@@ -314,8 +315,6 @@ def check_runtime(cfg: TrainConfig) -> None:
     import torch
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-
-    from gpunet_core.utils import storage
 
     probe = torch.nn.Linear(1, 1)
     try:

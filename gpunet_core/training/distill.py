@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpunet_core.models.checkpoint import (
+    extract_state_dict,
+    load_state_dict_strict,
+    read_checkpoint,
+)
 from gpunet_core.training.config import TrainConfig, TrainError
 
 
@@ -21,13 +26,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
     """Frozen, eval-mode teacher from timm (pretrained hub weights) or ``--teacher-checkpoint``."""
     import timm
-
-    import gpunet_core.models.gpunet  # noqa: F401  (registers gpunet_* with timm)
-    from gpunet_core.models.checkpoint import (
-        extract_state_dict,
-        load_state_dict_strict,
-        read_checkpoint,
-    )
 
     if not timm.is_model(cfg.teacher):
         raise TrainError(f"unknown teacher {cfg.teacher!r}: not a timm model name "

@@ -30,9 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from gpunet_core.data import loaders
 from gpunet_core.inference.metrics import top_classes, topk_hits
 from gpunet_core.inference.validate import autocast_context
+from gpunet_core.mlops.tracking import RunTracker
+from gpunet_core.models.checkpoint import load_checkpoint
+from gpunet_core.models.factory import count_parameters, create_any_model
 from gpunet_core.training.config import TrainConfig, TrainError, check_runtime
 from gpunet_core.training.distill import build_teacher, kd_loss
 from gpunet_core.training.distributed import (
@@ -75,8 +80,6 @@ class _Progress:
         self.enabled, self.interval, self.epoch, self.total = enabled, interval, epoch, total
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False)
 
     def due(self, step: int) -> bool:
@@ -218,9 +221,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.utils import ModelEmaV3, NativeScaler
 
-    from gpunet_core.data import loaders
-    from gpunet_core.models.factory import count_parameters, create_any_model
-
     check_runtime(cfg)
     env = setup_distributed()
     seed_everything(cfg.seed + env.rank)
@@ -238,7 +238,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = create_any_model(cfg.model, num_classes=num_classes, drop_rate=cfg.drop,
                              drop_path_rate=cfg.drop_connect)
     if cfg.initial_checkpoint:
-        from gpunet_core.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, cfg.initial_checkpoint, trusted=cfg.trust_checkpoint)
     img_size = cfg.img_size or model.pretrained_cfg["input_size"][-1]
@@ -313,7 +312,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if env.is_main:
         write_args(output / ARGS_FILE, cfg)
         if cfg.mlflow:
-            from gpunet_core.mlops.tracking import RunTracker
 
             tracker = RunTracker.start(cfg, output, params={
                 "model_params": count_parameters(model), "num_classes": num_classes,

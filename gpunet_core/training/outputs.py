@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from gpunet_core.training.config import TrainConfig
+from gpunet_core.utils import storage
 from gpunet_core.utils.files import MANIFEST_FILE, atomic_write
 
 ARGS_FILE = "args.yaml"
@@ -21,7 +22,6 @@ SUMMARY_FIELDS = ("epoch", "train_loss", "train_ce", "train_kd", "eval_loss", "t
 
 def output_dir(requested: str) -> Path:
     """Where outputs are written: the directory itself, or a local staging copy of an s3:// one."""
-    from gpunet_core.utils import storage
 
     if not storage.is_s3_uri(requested):
         return Path(requested)
@@ -54,7 +54,6 @@ def manifest_checksum(root: Path) -> str:
 
 def sync_output(requested: str, local: Path) -> None:
     """Mirror the staging directory to an ``s3://`` output (uploads are verified)."""
-    from gpunet_core.utils import storage
 
     if storage.is_s3_uri(requested):
         files = [(p, p.relative_to(local).as_posix()) for p in sorted(local.iterdir())

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpunet_core.models.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint
 from gpunet_core.training.config import TrainConfig, TrainError
 from gpunet_core.training.distributed import DistEnv, unwrap
+from gpunet_core.utils import storage
 from gpunet_core.utils.files import LAST_CHECKPOINT
 
 
@@ -63,8 +65,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(path: Path, *, cfg: TrainConfig, model: nn.Module, ema, optimizer, scaler,
                state: RunState, extra: dict[str, Any] | None = None) -> None:
-    from gpunet_core.models.checkpoint import save_checkpoint
-
     ckpt = {
         "epoch": state.epoch,
         "steps": state.steps,
@@ -89,8 +89,6 @@ def save_state(path: Path, *, cfg: TrainConfig, model: nn.Module, ema, optimizer
 
 def restore_state(path: Path, *, model: nn.Module, ema, optimizer, scaler,
                   trusted: bool) -> RunState:
-    from gpunet_core.models.checkpoint import load_state_dict_strict, read_checkpoint
-
     ckpt = read_checkpoint(path, trusted=trusted)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer" not in ckpt:
         raise TrainError(f"cannot resume from {path}: it is not a training checkpoint of this "
@@ -113,7 +111,6 @@ def restore_state(path: Path, *, model: nn.Module, ema, optimizer, scaler,
 def resume_source(cfg: TrainConfig, output: Path, env: DistEnv) -> Path | None:
     """The checkpoint to resume from: ``--resume``, or with ``--auto-resume`` the output's
     ``last.pth.tar`` (fetched from S3 for an ``s3://`` output) when there is one."""
-    from gpunet_core.utils import storage
 
     if cfg.resume:
         return storage.fetch_file(cfg.resume, output / f".resume-rank{env.rank}")

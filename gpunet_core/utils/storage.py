@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from gpunet_core.utils.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -356,7 +358,6 @@ def _transfer_up(files: list[tuple[Path, str]], dest: S3Uri, client, jobs: int,
                  progress: bool) -> None:
     """One round of parallel uploads with server-verified SHA-256 checksums."""
     from boto3.s3.transfer import create_transfer_manager
-    from tqdm import tqdm
 
     window = max(64, jobs * 16)
     extra = {"ChecksumAlgorithm": CHECKSUM}
@@ -407,7 +408,6 @@ def download(uri: str, dest: str | Path, *, client=None, jobs: int = 8,
     boto3 writes each file under a temporary name and renames it when complete.
     """
     from boto3.s3.transfer import create_transfer_manager
-    from tqdm import tqdm
 
     src = parse_s3_uri(uri)
     dest = Path(dest)
