@@ -7,9 +7,8 @@ timm whenever timm is imported, before or after this package, so ``timm.create_m
 works as well as :func:`create_model`; building a GPUNet does not import timm by itself.
 """
 
-import importlib
-
 import gpunet_core.models  # noqa: F401  (registers gpunet_* with timm, now or on timm's import)
+from gpunet_core.utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,16 +30,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    """PEP 562: load a public name's module on first access."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gpunet_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -139,7 +139,6 @@ def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
     KFP keeps Metrics in the artifact's metadata only; with no file at the artifact's URI a
     cache (``kfp.local``'s treats a missing file as a miss) would re-run the step every time.
     """
-
     write_json(dict(data), path)
 
 

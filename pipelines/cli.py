@@ -111,9 +111,7 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
         raise bad("model_name", f"unknown model; valid names are {', '.join(MODEL_INFO)} "
                                 "(or the path of a GPUNet JSON spec)")
     if params.get("teacher_name"):
-        import timm
-
-        import gpunet_core.models.gpunet  # noqa: F401  (registers gpunet_* with timm)
+        import timm  # gpunet_* join its registry on import (gpunet_core.models)
 
         if not timm.is_model(params["teacher_name"]):
             raise bad("teacher_name", "not a timm model name (see timm.list_models()), e.g. "

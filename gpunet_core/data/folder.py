@@ -23,7 +23,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def load_rgb(path: str | Path):
     """The image at ``path`` as an RGB PIL image (torchvision's ``pil_loader``)."""
-
     with open(path, "rb") as fh:
         return Image.open(fh).convert("RGB")
 

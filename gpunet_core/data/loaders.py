@@ -91,7 +91,6 @@ def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 25
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed determined by ``parts`` (e.g. run seed, epoch, sample index)."""
-
     digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -189,7 +188,6 @@ def set_epoch(loader, epoch: int) -> None:
 
 def measure_throughput(loader, *, max_batches: int = 50, warmup: int = 2) -> dict[str, float]:
     """Images/s of a loader (after ``warmup`` batches, over at most ``max_batches``)."""
-
     images, batches, start = 0, 0, None
     for i, (x, _) in enumerate(loader):
         if i == warmup:

@@ -101,7 +101,6 @@ def decode_image(data: bytes) -> Decoded:
     PNG-under-a-JPEG-name, CMYK and grayscale inputs are re-encoded; truncated or
     undecodable inputs come back with ``error`` set instead of raising.
     """
-
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -119,7 +118,6 @@ def decode_image(data: bytes) -> Decoded:
 
 def _source_kind(data: bytes) -> str:
     """What a re-encoded input was (format, or mode for non-RGB JPEG), from its header only."""
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.format if img.format != "JPEG" else img.mode

@@ -194,7 +194,6 @@ def write_report(result_paths: Iterable[str | Path], output_dir: str | Path) -> 
 
 def write_html_report(result_paths: Iterable[str | Path], html_path: str | Path) -> Path:
     """One self-contained HTML page (table + embedded Pareto PNG), e.g. a KFP visualization."""
-
     with tempfile.TemporaryDirectory() as tmp:
         result = write_report(result_paths, tmp)
         png = base64.b64encode(Path(result["plot"]).read_bytes()).decode("ascii")

@@ -129,7 +129,6 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
     the folder; they are cleared first and set after the upload, so they never describe a
     partial one.
     """
-
     mlc = mlc or client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,

@@ -9,9 +9,8 @@ Importing the package is cheap (public names load on first use) and registers th
 with timm now if timm is loaded, else right after timm's import: see :mod:`.timm_hook`.
 """
 
-import importlib
-
 from gpunet_core.models.timm_hook import register_with_timm
+from gpunet_core.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "ArchSpec": "gpunet_core.models.spec",
@@ -38,19 +37,6 @@ _EXPORTS = {
 
 __all__ = sorted([*_EXPORTS, "register_with_timm"])
 
-
-def __getattr__(name: str):
-    """PEP 562: load a public name's module on first access (torch only when a model is needed)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gpunet_core.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 register_with_timm()

@@ -70,7 +70,6 @@ def _open_ngc_zip(path: Path) -> io.BytesIO | None:
 
 def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
     """``torch.load`` a checkpoint (path or ``s3://`` URI) onto the CPU, weights-only unless ``trusted``."""
-
     path = fetch_file(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}; check the path (a local "
@@ -240,7 +239,6 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, use_ema: bool = True,
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     """Save atomically: write a temp file beside ``path``, fsync, then rename over it."""
-
     with atomic_write(path, "wb", fsync=True) as fh:
         torch.save(dict(obj), fh)
     return Path(path)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import yaml
 
 from gpunet_core.training.config import TrainConfig
 from gpunet_core.utils import storage
-from gpunet_core.utils.files import MANIFEST_FILE, atomic_write
+from gpunet_core.utils.files import MANIFEST_FILE, atomic_write, sha256_file
 
 ARGS_FILE = "args.yaml"
 SUMMARY_FIELDS = ("epoch", "train_loss", "train_ce", "train_kd", "eval_loss", "top1", "top5",
@@ -22,7 +21,6 @@ SUMMARY_FIELDS = ("epoch", "train_loss", "train_ce", "train_kd", "eval_loss", "t
 
 def output_dir(requested: str) -> Path:
     """Where outputs are written: the directory itself, or a local staging copy of an s3:// one."""
-
     if not storage.is_s3_uri(requested):
         return Path(requested)
     src = storage.parse_s3_uri(requested)
@@ -49,12 +47,11 @@ def write_args(path: Path, cfg: TrainConfig) -> None:
 def manifest_checksum(root: Path) -> str:
     """SHA-256 of the dataset's ``manifest.json`` ("" when it has none)."""
     manifest = root / MANIFEST_FILE
-    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
+    return sha256_file(manifest) if manifest.exists() else ""
 
 
 def sync_output(requested: str, local: Path) -> None:
     """Mirror the staging directory to an ``s3://`` output (uploads are verified)."""
-
     if storage.is_s3_uri(requested):
         files = [(p, p.relative_to(local).as_posix()) for p in sorted(local.iterdir())
                  if p.is_file() and not p.name.startswith(".") and p.name != "mlflow.db"]

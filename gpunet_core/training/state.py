@@ -111,7 +111,6 @@ def restore_state(path: Path, *, model: nn.Module, ema, optimizer, scaler,
 def resume_source(cfg: TrainConfig, output: Path, env: DistEnv) -> Path | None:
     """The checkpoint to resume from: ``--resume``, or with ``--auto-resume`` the output's
     ``last.pth.tar`` (fetched from S3 for an ``s3://`` output) when there is one."""
-
     if cfg.resume:
         return storage.fetch_file(cfg.resume, output / f".resume-rank{env.rank}")
     if not cfg.auto_resume:
