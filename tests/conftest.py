@@ -12,10 +12,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A real S3 API server (moto_server) on 127.0.0.1 with one bucket, for the whole session."""
+    """A real S3 server (SeaweedFS, tests/s3_server.py) on 127.0.0.1 with one bucket, for the
+    whole session."""
     from tests import s3_server
 
-    server = s3_server.start(tmp_path_factory.mktemp("moto") / "moto.log")
+    server = s3_server.start(tmp_path_factory.mktemp("seaweedfs") / "weed.log")
     yield server
     server.stop()
 

@@ -1,8 +1,9 @@
-"""S3 storage and S3 datasets against a real S3 API server (moto_server) on 127.0.0.1."""
+"""S3 storage and S3 datasets against a real S3 server (SeaweedFS) on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -24,7 +25,8 @@ def test_upload_verify_download_roundtrip(s3_env, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("hello")
-    big = bytes(range(256)) * (40 * 1024 * 10)  # 10 MiB: multipart (8 MiB parts)
+    big = os.urandom(10 * 1024 * 1024)  # multipart (8 MiB parts); random: SeaweedFS gzips
+    # compressible data, which made this upload ~10x slower
     (src / "sub" / "big.bin").write_bytes(big)
     uri = f"s3://{s3_env.bucket}/rt/"
     assert storage.upload_dir(src, uri, progress=False) == 2
@@ -40,22 +42,85 @@ def test_upload_verify_download_roundtrip(s3_env, tmp_path):
         storage.download(f"s3://{s3_env.bucket}/no/such/thing", tmp_path / "x", progress=False)
 
 
-def test_uploads_carry_server_checked_sha256_and_are_verified(s3_env, tmp_path):
-    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
-    small.write_bytes(b"checksum me")
-    big.write_bytes(bytes(range(256)) * (40 * 1024 * 10))  # 10 MiB: a composite checksum
-    uri = storage.parse_s3_uri(f"s3://{s3_env.bucket}/sums/")
-    storage.upload_files([(small, "small.bin"), (big, "big.bin")], uri, progress=False)
-    client = s3_env.client()
-    for path in (small, big):
-        head = client.head_object(Bucket=s3_env.bucket, Key=f"sums/{path.name}",
-                                  ChecksumMode="ENABLED")
-        assert head["ChecksumSHA256"].split("-")[0] == storage.local_checksum(path)
-    # an object replaced behind our back (same size, other bytes) fails verification
-    client.put_object(Bucket=s3_env.bucket, Key="sums/small.bin", Body=b"checksum ME",
-                      ChecksumAlgorithm="SHA256")
-    assert storage.verify_checksums([(small, "small.bin"), (big, "big.bin")], uri,
-                                    storage.s3_client()) == ["small.bin"]
+def record_checksum_headers(client) -> list[tuple[str, dict[str, str]]]:
+    """(method, checksum headers) of every request ``client`` sends from now on."""
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def record(request, **_) -> None:
+        sent.append((request.method, {
+            k.lower(): v.decode() if isinstance(v, bytes) else str(v)
+            for k, v in request.headers.items()
+            if "checksum" in k.lower() or k.lower() == "content-md5"}))
+
+    client.meta.events.register("before-send.s3", record)
+    return sent
+
+
+@pytest.mark.parametrize("mode", ["sha256", "off"])
+def test_checksum_modes_upload_verify_and_catch_a_replaced_object(s3_env, tmp_path, monkeypatch,
+                                                                 mode):
+    """GPUNET_S3_CHECKSUM: exactly the checksums asked for go up (never boto3's own CRC32), the
+    stored value matches the local one for a single part, exactly one part (8 MiB: s3transfer
+    makes that a multipart upload) and three parts, and an object replaced behind our back with
+    other bytes of the same size fails verification."""
+    monkeypatch.setenv("GPUNET_S3_CHECKSUM", mode)
+    part = storage.PART_SIZE
+    sizes = {"small.bin": 11, "one-part.bin": part, "three-parts.bin": 2 * part + 1024 * 1024}
+    files = []
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(os.urandom(size))
+        files.append((tmp_path / name, name))
+    uri = storage.parse_s3_uri(f"s3://{s3_env.bucket}/sums-{mode}/")
+    client = storage.s3_client()
+    sent = record_checksum_headers(client)
+    assert storage.upload_files(files, uri, client=client, progress=False) == 3
+    uploads = [headers for method, headers in sent if method == "PUT"]  # PutObject, UploadPart
+    assert len(uploads) == 1 + 1 + 3
+    if mode == "sha256":
+        assert all(h.get("x-amz-checksum-sha256") and h.get("x-amz-sdk-checksum-algorithm")
+                   == "SHA256" for h in uploads), uploads
+    else:
+        assert not [h for _, h in sent if h], sent  # not one checksum header, on any request
+    assert "crc32" not in str(sent).lower()
+    raw = s3_env.client()
+    for path, name in files:
+        head = raw.head_object(Bucket=s3_env.bucket, Key=uri.join(name).key,
+                               ChecksumMode="ENABLED")
+        if mode == "sha256":
+            stored, _, parts = head["ChecksumSHA256"].partition("-")
+            assert stored == storage.local_checksum(path)
+            assert parts == {11: "", part: "1"}.get(path.stat().st_size, "3")
+        else:
+            assert "ChecksumSHA256" not in head
+            assert head["ETag"].strip('"') == storage.local_etag(path)
+            assert head["ETag"].endswith({11: '"', part: '-1"'}.get(path.stat().st_size, '-3"'))
+    assert storage.verify_checksums(files, uri, client) == []
+    # replaced behind our back: same sizes, other bytes, uploaded the way we upload
+    for name in ("small.bin", "three-parts.bin"):
+        other = tmp_path / "other" / name
+        other.parent.mkdir(exist_ok=True)
+        data = bytearray((tmp_path / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        other.write_bytes(bytes(data))
+        storage.upload_files([(other, name)], uri, client=client, skip_existing=False,
+                             progress=False)
+    assert storage.verify_checksums(files, uri, client) == ["small.bin", "three-parts.bin"]
+    raw.delete_objects(Bucket=s3_env.bucket, Delete={"Objects": [
+        {"Key": uri.join(name).key} for name in sizes]})
+    for path, _ in files:
+        path.unlink()
+
+
+def test_a_bad_checksum_setting_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from gpunet_core.cli import main as cli_main
+
+    monkeypatch.setenv("GPUNET_S3_CHECKSUM", "crc32")
+    message = "GPUNET_S3_CHECKSUM='crc32' is not one of sha256, off"
+    with pytest.raises(StorageError, match=message):
+        storage.upload_dir(tmp_path, "s3://bucket/prefix/", progress=False)
+    assert cli_main(["prepare", "digits", "--out", "s3://bucket/digits",
+                     "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_retries_stop_at_the_budget_with_a_clear_message(monkeypatch):

@@ -11,6 +11,13 @@ under way is retried here with exponential backoff for ``GPUNET_S3_RETRY_SECONDS
 resuming with what is still missing. S3 never shows a partial object under its final key, and
 callers write their completion marker (a dataset's manifest) only after a verified upload. The
 first contact (:func:`check_bucket`) fails fast instead: a wrong endpoint is a setting to fix.
+
+Checksums are chosen, not left to boto3 (>= 1.36 adds a CRC32 "flexible checksum" to every upload
+by default, which some S3-compatible stores reject): ``GPUNET_S3_CHECKSUM=sha256`` (default)
+sends one SHA-256 per upload/part and verifies it against ``ChecksumSHA256``; ``off`` (for stores
+that reject checksum headers) sends none and verifies the ETag against the local MD5 (multipart:
+MD5 of the parts' MD5s + ``-N``; true for unencrypted and SSE-S3 objects, not for SSE-KMS/-C).
+Either way boto3 computes only checksums an operation requires (``when_required``).
 """
 
 from __future__ import annotations
@@ -22,19 +29,31 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gpunet_core.utils.errors import StorageError
+from gpunet_core.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 PART_SIZE = 8 * MiB  # multipart threshold and part size: checksums of larger files are composite
 CHECKSUM = "SHA256"
+CHECKSUM_MODES = ("sha256", "off")  # GPUNET_S3_CHECKSUM, first = default
+
+
+def checksum_mode() -> str:
+    """``GPUNET_S3_CHECKSUM``: ``sha256`` (default) or ``off`` (see the module docstring)."""
+    raw = os.environ.get("GPUNET_S3_CHECKSUM", CHECKSUM_MODES[0])
+    mode = raw.strip().lower()
+    if mode not in CHECKSUM_MODES:
+        raise StorageError(f"GPUNET_S3_CHECKSUM={raw!r} is not one of {', '.join(CHECKSUM_MODES)}; "
+                           "use sha256 (default), or off for stores that reject checksum headers")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -81,11 +100,12 @@ def s3_client(endpoint: str | None = None, *, max_attempts: int = 5,
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
         "AWS_ENDPOINT_URL") or None
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    validate = "when_supported" if checksum_mode() == "sha256" else "when_required"
     config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
                     max_pool_connections=max_pool_connections, connect_timeout=10,
                     read_timeout=60, s3={"addressing_style": "path"} if endpoint else None,
-                    request_checksum_calculation="when_supported",
-                    response_checksum_validation="when_supported")
+                    request_checksum_calculation="when_required",  # no CRC32 of boto3's own
+                    response_checksum_validation=validate)
     # a fresh session: boto3's default session caches credentials from the first call
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region,
                                           config=config)
@@ -178,20 +198,36 @@ def with_retries(action: str, uri: S3Uri | str, attempt: Callable[[], object], *
 def local_checksum(path: Path, part_size: int = PART_SIZE) -> str:
     """The SHA-256 checksum S3 stores for ``path`` uploaded with our transfer config.
 
-    Single-part objects: base64(sha256(data)); multipart ones (size > ``part_size``): the
-    composite base64(sha256(concat(sha256(part)))) of ``part_size`` parts.
+    Single-part objects: base64(sha256(data)); multipart ones (size >= ``part_size``, as
+    s3transfer decides): the composite base64(sha256(concat(sha256(part)))) of the parts.
     """
-    size = path.stat().st_size
-    whole, parts = hashlib.sha256(), []
+    whole, parts = _part_digests(path, part_size, hashlib.sha256)
+    return base64.b64encode(whole if parts is None else hashlib.sha256(parts).digest()).decode()
+
+
+def local_etag(path: Path, part_size: int = PART_SIZE) -> str:
+    """The ETag S3 gives ``path`` uploaded with our transfer config and no checksum.
+
+    Single part: md5 hex; multipart (size >= ``part_size``): md5(concat(md5(part))) hex + ``-N``.
+    """
+    whole, parts = _part_digests(path, part_size, hashlib.md5)
+    if parts is None:
+        return whole.hex()
+    return f"{hashlib.md5(parts).hexdigest()}-{len(parts) // hashlib.md5().digest_size}"
+
+
+def _part_digests(path: Path, part_size: int, algo) -> tuple[bytes, bytes | None]:
+    """(digest of the whole file, None) below ``part_size``; else (b"", concatenated part
+    digests). s3transfer uploads a file of exactly ``part_size`` as one part of a multipart."""
+    multipart = path.stat().st_size >= part_size
+    whole, parts = algo(), []
     with open(path, "rb") as fh:
         while chunk := fh.read(part_size):
-            if size <= part_size:
-                whole.update(chunk)
+            if multipart:
+                parts.append(algo(chunk).digest())
             else:
-                parts.append(hashlib.sha256(chunk).digest())
-    if size <= part_size:
-        return base64.b64encode(whole.digest()).decode()
-    return base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
+                whole.update(chunk)
+    return (b"", b"".join(parts)) if multipart else (whole.digest(), None)
 
 
 def remote_checksum(uri: S3Uri, client) -> str | None:
@@ -201,13 +237,24 @@ def remote_checksum(uri: S3Uri, client) -> str | None:
     return value.split("-")[0] if value else None
 
 
+def remote_etag(uri: S3Uri, client) -> str | None:
+    """The object's ETag without quotes (compared with :func:`local_etag` in ``off`` mode)."""
+    value = client.head_object(Bucket=uri.bucket, Key=uri.key).get("ETag")
+    return value.strip('"') if value else None
+
+
 def verify_checksums(files: list[tuple[Path, str]], dest: S3Uri, client, jobs: int = 8) -> list[str]:
-    """Keys (relative to ``dest``) whose stored checksum differs from the local file's."""
+    """Keys (relative to ``dest``) whose stored checksum differs from the local file's.
+
+    SHA-256 against ``ChecksumSHA256``, or with ``GPUNET_S3_CHECKSUM=off`` MD5 against the ETag.
+    """
+    local, remote_of = ((local_checksum, remote_checksum) if checksum_mode() == "sha256"
+                        else (local_etag, remote_etag))
+
     def check(item: tuple[Path, str]) -> str | None:
         path, rel = item
-        remote = with_retries("verify", dest.join(rel), lambda: remote_checksum(dest.join(rel),
-                                                                               client))
-        return None if remote == local_checksum(path) else rel
+        remote = with_retries("verify", dest.join(rel), lambda: remote_of(dest.join(rel), client))
+        return None if remote == local(path) else rel
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return [rel for rel in pool.map(check, files) if rel is not None]
@@ -324,10 +371,11 @@ def upload_files(files: Iterable[tuple[Path, str]], dest: S3Uri, *, client=None,
     """Upload ``(local path, key relative to dest)`` pairs in parallel, then verify.
 
     Objects already present with the same size are skipped (resume). Each upload carries a
-    SHA-256 checksum the server checks; afterwards every uploaded object's stored checksum must
-    equal the local file's and every file must be listed with its size, else StorageError. An
-    outage mid-transfer is retried with backoff (see :func:`with_retries`), each round sending
-    only what has not landed yet. Returns the number of files actually uploaded.
+    SHA-256 checksum the server checks (unless ``GPUNET_S3_CHECKSUM=off``); afterwards every
+    uploaded object's stored checksum (or ETag) must equal the local file's and every file must
+    be listed with its size, else StorageError. An outage mid-transfer is retried with backoff
+    (see :func:`with_retries`), each round sending only what has not landed yet. Returns the
+    number of files actually uploaded.
     """
     client = client or s3_client(max_pool_connections=max(10, jobs * 2))
     check_bucket(dest, client)  # fail fast on a wrong endpoint/bucket/credentials
@@ -356,11 +404,11 @@ def upload_files(files: Iterable[tuple[Path, str]], dest: S3Uri, *, client=None,
 
 def _transfer_up(files: list[tuple[Path, str]], dest: S3Uri, client, jobs: int,
                  progress: bool) -> None:
-    """One round of parallel uploads with server-verified SHA-256 checksums."""
+    """One round of parallel uploads, with server-verified SHA-256 checksums unless they are off."""
     from boto3.s3.transfer import create_transfer_manager
 
     window = max(64, jobs * 16)
-    extra = {"ChecksumAlgorithm": CHECKSUM}
+    extra = {"ChecksumAlgorithm": CHECKSUM} if checksum_mode() == "sha256" else {}
     with create_transfer_manager(client, transfer_config(jobs)) as manager, tqdm(
             total=len(files), unit="file", desc=f"upload {dest}", disable=not progress,
             leave=False) as bar:
@@ -468,3 +516,53 @@ def fetch_file(uri: str | os.PathLike, cache_dir: str | Path | None = None) -> P
 def default_cache_dir() -> Path:
     """``$GPUNET_CACHE_DIR`` or ``~/.cache/gpunet``."""
     return Path(os.environ.get("GPUNET_CACHE_DIR", Path.home() / ".cache" / "gpunet"))
+
+
+def fetch_objects(base: S3Uri, rels: Iterable[str], dest: str | Path, *, client=None,
+                  jobs: int = 8, progress: bool = True) -> dict[str, str]:
+    """Download exactly the objects ``base/<rel>`` to ``dest/<rel>`` (no listing) and return
+    ``{rel: SHA-256 hex}`` of what arrived, hashed while it streamed in.
+
+    For many small objects (dataset images): one GET each, ``jobs`` at a time. Each object goes
+    to a temp file beside its target and is renamed into place only when complete, so an
+    interrupted run leaves no partial file under a final name; transient errors are retried per
+    object (:func:`with_retries`).
+    """
+    rels = list(rels)
+    root = Path(dest)
+    client = client or s3_client(max_pool_connections=max(10, jobs * 2))
+
+    def fetch(rel: str) -> str:
+        uri = base.join(rel)
+
+        def attempt() -> str:
+            digest = hashlib.sha256()
+            with atomic_path(root / rel) as tmp, open(tmp, "wb") as fh:
+                body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
+                for chunk in body.iter_chunks(MiB):
+                    digest.update(chunk)
+                    fh.write(chunk)
+            return digest.hexdigest()
+
+        return with_retries("download", uri, attempt)
+
+    out: dict[str, str] = {}
+    window = max(1, jobs) * 16  # bounded look-ahead: a million keys are not a million futures
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(
+            total=len(rels), unit="file", desc=f"download {base}", disable=not progress,
+            leave=False) as bar:
+        pending: dict = {}
+        try:
+            for rel in [*rels, None]:
+                if rel is not None:
+                    pending[pool.submit(fetch, rel)] = rel
+                while pending and (len(pending) >= window or rel is None):
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        out[pending.pop(fut)] = fut.result()
+                        bar.update()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+    return out

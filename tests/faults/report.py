@@ -69,7 +69,7 @@ def render(observations: list[dict], junit: dict[str, dict]) -> str:
         f"{platform.python_version()}) by `tests/faults/report.py` from the observations the "
         "tests recorded in one run (`make reliability`, or any pytest run with "
         "`GPUNET_RELIABILITY_LOG` set); every figure below comes from that run. "
-        "All servers are real processes on 127.0.0.1: moto_server for S3, `mlflow server`, "
+        "All servers are real processes on 127.0.0.1: SeaweedFS for S3, `mlflow server`, "
         "torchrun with gloo, kfp.local.",
         "",
         "## Faults injected",
@@ -94,10 +94,12 @@ def render(observations: list[dict], junit: dict[str, dict]) -> str:
               " `gpunet train --auto-resume`. Each epoch reseeds the RNGs from (seed, rank, "
               "epoch) and each sample's augmentation from (seed, epoch, index), so the resumed "
               "run is compared with the reference for bit equality of model and EMA weights.",
-              "* **S3 outage**: a TCP proxy in front of moto_server stops (resets open "
-              "connections, then refuses new ones) after a set number of uploaded bytes and "
-              "comes back after a delay, or never; the store keeps its state, as a restarted "
-              "MinIO keeps its disks. The end state is read directly from the store.",
+              "* **S3 outage**: the SeaweedFS server process (`weed mini`) is SIGKILLed in "
+              "the middle of an upload (in-process: from a botocore hook just before a "
+              "multipart upload's second part; from a `gpunet` process: after a set number of "
+              "bytes through a metering TCP proxy) and started again on the same data "
+              "directory and port after a delay, or not. The end state is read directly from "
+              "the store.",
               "* **MLflow outage**: the real `mlflow server` process is stopped after the first "
               "epoch is logged and started again on the same sqlite store while training goes on.",
               "* **Failed pipeline step**: the benchmark step is asked for TensorRT on a machine "

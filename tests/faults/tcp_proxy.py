@@ -1,12 +1,11 @@
-"""A TCP proxy on 127.0.0.1 that can play a server going away and coming back.
+"""A TCP proxy on 127.0.0.1 that meters what clients send, to time a fault in another process.
 
-Clients talk to ``proxy.endpoint``; bytes are forwarded to the real server behind it. ``down()``
-closes the listening socket and every open connection (clients see resets, then "connection
-refused", exactly as when the server process is stopped), ``up()`` listens again on the same
-port. ``cut_after(n, outage_s)`` arms a fault that fires once ``n`` more client bytes have been
-forwarded: the proxy goes down in the middle of a transfer and, unless ``outage_s`` is None,
-comes back ``outage_s`` seconds later. The server's own state survives, as with a restarted
-MinIO that keeps its disks.
+Clients talk to ``proxy.endpoint``; bytes are forwarded to the real server behind it.
+``on_bytes(n, action)`` calls ``action()`` once ``n`` more client bytes have been forwarded (the
+S3 fault tests SIGKILL the real server there: in the middle of a transfer, at a byte count, not
+at a time). ``down()`` closes the listening socket and every open connection (clients see
+resets, then "connection refused", as from a dead server), ``up()`` listens again on the same
+port.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -23,8 +23,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
-        self._cut_at: int | None = None
-        self._outage_s: float | None = None
+        self._fire_at: int | None = None
+        self._action: Callable[[], None] | None = None
         self.bytes_up = 0
         self.downs = 0
         self.up()
@@ -58,14 +58,14 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
-    def cut_after(self, nbytes: int, outage_s: float | None) -> None:
-        """Go down once ``nbytes`` more client->server bytes have passed; back after ``outage_s``."""
+    def on_bytes(self, nbytes: int, action: Callable[[], None]) -> None:
+        """Call ``action()`` (once, before forwarding more) after ``nbytes`` more client bytes."""
         with self._lock:
-            self._cut_at = self.bytes_up + nbytes
-            self._outage_s = outage_s
+            self._fire_at = self.bytes_up + nbytes
+            self._action = action
 
     def close(self) -> None:
-        self._cut_at = None
+        self._fire_at = None
         self.down()
 
     # ---- plumbing
@@ -94,14 +94,13 @@ class TcpProxy:
         try:
             while data := src.recv(65536):
                 if upstream:
-                    fire = False
+                    action = None
                     with self._lock:
                         self.bytes_up += len(data)
-                        if self._cut_at is not None and self.bytes_up >= self._cut_at:
-                            self._cut_at, fire = None, True
-                    if fire:
-                        self._fire()
-                        return
+                        if self._fire_at is not None and self.bytes_up >= self._fire_at:
+                            self._fire_at, action = None, self._action
+                    if action is not None:
+                        action()
                 dst.sendall(data)
         except OSError:
             pass
@@ -109,10 +108,3 @@ class TcpProxy:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-
-    def _fire(self) -> None:
-        self.down()
-        if self._outage_s is not None:
-            timer = threading.Timer(self._outage_s, self.up)
-            timer.daemon = True
-            timer.start()
