@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Evaluate a GPUNet on DATA (<class>/<image> folders, sorted class order, as "
                     "the model was trained): top-1, top-5, loss, images/s, per-class accuracy "
                     "and the confusion matrix. Preprocessing is NVIDIA's eval transform.")
-    parser.add_argument("data", help="validation directory (ImageFolder layout)")
+    parser.add_argument("data", help="validation directory (ImageFolder layout), or a prepared "
+                                     "dataset (its val/ split), local or s3://")
     add_model_args(parser)
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="batch size (256)")
     parser.add_argument("-j", "--workers", type=int, default=4, help="data loader workers (4)")
@@ -35,12 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # torch: only when the command runs (`gpunet --help` imports every subcommand)
+    from gpunet_core.data.cache import local_dataset
     from gpunet_core.inference.validate import check_options, validate
 
     check_options(batch_size=args.batch_size, workers=args.workers, img_size=args.img_size,
                   crop_pct=args.crop_pct, device=args.device)  # before loading anything
+    # s3://: bucket and credentials checked, then one verified local copy, before the model
+    data = local_dataset(args.data, progress=not args.no_progress)
     model = model_from_args(args)
-    results = validate(model, args.data, batch_size=args.batch_size, workers=args.workers,
+    results = validate(model, data, batch_size=args.batch_size, workers=args.workers,
                        img_size=args.img_size, crop_pct=args.crop_pct, amp=args.amp,
                        channels_last=args.channels_last, device=args.device,
                        progress=not args.no_progress)

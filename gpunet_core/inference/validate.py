@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gpunet_core.data.cache import local_dataset
 from gpunet_core.data.loaders import EvalConfig, build_eval_loader
 from gpunet_core.inference.metrics import top_classes, topk_hits
 from gpunet_core.models.factory import create_model
 from gpunet_core.models.gpunet import GPUNet
 from gpunet_core.models.spec import check_img_size
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import RESULTS_SCHEMA
+from gpunet_core.utils.files import MANIFEST_FILE, RESULTS_SCHEMA
 
 _logger = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
              img_size: int | None = None, crop_pct: float | None = None, amp: bool = False,
              channels_last: bool = False, device: str | torch.device | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` on ``data_dir`` (``<class>/<image>`` folders, sorted class order).
+    """Evaluate ``model`` on ``data_dir`` (``<class>/<image>`` folders, sorted class order; a
+    prepared dataset's root means its ``val/``; ``s3://`` datasets go through their local cache).
 
     Returns top-1/top-5 (percent), mean cross-entropy loss, images per second (wall time of the
     whole loop, data loading included, as timm's validate reports it), per-class accuracy and
@@ -124,6 +126,9 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
     """
     dev = check_options(batch_size=batch_size, workers=workers, img_size=img_size,
                         crop_pct=crop_pct, device=device)
+    data_dir = local_dataset(data_dir, progress=progress)  # s3://: its verified local copy
+    if (data_dir / MANIFEST_FILE).is_file() and (data_dir / "val").is_dir():
+        data_dir = data_dir / "val"  # a prepared dataset's root: its validation split
 
     cfg = EvalConfig.for_model(model, img_size, crop_pct)
     loader = build_eval_loader(data_dir, cfg, batch_size=batch_size, workers=workers)

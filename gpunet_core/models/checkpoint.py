@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,13 @@ from gpunet_core.models.builder import build_network, head_names
 from gpunet_core.models.spec import MODEL_INFO, shipped_spec
 from gpunet_core.utils.errors import CheckpointError
 from gpunet_core.utils.files import atomic_write
-from gpunet_core.utils.storage import fetch_file
+from gpunet_core.utils.storage import (
+    check_bucket,
+    default_cache_dir,
+    fetch_file,
+    is_s3_uri,
+    parse_s3_uri,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -70,12 +77,24 @@ def _open_ngc_zip(path: Path) -> io.BytesIO | None:
 
 def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
     """``torch.load`` a checkpoint (path or ``s3://`` URI) onto the CPU, weights-only unless ``trusted``."""
-    path = fetch_file(path)
+    if not is_s3_uri(path):
+        return _load(Path(path), trusted, Path(path))
+    # a private copy per call: torchrun's local ranks fetching one URI into a shared cache file
+    # would delete each other's copy mid-read
+    check_bucket(parse_s3_uri(str(path)))  # a wrong bucket/endpoint leaves no cache folder
+    cache = default_cache_dir() / "files"
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".checkpoint-", dir=cache) as tmp:
+        return _load(fetch_file(path, tmp), trusted, path)
+
+
+def _load(path: Path, trusted: bool, name: str | Path) -> Any:
+    """:func:`read_checkpoint` of a local file; messages name ``name`` (the URI, for S3)."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}; check the path (a local "
+        raise CheckpointError(f"checkpoint not found: {name}; check the path (a local "
                               ".pth/.pth.tar file or an s3:// URI)")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; pass the .pth/.pth.tar file")
+        raise CheckpointError(f"checkpoint {name} is a directory; pass the .pth/.pth.tar file")
     try:
         source: Any = _open_ngc_zip(path) or path
         return torch.load(source, map_location="cpu", weights_only=not trusted)
@@ -83,19 +102,19 @@ def read_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
         raise
     except pickle.UnpicklingError as exc:
         if trusted:
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt pickle data ({exc})") from None
+            raise CheckpointError(f"cannot read checkpoint {name}: corrupt pickle data ({exc})") from None
         detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "")
         raise CheckpointError(
-            f"checkpoint {path} stores pickled Python objects"
+            f"checkpoint {name} stores pickled Python objects"
             f"{f' ({detail})' if detail else ''}, e.g. a training script's argparse args, so it "
             "was not loaded: unpickling can run arbitrary code. If you trust where the file came "
             "from, pass trusted=True (CLI: --trust-checkpoint)") from None
     except PermissionError:
-        raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from None
+        raise CheckpointError(f"cannot read checkpoint {name}: permission denied") from None
     except Exception as exc:  # torch raises many types for damaged files (KeyError, EOFError, ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint; "
+            f"cannot read checkpoint {name}: truncated, corrupt or not a PyTorch checkpoint; "
             f"copy or download it again (torch.load: {first})") from None
 
 

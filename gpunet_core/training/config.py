@@ -3,10 +3,11 @@
 Every flag of ``gpunet train`` is a field of :class:`TrainConfig` (NVIDIA's names and meanings,
 plus this project's additions); the parser (:func:`add_arguments`), the checks and the argv of a
 torchrun or cluster launch (:func:`to_argv`) are all generated from those fields, so a setting
-has one path from the command line, a pipeline step or a PyTorchJob to the loop. Settings are
+has one path from the command line, a pipeline step or a TrainJob to the loop. Settings are
 layered *defaults < ``--preset`` values < explicit flags* (:meth:`TrainConfig.resolve`). Parsing,
 ``--help`` and bad values cost no torch import; :func:`check_runtime` runs the checks that need
-torch and timm (optimizer and scheduler names, the S3 output bucket).
+torch and timm or the network (optimizer and scheduler names, the S3 buckets of the data,
+output and checkpoints).
 """
 
 from __future__ import annotations
@@ -332,8 +333,18 @@ def check_runtime(cfg: TrainConfig) -> None:
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         raise TrainError(f"--sched {cfg.sched!r} is not usable ({exc}); use a timm scheduler "
                          "name such as step (NVIDIA's), cosine or multistep") from None
-    if storage.is_s3_uri(cfg.output):  # fail now, not after the first epoch's upload
-        storage.check_bucket(storage.parse_s3_uri(cfg.output))
+    # S3 data, output and checkpoints: a wrong bucket, refused credentials or an unreachable
+    # endpoint fail now with one line, not after a download, a model build or the first epoch
+    remote = {}
+    for value in (cfg.data, cfg.output, cfg.initial_checkpoint, cfg.teacher_checkpoint,
+                  cfg.resume):
+        if value and storage.is_s3_uri(value):
+            uri = storage.parse_s3_uri(value)
+            remote.setdefault(uri.bucket, uri)
+    if remote:
+        client = storage.s3_client()
+        for uri in remote.values():
+            storage.check_bucket(uri, client)
 
 
 # --------------------------------------------------------------------------- command line
