@@ -262,17 +262,3 @@ def test_flag_errors_and_help_import_no_torch():
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == ["--lr must be a finite number >= 0, got nan", "[]"]
-
-
-def test_a_multi_node_step_launches_the_same_argv(monkeypatch):
-    from gpunet_core.mlops import pytorchjob
-
-    launched = {}
-    monkeypatch.setattr(pytorchjob, "run_pytorchjob",
-                        lambda args, **kw: launched.update(args=args, **kw) or {"job": "ok"})
-    cfg = steps.train_config("/data/digits", "/out", model="gpunet_0", epochs=3,
-                             kfp_run_id="abc")
-    assert steps.train(cfg, nodes=2, nproc_per_node=4, image="img:v1") == {"job": "ok"}
-    assert launched == {"args": to_argv(cfg), "nodes": 2, "nproc_per_node": 4, "image": "img:v1",
-                        "namespace": "gpunet", "name": "gpunet-train-abc"}
-    assert parse(launched["args"]) == cfg

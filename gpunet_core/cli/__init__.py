@@ -21,6 +21,7 @@ COMMANDS = {
     "models": "models",
     "spec": "spec",
     "train": "train",
+    "trainjob": "trainjob",
     "pipeline": "pipeline",
     "promote": "promote",
     "prepare": "prepare",
