@@ -9,7 +9,8 @@ from components._images import CPU_IMAGE, component
 def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Artifact],
             bench: Input[Artifact], model_name: str, img_size: int, registered_model: str,
             min_top1: float, max_latency_ms: float, margin: float, mlflow_experiment: str,
-            kfp_run_id: str, report: Output[Markdown]) -> str:
+            kfp_run_id: str, scheduled_time: str, report: Output[Markdown]) -> str:
+    """``scheduled_time``: a recurring run's scheduled time, tagged on the MLflow run."""
     import json
     import os
 
@@ -24,7 +25,8 @@ def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Arti
                              val, lat, model=model_name, img_size=img_size,
                              registered_model=registered_model, min_top1=min_top1,
                              max_latency_ms=max_latency_ms, margin=margin,
-                             experiment=mlflow_experiment, kfp_run_id=kfp_run_id)
+                             experiment=mlflow_experiment, kfp_run_id=kfp_run_id,
+                             scheduled_time=scheduled_time)
     with open(report.path, "w") as fh:
         fh.write(decision["markdown"])
     return f"{decision['alias']}:{decision['version']}"

@@ -30,9 +30,15 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
                   epochs: int, batch_size: int, img_size: int, lr: float, optimizer: str,
                   augment: str, nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,
                   kd_weight: float, kd_temperature: float, mlflow_experiment: str,
-                  image: str, checkpoint: Output[Model],
+                  image: str, pod_settings: str, checkpoint: Output[Model],
                   metrics: Output[Metrics]):
-    """The candidate GPUNet; distils from ``teacher`` when the teacher step was enabled."""
+    """The candidate GPUNet; distils from ``teacher`` when the teacher step was enabled.
+
+    ``nodes > 1`` runs it as a Kubeflow Trainer ``TrainJob`` with ``pod_settings``
+    (PodSettings JSON, compiled in from the pipeline's platform), keyed by the checkpoint
+    artifact's URI: unique per run and task, the same for a retried attempt, and no cache input
+    (a run id parameter would make every run miss the cache).
+    """
     import os
 
     from gpunet_core import steps
@@ -49,7 +55,8 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
         epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr or None,
         opt=optimizer or None, mlflow=mlflow, experiment=mlflow_experiment if mlflow else None,
         **distill)
-    result = steps.train(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image)
+    result = steps.train(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
+                         settings=pod_settings, task="student", job_key=checkpoint.uri)
     checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                 "distilled": use_teacher})
     for key in ("train_loss", "top1", "top5", "eval_loss", "img_per_sec"):

@@ -10,12 +10,15 @@ validation and latency figures to that run and tags it with the pipeline run (``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -23,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from gpunet_core.training.config import TrainConfig, to_argv
+from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import LAST_CHECKPOINT, RESULT_FILE, RUN_ID_FILE, write_json
 from gpunet_core.utils.process import fast_exit
 
 _logger = logging.getLogger(__name__)
 RUN_TAG = "kfp_run_id"
+RUNS_ENV = "GPUNET_RUNS_URI"
 # train_config(augment=...): the flags each augmentation recipe sets
 AUGMENT: dict[str, dict[str, Any]] = {
     "recipe": {}, "light": {"aa": "", "reprob": 0.0, "scale": (0.5, 1.0)}}
@@ -166,20 +171,25 @@ def prepare_dataset(source: str, out: str | Path, *, img_size: int = 32,
 
 @timed()
 def train(cfg: TrainConfig, *, nproc_per_node: int = 1, nodes: int = 1, image: str = "",
-          namespace: str = "gpunet") -> dict[str, Any]:
-    """Run ``gpunet train`` with ``cfg`` under torchrun (or a PyTorchJob when ``nodes > 1``).
+          namespace: str = "gpunet", settings: str = "", task: str = "train",
+          job_key: str = "") -> dict[str, Any]:
+    """Run ``gpunet train`` with ``cfg`` under torchrun here, or as a Kubeflow Trainer
+    ``TrainJob`` of ``nodes`` x ``nproc_per_node`` workers when ``nodes > 1``.
 
-    Both get the same argv, :func:`~gpunet_core.training.config.to_argv` of ``cfg``; build
-    ``cfg`` from a pipeline's parameters with :func:`train_config`.
+    Both run the same argv, :func:`~gpunet_core.training.config.to_argv` of the config (build
+    ``cfg`` from a pipeline's parameters with :func:`train_config`), and return the same result.
+    A TrainJob's pods share nothing with this process but S3 (:func:`cluster_config`); its
+    outputs are copied back into ``cfg.output``. ``settings``: the pods' settings as
+    :class:`~gpunet_core.mlops.cluster.PodSettings` JSON (the pipeline's platform; default:
+    the stack's Secrets and ConfigMap). ``job_key`` names the TrainJob's attempts and S3
+    prefix (default: the config's ``kfp_run_id`` tag): unique per run and ``task``, the same
+    when the step is retried, so a retry re-attaches or resumes and never collides.
     """
-    args = to_argv(cfg)
     if nodes > 1:
-        # the Kubernetes client: multi-node only
-        from gpunet_core.mlops.pytorchjob import run_pytorchjob
-
-        run_id = dict(tag.split("=", 1) for tag in cfg.run_tag).get(RUN_TAG) or "job"
-        return run_pytorchjob(args, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
-                              namespace=namespace, name=f"gpunet-train-{run_id}")
+        return _train_on_cluster(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
+                                 namespace=namespace, settings=settings, task=task,
+                                 key=job_key or run_id_of(cfg))
+    args = to_argv(cfg)
     if nproc_per_node > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc_per_node}", "--max-restarts=1", "-m", "gpunet_core",
@@ -193,6 +203,106 @@ def train(cfg: TrainConfig, *, nproc_per_node: int = 1, nodes: int = 1, image: s
         raise StepError(f"training failed (exit code {code}): "
                         f"{reason or 'no error message; see the log above'}")
     return train_result(cfg.output)
+
+
+def run_id_of(cfg: TrainConfig) -> str:
+    """The pipeline run ``cfg`` belongs to (its ``kfp_run_id`` tag), or ``""``."""
+    return dict(tag.split("=", 1) for tag in cfg.run_tag if "=" in tag).get(RUN_TAG, "")
+
+
+def runs_prefix() -> storage.S3Uri:
+    """Where multi-node runs keep their data and outputs: ``$GPUNET_RUNS_URI`` (ConfigMap
+    ``gpunet-config`` key ``RUNS_URI``), an ``s3://`` prefix."""
+    value = os.environ.get(RUNS_ENV, "")
+    if not storage.is_s3_uri(value):
+        raise StepError(f"multi-node training shares data and checkpoints through S3 only: set "
+                        f"{RUNS_ENV} to an s3:// prefix (the gpunet-config ConfigMap's RUNS_URI), "
+                        f"got {value!r}")
+    return storage.parse_s3_uri(value)
+
+
+def cluster_config(cfg: TrainConfig, *, run_id: str, task: str) -> TrainConfig:
+    """``cfg`` for pods that share no filesystem with this process: everything through S3.
+
+    The dataset is read from ``s3://`` (a local one is published once under
+    ``<runs>/datasets/<manifest checksum>/``, so every run of the same data reuses it), local
+    checkpoints it starts from go to ``<runs>/<run>/<task>/inputs/``, and the outputs to
+    ``<runs>/<run>/<task>/output`` (resumable there: the step always auto-resumes).
+    """
+    # multi-node only: the dataset publishing code (PIL, numpy) stays out of the other steps
+    from gpunet_core.data.prepare import publish_dataset, read_manifest
+
+    if not run_id:
+        raise StepError("multi-node training needs a run key to name its TrainJob and S3 "
+                        "prefix: pass job_key (the pipeline passes its output artifact's URI) "
+                        "or kfp_run_id to train_config")
+    runs = runs_prefix()
+    storage.check_bucket(runs)  # a wrong bucket or credentials fail before any upload
+    run = runs.join(_key_prefix(run_id), task)
+    changes: dict[str, Any] = {"output": str(run.join("output")), "auto_resume": True}
+    data = str(cfg.data)
+    if not storage.is_s3_uri(data):
+        manifest = read_manifest(data)
+        if manifest is None:
+            raise StepError(f"{data} is not a prepared dataset (no manifest.json); multi-node "
+                            "training reads it from S3, so it must be prepared first")
+        dest = str(runs.join("datasets", manifest["checksum"][:16]))
+        published = read_manifest(dest)
+        if (published or {}).get("checksum") != manifest["checksum"]:
+            _logger.info("publishing dataset %s to %s for the TrainJob's pods", data, dest)
+            publish_dataset(data, dest, progress=False)
+        changes["data"] = dest
+    for name in ("teacher_checkpoint", "initial_checkpoint", "resume"):
+        local = getattr(cfg, name)
+        if local and not storage.is_s3_uri(local):
+            if not Path(local).is_file():
+                raise StepError(f"{name.replace('_', '-')} {local} does not exist")
+            dest_uri = run.join("inputs", name, Path(local).name)
+            storage.upload_file(local, dest_uri)
+            changes[name] = str(dest_uri)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _key_prefix(key: str) -> str:
+    """A run key as one S3 path segment: itself when short and plain, else 16 hex of its
+    SHA-256 (an artifact URI is long and full of slashes)."""
+    if len(key) <= 48 and re.fullmatch(r"[A-Za-z0-9._-]+", key):
+        return key
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def collect_outputs(remote: str, out: str | Path) -> dict[str, Any]:
+    """Copy a cluster run's outputs from ``remote`` (``s3://``) into ``out``; its result.
+
+    Files are fetched into a scratch folder and then renamed over ``out``'s, so a failed copy
+    leaves no half-written checkpoint and a stale same-size file is never kept.
+    """
+    out = Path(out)
+    scratch = out / ".fetch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    storage.download(remote.rstrip("/") + "/", scratch, progress=False)
+    for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
+        target = out / path.relative_to(scratch)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return train_result(out)
+
+
+def _train_on_cluster(cfg: TrainConfig, *, nodes: int, nproc_per_node: int, image: str,
+                      namespace: str, settings: str, task: str, key: str) -> dict[str, Any]:
+    # the Kubernetes client: multi-node only
+    from gpunet_core.mlops.cluster import PodSettings
+    from gpunet_core.mlops.trainjob import run_trainjob
+
+    pod = PodSettings.from_json(settings) if settings else PodSettings()
+    job_cfg = cluster_config(cfg, run_id=key, task=task)
+    job = run_trainjob(to_argv(job_cfg), run_id=key, task=task, nodes=nodes,
+                       nproc_per_node=nproc_per_node, image=image, settings=pod,
+                       namespace=namespace)
+    _logger.info("TrainJob %s: %s; copying its outputs from %s", job["trainjob"], job["state"],
+                 job_cfg.output)
+    return collect_outputs(job_cfg.output, cfg.output)
 
 
 def train_config(data: str | Path, out: str | Path, *, augment: str = "recipe",
@@ -249,12 +359,15 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
              results_file: str | Path | None = None) -> dict[str, Any]:
     """Accuracy of ``checkpoint`` on ``data``; ``crop_pct`` defaults to the model's own (as
     ``gpunet validate``: 0.875 for GPUNet-P0/P1, 1.0 for the others)."""
-    # torch: every KFP task imports steps, only the model steps need it
+    # torch, and numpy/PIL for the dataset cache: every KFP task imports steps, only the model
+    # steps need them
+    from gpunet_core.data.cache import local_dataset
     from gpunet_core.inference.validate import load_inference_model
     from gpunet_core.inference.validate import validate as run_validate
     from gpunet_core.models.spec import check_img_size
 
     check_img_size(img_size)  # before the checkpoint is read
+    data = local_dataset(data, progress=False)  # s3://: its verified per-node copy, checked first
     net = load_inference_model(model, checkpoint)
     results = run_validate(net, data, batch_size=batch_size, workers=0, img_size=img_size,
                            crop_pct=crop_pct, progress=False)
@@ -294,7 +407,8 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
-            experiment: str = "gpunet", kfp_run_id: str = "") -> dict[str, Any]:
+            experiment: str = "gpunet", kfp_run_id: str = "",
+            scheduled_time: str = "") -> dict[str, Any]:
     """Register the candidate (pytorch + onnx flavors) and give it an alias.
 
     The version's source run is the MLflow run that trained ``checkpoint`` (else the pipeline
@@ -316,6 +430,9 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
         exp_id = exp.experiment_id if exp else mlc.create_experiment(experiment)
         run_id = mlc.create_run(exp_id).info.run_id
     mlc.set_tag(run_id, RUN_TAG, kfp_run_id or "manual")
+    if scheduled_time and not scheduled_time.startswith("{{$."):  # kfp.local leaves it as is
+        # a recurring run: which scheduled retraining produced this candidate
+        mlc.set_tag(run_id, "kfp_scheduled_time", scheduled_time)
     log_metrics(run_id, {k: validation[k] for k in ("top1", "top5", "loss") if k in validation},
                 prefix="val_")
     log_metrics(run_id, {f"latency_ms_{k}": v for k, v in bench["latency_ms"].items()},

@@ -2,10 +2,12 @@
 -> promote + report. One DAG for the cluster and the laptop (``kfp.local``).
 
 :func:`build_pipeline` returns the pipeline function; :class:`Platform` adds the Kubernetes
-settings (GPUs, ``/dev/shm``, dataset PVC, node selector/tolerations, credentials from Secrets
-and the ConfigMap) through ``kfp-kubernetes`` when compiling for a cluster.
+settings through ``kfp-kubernetes`` when compiling for a cluster: credentials from the Secrets
+and the ConfigMap, GPUs, ``/dev/shm``, node selector/tolerations, a restricted security context,
+a timeout per task and a TTL for the finished run. The pod settings come from one
+:class:`~gpunet_core.mlops.cluster.PodSettings`, which the training step also compiles into its
+multi-node ``TrainJob``: single-node tasks and TrainJob pods get the same ones.
 """
-
 
 from dataclasses import dataclass, field
 
@@ -13,77 +15,89 @@ from kfp import dsl, kubernetes
 
 import components as c
 from components._images import TRAIN_IMAGE
+from gpunet_core.mlops.cluster import PodSettings
 
 PIPELINE_NAME = "gpunet-training"
-S3_SECRET = "gpunet-s3"
-CONFIG_MAP = "gpunet-config"
+HOUR = 3600
+# a task running longer than this is stuck (kfp-kubernetes set_timeout); training may take days
+TIMEOUTS_S = {"prepare-dataset": 24 * HOUR, "train-teacher": 7 * 24 * HOUR,
+              "train-student": 7 * 24 * HOUR, "validate": 6 * HOUR, "export-onnx": HOUR,
+              "benchmark": 2 * HOUR, "promote": HOUR, "report": HOUR}
+TTL_AFTER_FINISHED_S = 7 * 24 * HOUR  # the run's pods are kept a week for their logs
 
 
 @dataclass
 class Platform:
     """Cluster settings baked into the compiled spec (the laptop run uses none of them)."""
 
-    gpus_per_node: int = 0
-    accelerator: str = "nvidia.com/gpu"
-    shm_size: str = "16Gi"
-    use_secrets: bool = False
+    pod: PodSettings = field(default_factory=PodSettings)
+    cluster: bool = False
     dataset_pvc: str = ""
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
-    def cluster(cls, gpus_per_node: int = 1, **kw) -> "Platform":
-        return cls(gpus_per_node=gpus_per_node, use_secrets=True,
-                   dataset_pvc=kw.pop("dataset_pvc", "gpunet-dataset-cache"),
-                   node_selector=kw.pop("node_selector", {"nvidia.com/gpu.present": "true"}),
-                   tolerations=kw.pop("tolerations", [{"key": "nvidia.com/gpu",
-                                                       "operator": "Exists",
-                                                       "effect": "NoSchedule"}]), **kw)
+    def for_cluster(cls, gpus_per_node: int = 1, *, dataset_pvc: str = "gpunet-dataset-cache",
+                    **pod) -> "Platform":
+        pod.setdefault("node_selector", {"nvidia.com/gpu.present": "true"})
+        pod.setdefault("tolerations", ({"key": "nvidia.com/gpu", "operator": "Exists",
+                                        "effect": "NoSchedule"},))
+        return cls(pod=PodSettings(gpus_per_node=gpus_per_node, **pod), cluster=True,
+                   dataset_pvc=dataset_pvc)
 
-    def credentials(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
-        """S3 keys and the MLflow login from Secrets, endpoints and MLflow URI from the
-        ConfigMap (names only: no value is baked into the compiled spec)."""
-        if self.use_secrets:
-            kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
-                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-            # the MLflow server runs with basic auth (manifests/base/mlflow.yaml); MLflow's
-            # client sends these as HTTP basic credentials
-            kubernetes.use_secret_as_env(task, secret_name="gpunet-mlflow-auth",
-                                         secret_key_to_env={
-                                             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                                             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
-            kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP,
-                                             config_map_key_to_env={
-                                                 "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
-                                                 "S3_ENDPOINT_URL": "AWS_ENDPOINT_URL"})
-            kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP,
-                                             config_map_key_to_env={
-                                                 "S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"})
+    def task(self, task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+        """Every task on a cluster: credentials, non-root security context, its timeout."""
+        if not self.cluster:
+            return task
+        for (kind, source), key_to_env in _env_groups(self.pod):
+            if kind == "secret":
+                kubernetes.use_secret_as_env(task, secret_name=source,
+                                             secret_key_to_env=key_to_env)
+            else:
+                kubernetes.use_config_map_as_env(task, config_map_name=source,
+                                                 config_map_key_to_env=key_to_env)
+        kubernetes.set_security_context(task, run_as_user=self.pod.run_as_user,
+                                        run_as_group=self.pod.run_as_group, run_as_non_root=True)
+        kubernetes.set_timeout(task, TIMEOUTS_S[name])
         return task
 
     def gpu(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
         """GPUs, shared memory for loader workers, the dataset cache and GPU node placement."""
-        if self.gpus_per_node:
-            task.set_accelerator_type(self.accelerator).set_accelerator_limit(self.gpus_per_node)
+        pod = self.pod
+        if self.cluster and pod.gpus_per_node:
+            task.set_accelerator_type(pod.accelerator).set_accelerator_limit(pod.gpus_per_node)
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
-                                       medium="Memory", size_limit=self.shm_size)
-            for key, value in self.node_selector.items():
+                                       medium="Memory", size_limit=pod.shm_size)
+            for key, value in pod.node_selector.items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
-            for tol in self.tolerations:
+            for tol in pod.tolerations:
                 kubernetes.add_toleration(task, **tol)
         if self.dataset_pvc:
             kubernetes.mount_pvc(task, pvc_name=self.dataset_pvc, mount_path="/data")
         return task
 
 
+def _env_groups(pod: PodSettings) -> list[tuple[tuple[str, str], dict[str, str]]]:
+    """The pod's env refs as kfp-kubernetes calls: ``{key: env var}`` per Secret/ConfigMap (a
+    key feeding two variables needs a second call)."""
+    groups: list[tuple[tuple[str, str], dict[str, str]]] = []
+    for ref in pod.env:
+        source = (ref.source_kind, ref.source)
+        group = next((g for s, g in groups if s == source and ref.key not in g), None)
+        if group is None:
+            groups.append((source, group := {}))
+        group[ref.key] = ref.name
+    return groups
+
+
 def build_pipeline(platform: Platform | None = None):
     """The ``gpunet_training`` pipeline function for ``platform`` (default: laptop)."""
     p = platform or Platform()
+    config = dsl.PipelineConfig(ttl_seconds_after_finished=TTL_AFTER_FINISHED_S) \
+        if p.cluster else None
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="GPUNet: data -> (teacher) -> torchrun training -> validation -> "
-                              "ONNX -> latency -> MLflow registry promotion + report")
+                              "ONNX -> latency -> MLflow registry promotion + report",
+                  pipeline_config=config)
     def gpunet_training(
         dataset_source: str = "digits",
         dataset_img_size: int = 32,
@@ -114,9 +128,12 @@ def build_pipeline(platform: Platform | None = None):
         train_image: str = TRAIN_IMAGE,
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        # a recurring run's scheduled time (a one-off run's creation time); kfp.local cannot
+        # resolve this placeholder
+        scheduled = dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if p.cluster else ""
         data = c.prepare_dataset(source=dataset_source, img_size=dataset_img_size,
                                  per_class=dataset_per_class)
-        p.credentials(data)
+        p.task(data, "prepare-dataset")
         if p.dataset_pvc:
             kubernetes.mount_pvc(data, pvc_name=p.dataset_pvc, mount_path="/data")
 
@@ -125,7 +142,7 @@ def build_pipeline(platform: Platform | None = None):
                                   batch_size=batch_size, img_size=teacher_img_size, lr=lr,
                                   optimizer=optimizer, augment=augment,
                                   nproc_per_node=nproc_per_node)
-        p.gpu(p.credentials(teacher))
+        p.gpu(p.task(teacher, "train-teacher"))
 
         student = c.train_student(
             dataset=data.outputs["dataset"], teacher=teacher.outputs["checkpoint"],
@@ -134,18 +151,21 @@ def build_pipeline(platform: Platform | None = None):
             nproc_per_node=nproc_per_node, teacher_name=teacher_name,
             teacher_img_size=teacher_img_size, kd_weight=kd_weight,
             kd_temperature=kd_temperature, mlflow_experiment=mlflow_experiment,
-            image=train_image)
-        p.gpu(p.credentials(student))
+            image=train_image, pod_settings=p.pod.to_json() if p.cluster else "")
+        p.gpu(p.task(student, "train-student"))
         student.set_retry(num_retries=1)  # resumes from its last checkpoint
 
         val = c.validate(dataset=data.outputs["dataset"], checkpoint=student.outputs["checkpoint"],
                          model_name=model_name, img_size=img_size)
+        p.task(val, "validate")
         onnx = c.export_onnx(checkpoint=student.outputs["checkpoint"], model_name=model_name,
                              img_size=img_size)
+        p.task(onnx, "export-onnx")
         bench = c.benchmark(onnx=onnx.outputs["onnx"], backend=bench_backend,
                             iterations=bench_iterations)
-        if p.gpus_per_node:
-            bench.set_accelerator_type(p.accelerator).set_accelerator_limit(1)
+        p.task(bench, "benchmark")
+        if p.cluster and p.pod.gpus_per_node:
+            bench.set_accelerator_type(p.pod.accelerator).set_accelerator_limit(1)
 
         decision = c.promote(checkpoint=student.outputs["checkpoint"],
                              onnx=onnx.outputs["onnx"], validation=val.outputs["results"],
@@ -153,10 +173,12 @@ def build_pipeline(platform: Platform | None = None):
                              img_size=img_size, registered_model=registered_model,
                              min_top1=min_top1, max_latency_ms=max_latency_ms,
                              margin=promotion_margin, mlflow_experiment=mlflow_experiment,
-                             kfp_run_id=run_id)
-        p.credentials(decision)
+                             kfp_run_id=run_id,
+                             scheduled_time=scheduled)
+        p.task(decision, "promote")
         decision.set_caching_options(False)  # a registry decision is never replayed from cache
-        c.report(validation=val.outputs["results"], bench=bench.outputs["results"])
+        p.task(c.report(validation=val.outputs["results"], bench=bench.outputs["results"]),
+               "report")
 
     return gpunet_training
 

@@ -1,4 +1,5 @@
-"""The KFP pipeline: compiled structure, platform config, submit/schedule payloads, local runs."""
+"""The KFP pipeline: compiled structure, platform config, submit payloads, local runs
+(schedule: tests/test_schedule.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import pytest
 import yaml
 
-from gpunet_core.mlops.pytorchjob import pytorchjob_manifest
 from pipelines import cli
 from tests import kfp_api_server
 from tests.train_helpers import TINY_PIPELINE
@@ -117,20 +117,6 @@ def test_submit_sends_spec_and_parameters(fake_kfp):
     assert sent["platform_spec"]["platforms"]["kubernetes"]
 
 
-def test_schedule_sends_six_field_cron(fake_kfp, capsys):
-    code = cli.main(["schedule", "--host", fake_kfp.host, "--cron", "0 3 * * 1",
-                     "--param", "epochs=5", "--max-concurrency", "2"])
-    assert code == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"recurring_run_id": "rr-1",
-                                                   "cron": "0 0 3 * * 1"}
-    (req,) = fake_kfp.find("POST", "/apis/v2beta1/recurringruns")
-    assert req.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
-    assert req.body["max_concurrency"] == "2" or req.body["max_concurrency"] == 2
-    assert req.body["no_catchup"] is True and req.body["mode"] == "ENABLE"
-    assert req.body["runtime_config"]["parameters"] == {"epochs": 5}
-    assert req.body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "gpunet-training"
-
-
 def test_bad_inputs_before_anything_is_sent(fake_kfp, capsys):
     assert cli.main(["schedule", "--host", fake_kfp.host, "--cron", "61 * * * *"]) == 2
     assert "minute field '61'" in capsys.readouterr().err
@@ -176,17 +162,59 @@ def test_list_runs(fake_kfp, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-1"
 
 
-def test_pytorchjob_for_two_nodes_validates():
-    from tests.test_manifests import validate
+def test_cluster_pipeline_parses_strictly_as_kfp_protos(tmp_path):
+    """What the KFP 2.17 backend reads: the IR as ``PipelineSpec``, the platform part as
+    ``PlatformSpec`` and each task's Kubernetes config as kfp-kubernetes'
+    ``KubernetesExecutorConfig``, all with unknown fields rejected."""
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2
 
-    job = pytorchjob_manifest("gpunet-train-abc", ["/data/digits", "--epochs", "3"], nodes=2,
-                              nproc_per_node=4, image="ghcr.io/gpunet-pipeline/gpunet-train:v1")
-    validate(job)
-    spec = job["spec"]
-    assert spec["nprocPerNode"] == "4" and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
-    container = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["torchrun", "-m", "gpunet_core", "train"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    _, spec, platform = compiled(tmp_path, gpus_per_node=8)
+    json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
+    parsed = json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec(),
+                                   ignore_unknown_fields=False)
+    # finished runs' pods are garbage-collected after a week (kept that long for their logs)
+    assert parsed.platforms["kubernetes"].pipelineConfig.resource_ttl_on_completion == 7 * 24 * 3600
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    configs = {name: json_format.ParseDict(body, k8s_pb2.KubernetesExecutorConfig(),
+                                           ignore_unknown_fields=False)
+               for name, body in executors.items()}
+    assert len(configs) == len(STEPS)
+    for name, config in configs.items():
+        # every task: a timeout, non-root, the credentials by reference
+        assert config.active_deadline_seconds > 0, name
+        assert config.security_context.run_as_non_root, name
+        assert config.security_context.run_as_user == 10001, name
+        assert {s.secret_name for s in config.secret_as_env} == {"gpunet-s3",
+                                                                  "gpunet-mlflow-auth"}, name
+    student = next(c for n, c in configs.items() if "train-student" in n)
+    assert student.active_deadline_seconds == 7 * 24 * 3600
+    assert student.empty_dir_mounts[0].mount_path == "/dev/shm"
+
+
+def test_cluster_pipeline_gives_the_train_step_its_pod_settings(tmp_path):
+    from gpunet_core.mlops.cluster import PodSettings
+
+    _, spec, platform = compiled(tmp_path, gpus_per_node=4)
+    inputs = spec["root"]["dag"]["tasks"]["train-student"]["inputs"]["parameters"]
+    settings = PodSettings.from_json(inputs["pod_settings"]["runtimeValue"]["constant"])
+    assert settings.gpus_per_node == 4
+    assert settings.node_selector == {"nvidia.com/gpu.present": "true"}
+    # the same secrets feed the single-node tasks (kfp-kubernetes) and the TrainJob pods
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    student = next(v for k, v in kube.items() if "train-student" in k)
+    task_env = {(m["secretName"], k["secretKey"], k["envVar"])
+                for m in student["secretAsEnv"] for k in m["keyToEnv"]}
+    pod_env = {(r.source, r.key, r.name) for r in settings.env if r.source_kind == "secret"}
+    assert task_env == pod_env
+    # the TrainJob is keyed by the checkpoint artifact's URI at run time, not by a run-id
+    # parameter: that would make every run's training miss the cache
+    assert "kfp_run_id" not in inputs
+    # the laptop DAG compiles no settings in: the step falls back to PodSettings()
+    _, local, _ = compiled(tmp_path / "local")
+    local_inputs = local["root"]["dag"]["tasks"]["train-student"]["inputs"]["parameters"]
+    assert local_inputs["pod_settings"]["runtimeValue"]["constant"] == ""
 
 
 # --------------------------------------------------------------------------- full local runs

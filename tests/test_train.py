@@ -118,6 +118,9 @@ def test_torchrun_two_workers_learn_and_stay_in_sync(digits_small, tmp_path):
     for row in ckpt["history"]:
         sums = row["rank_checksums"]
         assert len(sums) == 2 and sums[0] == sums[1], "DDP ranks diverged"
+        # the two ranks split the 320 training images: each sample in exactly one shard
+        assert row["shards"] == {"ranks": 2, "samples": 320, "per_rank": 160, "missing": 0,
+                                 "duplicated": 0}
     assert {"state_dict", "state_dict_ema", "optimizer", "epoch"} <= set(ckpt)
     assert ckpt["epoch"] == 3 and (out / "model_best.pth.tar").exists()
     # result.json: what the pipeline's launcher reads instead of unpickling the checkpoint

@@ -179,6 +179,15 @@ def build_train_loader(root: str | Path, cfg: AugmentConfig, *, batch_size: int 
         drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
 
 
+def shard_indices(loader) -> list[int] | None:
+    """The sample indices this rank's loader reads in the current epoch (None: not a
+    :func:`build_train_loader` PIL loader, e.g. DALI, whose readers shard internally)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, _EpochIndexSampler):
+        return list(sampler.sampler)
+    return None
+
+
 def set_epoch(loader, epoch: int) -> None:
     """Reshuffle for ``epoch`` (DistributedSampler.set_epoch, or the DALI loader's)."""
     target = getattr(loader, "sampler", None) or loader

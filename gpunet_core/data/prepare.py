@@ -330,17 +330,37 @@ def _prepare(out: str | Path, source: dict[str, Any], classes: list[str],
     manifest = writer.manifest(source, classes, max_bad_fraction)
     payload = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
     summary = PrepareSummary(out, manifest, writer.written, writer.reused, len(writer.skipped))
+    write_bytes(root / MANIFEST_FILE, payload)
     if remote:
-        dest = storage.parse_s3_uri(out)
-        client = storage.s3_client(s3_endpoint, max_pool_connections=max(10, jobs * 4))
-        summary.uploaded = storage.upload_dir(root, dest, exclude=[MANIFEST_FILE], client=client,
-                                              jobs=max(4, jobs * 2), progress=progress)
-        write_bytes(root / MANIFEST_FILE, payload)
-        storage.upload_file(root / MANIFEST_FILE, dest.join(MANIFEST_FILE), client=client)
-    else:
-        write_bytes(root / MANIFEST_FILE, payload)
+        summary.uploaded = publish_dataset(root, out, s3_endpoint=s3_endpoint, jobs=jobs,
+                                           progress=progress)
     log.debug("%s", summary.describe())
     return summary
+
+
+def publish_dataset(root: str | Path, dest: str, *, s3_endpoint: str | None = None,
+                    jobs: int = 4, progress: bool = True) -> int:
+    """Upload the prepared dataset at ``root`` to the ``s3://`` prefix ``dest``; returns how many
+    of its files had to be sent (the manifest not counted).
+
+    Every file but ``manifest.json`` goes first (verified, resumable: what already landed is
+    skipped), the manifest last, so a reader never sees a complete-looking partial dataset.
+    """
+    root = Path(root)
+    if not (root / MANIFEST_FILE).is_file():
+        raise DataError(f"{root} is not a prepared dataset ({MANIFEST_FILE} missing); run "
+                        "gpunet prepare first")
+    target = storage.parse_s3_uri(dest)
+    client = storage.s3_client(s3_endpoint, max_pool_connections=max(10, jobs * 4))
+    sent = storage.upload_dir(root, target, exclude=[MANIFEST_FILE, *_local_only(root)],
+                              client=client, jobs=max(4, jobs * 2), progress=progress)
+    storage.upload_file(root / MANIFEST_FILE, target.join(MANIFEST_FILE), client=client)
+    return sent
+
+
+def _local_only(root: Path) -> list[str]:
+    """Files of a dataset directory that are not part of the dataset (cache markers, locks)."""
+    return [p.relative_to(root).as_posix() for p in root.rglob(".*") if p.is_file()]
 
 
 # --------------------------------------------------------------------------- digits

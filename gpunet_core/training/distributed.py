@@ -78,3 +78,23 @@ def all_gather(env: DistEnv, value: object) -> list[object]:
     gathered: list[object] = [None] * env.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def shard_report(env: DistEnv, indices: list[int], num_samples: int) -> dict[str, int]:
+    """How this epoch's data is split over the ranks: every sample counted across all ranks.
+
+    ``missing`` samples belong to no rank, ``duplicated`` ones to more than one
+    (``DistributedSampler`` repeats ``-num_samples % world_size`` to equalise shards). A
+    misconfigured multi-node launch, e.g. nodes that each start their own world, shows as every
+    sample duplicated or most of them missing.
+    """
+    counts = torch.zeros(num_samples, dtype=torch.int32)
+    counts.index_add_(0, torch.tensor(indices, dtype=torch.long),
+                      torch.ones(len(indices), dtype=torch.int32))
+    if env.distributed:
+        counts = counts.to(env.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    return {"ranks": env.world_size, "samples": num_samples, "per_rank": len(indices),
+            "missing": int((counts == 0).sum()),
+            "duplicated": int((counts - 1).clamp(min=0).sum())}

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gpunet_core.data import loaders
+from gpunet_core.data.cache import local_dataset
 from gpunet_core.inference.metrics import top_classes, topk_hits
 from gpunet_core.inference.validate import autocast_context
 from gpunet_core.mlops.tracking import RunTracker
@@ -44,6 +45,7 @@ from gpunet_core.training.distributed import (
     DistEnv,
     all_gather,
     setup_distributed,
+    shard_report,
     weights_checksum,
 )
 from gpunet_core.training.outputs import (
@@ -62,6 +64,7 @@ from gpunet_core.training.state import (
     save_state,
     seed_everything,
 )
+from gpunet_core.utils import storage
 from gpunet_core.utils.files import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -226,8 +229,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed + env.rank)
     output = output_dir(cfg.output)  # created once the arguments, data and models check out
 
-    # ---- data (class count checked before any model work)
-    train_root, val_root = Path(cfg.data) / "train", Path(cfg.data) / "val"
+    # ---- data (class count checked before any model work); an s3:// dataset is read from its
+    # verified per-node cache copy: every rank asks, one per node downloads, the others wait
+    data_root = local_dataset(cfg.data, progress=env.is_main and sys.stderr.isatty())
+    if env.is_main and storage.is_s3_uri(cfg.data):
+        _logger.info("dataset %s: local copy at %s", cfg.data, data_root)
+    train_root, val_root = data_root / "train", data_root / "val"
     classes = loaders.open_image_folder(train_root).classes
     num_classes = cfg.num_classes or len(classes)
     if num_classes != len(classes):
@@ -316,7 +323,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             tracker = RunTracker.start(cfg, output, params={
                 "model_params": count_parameters(model), "num_classes": num_classes,
                 "world_size": env.world_size, "img_size": img_size,
-                "dataset_manifest_sha256": manifest_checksum(Path(cfg.data))})
+                "dataset_manifest_sha256": manifest_checksum(data_root)})
 
     if teacher is not None and cfg.test_teacher and state.epoch == 0:
         teacher_cfg = loaders.EvalConfig.for_model(teacher, img_size=loader_size,
@@ -335,6 +342,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if state.steps >= max_steps:
             break
         loaders.set_epoch(train_loader, epoch)
+        shards = None
+        if env.distributed and (indices := loaders.shard_indices(train_loader)) is not None:
+            shards = shard_report(env, indices, len(train_loader.dataset))
+            if env.is_main and epoch == state.epoch:
+                _logger.info("data shards: %(ranks)d ranks x %(per_rank)d of %(samples)d "
+                             "samples, %(missing)d missing, %(duplicated)d repeated (padding)",
+                             shards)
         # every epoch starts from RNG states set by (seed, rank, epoch): a run resumed at an
         # epoch boundary continues exactly as an uninterrupted one (dropout, drop-path)
         seed_everything(loaders.derive_seed(cfg.seed, env.rank, epoch))
@@ -347,7 +361,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         scheduler.step(epoch + 1, metrics["top1"])
         checksums = all_gather(env, weights_checksum(model))
         row = {"epoch": epoch, **figures, **metrics, "lr": optimizer.param_groups[0]["lr"],
-               "rank_checksums": checksums}
+               "rank_checksums": checksums, **({"shards": shards} if shards else {})}
         state.history.append(row)
         state.epoch = epoch + 1
         is_best = metrics["top1"] > state.best_top1
