@@ -4,7 +4,8 @@
 * ``run-local`` the whole DAG on this machine with ``kfp.local.SubprocessRunner`` (MLflow in a
   local sqlite file unless ``MLFLOW_TRACKING_URI`` is set), then prints a summary;
 * ``submit``    a run to a KFP server (``kfp.Client.create_run_from_pipeline_package``);
-* ``schedule``  a recurring run (cron, 5 or 6 fields) for scheduled retraining;
+* ``schedule``  a recurring run (cron, 5 or 6 fields) for scheduled retraining, pinned to the
+  pipeline version it uploads (named after the image tag and the package's hash);
 * ``list-runs`` the runs of an experiment.
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -22,9 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gpunet_core.mlops import images
 from gpunet_core.utils.errors import GpunetError
+from gpunet_core.utils.files import sha256_file
 
 _logger = logging.getLogger("pipelines")
+
+PIPELINE_NAME = "gpunet-training"  # the KFP pipeline `schedule` uploads its versions to
 
 
 class PipelineError(GpunetError):
@@ -209,7 +215,7 @@ def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: boo
 
     from pipelines.gpunet_training import Platform, build_pipeline
 
-    platform = Platform.cluster(gpus_per_node) if cluster or gpus_per_node else Platform()
+    platform = Platform.for_cluster(gpus_per_node) if cluster or gpus_per_node else Platform()
     if dataset_pvc:
         platform.dataset_pvc = dataset_pvc
     output = Path(output)
@@ -268,23 +274,88 @@ def submit(host: str, params: dict[str, Any], *, experiment: str = "gpunet",
     return {"run_id": run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run_id}"}
 
 
+# Recurring-run parameter macros of KFP v1 ([[ScheduledTime]], [[CurrentTime]], [[Index]],
+# [[RunUUID]]) and pipeline-job placeholders ({{$.pipeline_job_...}}) given as parameter values.
+_MACRO = re.compile(r"\[\[[^\]]*\]\]|\{\{\$\.[^}]*\}\}")
+
+
+def check_no_macros(params: dict[str, Any]) -> None:
+    """KFP 2.17 leaves macros in a pinned recurring run's parameters unexpanded: the parameters
+    are compiled into the root DAG driver's runtime config, where the ScheduledWorkflow
+    controller's macro substitution (it rewrites Argo workflow arguments) never reaches them,
+    so the run would see the literal text. Refuse them here instead."""
+    for name, value in params.items():
+        if isinstance(value, str) and _MACRO.search(value):
+            raise PipelineError(
+                f"--param {name}={value!r}: KFP 2.17 does not expand {_MACRO.search(value)[0]} in "
+                "the parameters of a recurring run of a pinned pipeline version (the run would "
+                "get the literal text); a step that needs the scheduled time takes "
+                "kfp.dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER as a task input in the DAG")
+
+
+def pipeline_version_name(package: Path) -> str:
+    """``<image tag>-<sha256 of the package, 12 hex>``: the same compiled DAG gets the same
+    name (and is uploaded once), any change to it a new one."""
+    return f"{images.default_tag()}-{sha256_file(package)[:12]}"
+
+
+def upload_pipeline_version(client, host: str, package: Path,
+                            pipeline_name: str = PIPELINE_NAME) -> dict[str, str]:
+    """Upload ``package`` as a version of the KFP pipeline ``pipeline_name`` unless a version
+    of the same name, i.e. the same content, is there already. A new pipeline is created by
+    uploading ``package`` (KFP names that first version like the pipeline), then the named
+    version is added as for an existing one.
+
+    Returns ``{"pipeline_id", "version_id", "version_name"}``. kfp's upload calls print a
+    link to stdout, which carries our JSON result, so they print to stderr instead.
+    """
+    version_name = pipeline_version_name(package)
+    with contextlib.redirect_stdout(sys.stderr):
+        pipeline_id = _call("looking up the pipeline", host, client.get_pipeline_id,
+                            pipeline_name)
+        if pipeline_id is None:
+            pipeline_id = _call("uploading the pipeline", host, client.upload_pipeline,
+                                str(package), pipeline_name=pipeline_name,
+                                description="GPUNet training and promotion (gpunet-pipeline)"
+                                ).pipeline_id
+        else:
+            by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name",
+                                                  "stringValue": version_name}]})
+            found = _call("looking up the pipeline version", host,
+                          client.list_pipeline_versions, pipeline_id=pipeline_id,
+                          page_size=1, filter=by_name).pipeline_versions
+            if found:
+                return {"pipeline_id": pipeline_id, "version_id": found[0].pipeline_version_id,
+                        "version_name": version_name}
+        version = _call("uploading the pipeline version", host, client.upload_pipeline_version,
+                        str(package), version_name, pipeline_id=pipeline_id)
+    return {"pipeline_id": pipeline_id, "version_id": version.pipeline_version_id,
+            "version_name": version_name}
+
+
 def schedule(host: str, cron: str, params: dict[str, Any], *, experiment: str = "gpunet",
              name: str = "gpunet-retraining", max_concurrency: int = 1, catchup: bool = False,
-             token: str | None = None, gpus_per_node: int = 1) -> dict[str, str]:
+             token: str | None = None, gpus_per_node: int = 1,
+             pipeline_name: str = PIPELINE_NAME) -> dict[str, str]:
+    """A recurring run pinned to the pipeline version compiled now: it references that version
+    by id (``pipeline_id`` + ``version_id``), so uploading another version later does not
+    change what the schedule runs; to move it, schedule again (a new recurring run)."""
     cron6 = to_kfp_cron(cron)
     if max_concurrency < 1:
         raise PipelineError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     check_gpus_per_node(gpus_per_node)
+    check_no_macros(params)
     client = kfp_client(host, token)
     exp = _call("creating the experiment", host, client.create_experiment, name=experiment)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=True,
                                    gpus_per_node=gpus_per_node)
-        job = _call("creating the recurring run", host, client.create_recurring_run,
-                    experiment_id=exp.experiment_id, job_name=name, cron_expression=cron6,
-                    max_concurrency=max_concurrency, no_catchup=not catchup, params=params,
-                    pipeline_package_path=str(package))
-    return {"recurring_run_id": job.recurring_run_id, "cron": cron6}
+        version = upload_pipeline_version(client, host, package, pipeline_name)
+    job = _call("creating the recurring run", host, client.create_recurring_run,
+                experiment_id=exp.experiment_id, job_name=name, cron_expression=cron6,
+                max_concurrency=max_concurrency, no_catchup=not catchup, params=params,
+                pipeline_id=version["pipeline_id"], version_id=version["version_id"])
+    return {"recurring_run_id": job.recurring_run_id, "cron": cron6, **version}
 
 
 def list_runs(host: str, *, experiment: str | None = None, token: str | None = None,
@@ -435,6 +506,8 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
     p.add_argument("--catchup", default="false", choices=("true", "false"),
                    help="run missed intervals after a pause (default false)")
     p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--pipeline-name", default=PIPELINE_NAME,
+                   help="KFP pipeline to add the compiled DAG to as a version (created if new)")
     p = sub.add_parser("list-runs", help="list runs of an experiment")
     server(p)
     return parser
@@ -457,7 +530,8 @@ def run(args: argparse.Namespace) -> int:
                                   experiment=args.experiment, name=args.name,
                                   max_concurrency=args.max_concurrency,
                                   catchup=args.catchup == "true", token=args.token,
-                                  gpus_per_node=args.gpus_per_node)))
+                                  gpus_per_node=args.gpus_per_node,
+                                  pipeline_name=args.pipeline_name)))
     else:
         for row in list_runs(args.host, experiment=args.experiment, token=args.token):
             print(json.dumps(row))

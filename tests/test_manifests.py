@@ -1,6 +1,7 @@
 """Kubernetes manifests: kustomize renders every overlay, every object validates offline against
-the schemas of a pinned Kubernetes version (PyTorchJob against a vendored CRD schema), and the
-rendered YAML obeys our policies (no plaintext secrets, non-root, limits, probes, minimal RBAC)."""
+the schemas of a pinned Kubernetes version (a TrainJob against Kubeflow Trainer v2.3.0's CRD, and
+the node pod it becomes against the Pod schema: tests/trainjob_schema.py), and the rendered YAML
+obeys our policies (no plaintext secrets, non-root, limits, probes, minimal RBAC)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,22 @@ import pytest
 import yaml
 
 from gpunet_core.mlops import images
+from tests import trainjob_schema
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
-referencing = pytest.importorskip("referencing")
+pytest.importorskip("celpy")  # cel-python: the TrainJob CRD's CEL rules (tests/trainjob_schema.py)
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33.0"  # the Kubernetes release every object must be valid for
-CRD_SCHEMA = REPO / "tests" / "data" / "crds" / "pytorchjob-kubeflow.org-v1.json"
 KUBECTL = (shutil.which("kubectl", path=str(Path(sys.executable).parent))
            or shutil.which("kubectl"))
-TARGETS = ["base", "overlays/local", "overlays/gpu", "examples/pytorchjob"]
+TARGETS = ["base", "overlays/local", "overlays/gpu", "examples/trainjob"]
 SECRET_MARK = "s3cr3t-do-not-leak"
-POD_KINDS = {"Deployment", "StatefulSet", "Job", "PyTorchJob"}
+POD_KINDS = {"Deployment", "StatefulSet", "Job", "TrainJob"}
 LONG_RUNNING = {"Deployment", "StatefulSet"}
-ALLOWED_RBAC = {  # (apiGroup, resource) -> verbs the pipeline needs, and no more
-    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch"},
-    ("kubeflow.org", "pytorchjobs/status"): {"get"},
-    ("", "pods"): {"get", "list", "watch"},
+ALLOWED_RBAC = {  # (apiGroup, resource) -> verbs the pipeline needs (tests/test_trainjob.py)
+    ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list"},
+    ("", "pods"): {"list"},
     ("", "pods/log"): {"get"},
 }
 
@@ -83,25 +82,22 @@ def rendered(tmp_path_factory) -> dict:
     return out
 
 
-def _pytorchjob_validator() -> jsonschema.protocols.Validator:
-    defs_dir = f"kubernetes-json-schema/v{K8S_VERSION}-local-strict/_definitions.json"
-    defs = kubernetes_validate.utils.schema_contents(defs_dir, K8S_VERSION)
-    schema = json.loads(CRD_SCHEMA.read_text())
-    registry = referencing.Resource.from_contents(defs) @ referencing.Registry()
-    return jsonschema.Draft202012Validator(schema, registry=registry)
-
-
 def validate(obj: dict) -> None:
-    """Raise unless ``obj`` is valid (strict: unknown fields rejected) for K8S_VERSION."""
-    if obj["kind"] == "PyTorchJob":
-        _pytorchjob_validator().validate(obj)
+    """Raise unless ``obj`` is valid (strict: unknown fields rejected) for K8S_VERSION; for a
+    TrainJob, for Trainer v2.3.0 too, and the node pod it becomes is a valid Pod."""
+    if obj["kind"] == "TrainJob":
+        trainjob_schema.validate(obj)
+        pod = trainjob_schema.node_pod(obj)
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod",
+                                      "metadata": {**pod["metadata"], "name": "node-0"},
+                                      "spec": pod["spec"]}, K8S_VERSION, strict=True)
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
 def _pod_specs(obj: dict) -> list[dict]:
-    if obj["kind"] == "PyTorchJob":
-        return [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "TrainJob":
+        return [trainjob_schema.node_pod(obj)["spec"]]
     if obj["kind"] in POD_KINDS:
         return [obj["spec"]["template"]["spec"]]
     return []
@@ -168,16 +164,23 @@ def test_validation_rejects_unknown_and_wrong_fields(rendered):
     deployment["spec"]["replica"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment)
-    job = next(o for o in rendered["examples/pytorchjob"] if o["kind"] == "PyTorchJob")
-    for mutate in (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].update(replica=1),
-                   lambda j: j["spec"]["pytorchReplicaSpecs"].update(Chief={"template": {}}),
-                   lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-                   ["containers"][0].update(ports="5000"),
-                   lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-                   ["containers"][0]["resources"].update(limitz={})):
+    job = next(o for o in rendered["examples/trainjob"] if o["kind"] == "TrainJob")
+    node = ("spec", "runtimePatches", 0, "trainingRuntimeSpec", "template", "spec",
+            "replicatedJobs", 0, "template", "spec", "template", "spec")
+
+    def at(j, *path):
+        for key in path:
+            j = j[key]
+        return j
+
+    for mutate in (lambda j: j["spec"]["trainer"].update(numNode=2),
+                   lambda j: j["spec"]["trainer"]["resourcesPerNode"].update(limitz={}),
+                   lambda j: at(j, *node, "containers", 0).update(ports="5000"),
+                   lambda j: at(j, *node, "containers", 0).update(image="x"),  # not patchable
+                   lambda j: at(j, *node, "volumes", 0, "emptyDir").update(sizeLimit="lots")):
         broken = copy.deepcopy(job)
         mutate(broken)
-        with pytest.raises(jsonschema.ValidationError):
+        with pytest.raises((trainjob_schema.Invalid, kubernetes_validate.ValidationError)):
             validate(broken)
 
 
@@ -201,7 +204,7 @@ def test_policy_check_catches_violations(rendered):
     found = "\n".join(policy_violations(objects))
     for expected in ("no cpu/memory limits", "no readinessProbe", "allowPrivilegeEscalation",
                      "DB_PASSWORD given as plain value", "appears in plain text",
-                     "['delete'] on kubeflow.org/pytorchjobs", "['get'] on core/secrets"):
+                     "['delete'] on trainer.kubeflow.org/trainjobs", "['get'] on core/secrets"):
         assert expected in found
 
 
@@ -237,19 +240,27 @@ def test_rbac_grants_what_the_pipeline_needs(rendered):
     assert granted == ALLOWED_RBAC
     binding = next(o for o in objects if o["kind"] == "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gpunet-pipeline",
-                                    "namespace": "gpunet"}]
-    assert any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == "gpunet-pipeline"
-               for o in objects)
+    assert binding["subjects"] == [  # KFP's pipeline-runner: tests/test_kfp_namespace.py
+        {"kind": "ServiceAccount", "name": "gpunet-pipeline", "namespace": "gpunet"},
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"} == {
+        "gpunet-pipeline", "gpunet-training"}
 
 
 def test_stack_contents_and_overlays(rendered):
-    def index(target):
-        return {(o["kind"], o["metadata"]["name"]): o for o in rendered[target]}
+    def index(target):  # namespace gpunet; the KFP namespace's copies: test_kfp_namespace.py
+        return {(o["kind"], o["metadata"]["name"]): o for o in rendered[target]
+                if o["metadata"].get("namespace", "gpunet") == "gpunet"}
 
     local, gpu = index("overlays/local"), index("overlays/gpu")
+    for target in ("overlays/local", "overlays/gpu"):
+        elsewhere = {(o["metadata"]["namespace"], o["kind"], o["metadata"]["name"])
+                     for o in rendered[target] if o["metadata"].get("namespace", "gpunet")
+                     != "gpunet"}
+        assert elsewhere == {("kubeflow", "ConfigMap", "gpunet-config"),
+                             ("kubeflow", "Secret", "gpunet-s3"),
+                             ("kubeflow", "Secret", "gpunet-mlflow-auth")}
     for objects in (local, gpu):
-        assert all(o["metadata"].get("namespace", "gpunet") == "gpunet" for o in objects.values())
         mlflow = objects["Deployment", "gpunet-mlflow"]["spec"]["template"]["spec"]["containers"][0]
         args = mlflow["args"]
         assert "--serve-artifacts" in args
@@ -266,8 +277,11 @@ def test_stack_contents_and_overlays(rendered):
         assert probe_host in hosts.split(",")
         assert ("StatefulSet", "gpunet-postgres") in objects
         assert ("PersistentVolumeClaim", "gpunet-dataset-cache") in objects
-    assert ("Job", "gpunet-minio-bucket") in local and ("Deployment", "gpunet-minio") in local
-    assert not [k for k in gpu if "minio" in k[1]], "gpu overlay uses external S3"
+    seaweedfs = {("Deployment", "gpunet-seaweedfs"), ("Service", "gpunet-s3"),
+                 ("PersistentVolumeClaim", "gpunet-seaweedfs"), ("Job", "gpunet-s3-bucket"),
+                 ("NetworkPolicy", "gpunet-s3")}
+    assert seaweedfs <= set(local)
+    assert not seaweedfs & set(gpu), "gpu overlay uses external S3"
     config = gpu["ConfigMap", "gpunet-config"]["data"]
     assert json.loads(config["GPU_NODE_SELECTOR"]) == {"nvidia.com/gpu.present": "true"}
     assert json.loads(config["GPU_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
@@ -275,18 +289,18 @@ def test_stack_contents_and_overlays(rendered):
     size = lambda objs: objs["PersistentVolumeClaim", "gpunet-dataset-cache"]["spec"][  # noqa: E731
         "resources"]["requests"]["storage"]
     assert (size(local), size(gpu)) == ("5Gi", "500Gi")
-    job = index("examples/pytorchjob")["PyTorchJob", "gpunet-train-example"]
-    for replica in job["spec"]["pytorchReplicaSpecs"].values():
-        pod = replica["template"]["spec"]
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    job = index("examples/trainjob")["TrainJob", "gpunet-train-example"]
+    assert job["spec"]["trainer"]["numNodes"] == 2
+    pod = trainjob_schema.node_pod(job)["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
 def test_images_are_the_ones_make_builds(rendered):
     used = {c["image"] for o in rendered["deploy"] for pod in _pod_specs(o)
             for c in pod["containers"] if "gpunet-" in c["image"]}
     assert used == {images.image_ref("cpu", "reg.local:5000/ml", "v1.2.3")}
-    for target in ("base", "examples/pytorchjob"):
+    for target in ("base", "examples/trainjob"):
         for obj in rendered[target]:
             for pod in _pod_specs(obj):
                 for c in pod["containers"]:

@@ -27,6 +27,8 @@ from urllib.parse import quote
 import pytest
 import yaml
 
+from tests.trainjob_schema import node_pod
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ unsafe deserialization
@@ -316,13 +318,13 @@ def test_cluster_pipeline_takes_credentials_from_secrets_by_name(compiled_with_c
 
 KUBECTL = (shutil.which("kubectl", path=str(Path(sys.executable).parent))
            or shutil.which("kubectl"))
-RENDER_TARGETS = ["base", "overlays/local", "overlays/gpu", "examples/pytorchjob"]
-WORKLOADS = {"Deployment", "StatefulSet", "Job", "PyTorchJob"}
+RENDER_TARGETS = ["base", "overlays/local", "overlays/gpu", "examples/trainjob"]
+WORKLOADS = {"Deployment", "StatefulSet", "Job", "TrainJob"}
 
 
 def _containers(obj: dict) -> list[dict]:
-    if obj["kind"] == "PyTorchJob":
-        pods = [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "TrainJob":
+        pods = [node_pod(obj)["spec"]]  # the pod its node job runs
     elif obj["kind"] in WORKLOADS:
         pods = [obj["spec"]["template"]["spec"]]
     else:
