@@ -42,7 +42,7 @@ PICKLE_LOADERS = {
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 # (file, function, loader) -> the source of its weights_only argument: the only exceptions
 ALLOWED = {
-    ("gpunet_core/models/checkpoint.py", "read_checkpoint", "torch.load"): "not trusted",
+    ("gpunet_core/models/checkpoint.py", "_load", "torch.load"): "not trusted",
 }
 
 
