@@ -11,6 +11,7 @@ lacks (or is the Trainer webhook's denial), 400/422 carry the API server's or we
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from gpunet_core.utils.errors import GpunetError
@@ -168,7 +169,8 @@ def connect(api_client: Any = None) -> tuple[Any, bool]:
         config.load_incluster_config()
     except config.ConfigException as in_cluster:
         try:
-            config.load_kube_config()
+            # $KUBECONFIG read now: the client's default is frozen when it is first imported
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         except (config.ConfigException, OSError, TypeError, ValueError) as exc:
             raise TrainJobError(
                 "no Kubernetes credentials for multi-node training: not running in a pod with "
