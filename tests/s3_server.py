@@ -153,7 +153,9 @@ class S3Server:
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        """Until an authenticated ListBuckets answers and shows the bucket."""
+        """Until an authenticated ListBuckets answers and shows the bucket, and (after a
+        restart) a stored object reads back: the filer answers listings before the volume
+        server has re-registered its volumes, and a GET in between is an InternalError."""
         probe = self.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
         deadline = time.monotonic() + timeout_s
         last: Exception | str = "no answer"
@@ -161,6 +163,11 @@ class S3Server:
             try:
                 names = [b["Name"] for b in probe.list_buckets()["Buckets"]]
                 if self.bucket in names:
+                    stored = probe.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                    for obj in stored.get("Contents", []):
+                        if obj["Size"]:
+                            probe.get_object(Bucket=self.bucket, Key=obj["Key"],
+                                             Range="bytes=0-0")["Body"].read()
                     return
                 last = f"bucket {self.bucket!r} not listed yet ({names})"
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"

@@ -218,13 +218,13 @@ def test_scanner_passes_safe_code(snippet):
 
 
 def test_allow_list_is_exact_about_file_function_and_argument():
-    trusted = "import torch\ndef read_checkpoint(p, *, trusted=False):\n" \
+    trusted = "import torch\ndef _load(p, trusted, name):\n" \
               "    return torch.load(p, weights_only={})\n"
     ok = trusted.format("not trusted")
     assert scan_source(ok, "gpunet_core/models/checkpoint.py") == (
-        [], {("gpunet_core/models/checkpoint.py", "read_checkpoint", "torch.load")})
+        [], {("gpunet_core/models/checkpoint.py", "_load", "torch.load")})
     for source, path in [(ok, "gpunet_core/other.py"),  # another file
-                         (ok.replace("read_checkpoint", "load_any"), "gpunet_core/models/checkpoint.py"),
+                         (ok.replace("_load", "load_any"), "gpunet_core/models/checkpoint.py"),
                          (trusted.format("False"), "gpunet_core/models/checkpoint.py"),
                          (trusted.format("trusted"), "gpunet_core/models/checkpoint.py")]:
         found, used = scan_source(source, path)
