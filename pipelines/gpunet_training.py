@@ -47,7 +47,7 @@ class Platform:
         """Every task on a cluster: credentials, non-root security context, its timeout."""
         if not self.cluster:
             return task
-        for (kind, source), key_to_env in _env_groups(self.pod):
+        for (kind, source), key_to_env in self.pod.env_sources():
             if kind == "secret":
                 kubernetes.use_secret_as_env(task, secret_name=source,
                                              secret_key_to_env=key_to_env)
@@ -73,19 +73,6 @@ class Platform:
         if self.dataset_pvc:
             kubernetes.mount_pvc(task, pvc_name=self.dataset_pvc, mount_path="/data")
         return task
-
-
-def _env_groups(pod: PodSettings) -> list[tuple[tuple[str, str], dict[str, str]]]:
-    """The pod's env refs as kfp-kubernetes calls: ``{key: env var}`` per Secret/ConfigMap (a
-    key feeding two variables needs a second call)."""
-    groups: list[tuple[tuple[str, str], dict[str, str]]] = []
-    for ref in pod.env:
-        source = (ref.source_kind, ref.source)
-        group = next((g for s, g in groups if s == source and ref.key not in g), None)
-        if group is None:
-            groups.append((source, group := {}))
-        group[ref.key] = ref.name
-    return groups
 
 
 def build_pipeline(platform: Platform | None = None):

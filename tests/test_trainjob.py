@@ -225,14 +225,17 @@ def test_pod_settings_round_trip_and_name_the_bad_field():
     for settings in [PodSettings(), GPU] + [v["settings"] for v in VARIANTS.values()]:
         assert PodSettings.from_json(settings.to_json()) == settings
         hash(settings)
-    assert PodSettings().secrets() == {
-        "gpunet-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                      "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
-        "gpunet-mlflow-auth": {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                               "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}}
-    assert PodSettings().config_maps() == {"gpunet-config": {
-        "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL": "S3_ENDPOINT_URL",
-        "MLFLOW_S3_ENDPOINT_URL": "S3_ENDPOINT_URL", "GPUNET_RUNS_URI": "RUNS_URI"}}
+    # the same env var <- (source, key) pairs as before, in kfp-kubernetes' {key: env var} shape
+    assert PodSettings().env_sources() == [
+        (("secret", "gpunet-s3"), {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}),
+        (("secret", "gpunet-mlflow-auth"), {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}),
+        (("configMap", "gpunet-config"), {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+                                          "S3_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+                                          "RUNS_URI": "GPUNET_RUNS_URI"}),
+        # one key feeding a second variable: a second call for that ConfigMap
+        (("configMap", "gpunet-config"), {"S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"})]
     assert PodSettings.from_json('{"gpus_per_node": 4}') == PodSettings(gpus_per_node=4)
     for text, message in [
         ('{"gpus": 4}', "unknown field(s) gpus"),

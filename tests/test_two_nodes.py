@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from gpunet_core.mlops.cluster import PodSettings
 from gpunet_core.mlops.trainjob import trainjob_manifest, trainjob_name
 from gpunet_core.training.config import to_argv
 from gpunet_core.utils import storage
+from tests.mlflow_server import free_port
 from tests.train_helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -58,12 +58,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def resolve_env(job: dict, values: dict[tuple[str, str, str], str]) -> dict[str, str]:
     """The container env of ``job``'s trainer: literal values, and Secret/ConfigMap keys
     looked up in ``values`` as the kubelet would (a missing one fails, as there)."""
@@ -85,7 +79,7 @@ class Nodes:
     def __init__(self, job: dict, env: dict[str, str], root: Path, attempt: int):
         trainer = job["spec"]["trainer"]
         self.cmd = [*trainer["command"], *trainer.get("args", [])]
-        port = _free_port()
+        port = free_port()
         self.logs, self.procs = [], []
         for rank in range(trainer["numNodes"]):
             home = root / f"node{rank}"

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -38,12 +38,6 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 _CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
-_SUFFIX = {"": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-           "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9,
-           "T": Decimal(10) ** 12, "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
-           "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50,
-           "Ei": 2 ** 60}
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 _EFFECTS = {"", "NoSchedule", "PreferNoSchedule", "NoExecute"}
 # torchrun's rendezvous variables: Trainer sets them on every node and rejects a TrainJob that
@@ -87,17 +81,14 @@ def label_value_problem(value: Any) -> str | None:
 
 def parse_quantity(text: Any) -> Decimal:
     """A Kubernetes quantity (``"500m"``, ``"16Gi"``, ``"4"``) as a number; ValueError if bad."""
-    match = _QUANTITY.match(text) if isinstance(text, str) else None
-    if not match:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
-    number, suffix = match.groups()
+    from kubernetes.utils import parse_quantity as parse  # the client's own quantity parser
+
     try:
-        value = Decimal(number)
-    except InvalidOperation:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)") from None
-    if suffix and suffix[0] in "eE":
-        return value * Decimal(10) ** int(suffix[1:])
-    return value * _SUFFIX[suffix or ""]
+        if isinstance(text, str) and text == text.strip():  # the API server takes no blanks
+            return parse(text)
+    except ValueError:
+        pass
+    raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
 
 
 @dataclass(frozen=True)
@@ -210,23 +201,18 @@ class PodSettings:
         """The container ``env`` entries, all ``valueFrom`` references."""
         return [ref.to_k8s() for ref in self.env]
 
-    def secrets(self) -> dict[str, dict[str, str]]:
-        """``{secret name: {env var: key}}``. For kfp-kubernetes, invert each pair:
-        ``use_secret_as_env(task, secret, {key: env_var})``."""
-        return self._sources(SECRET)
-
-    def config_maps(self) -> dict[str, dict[str, str]]:
-        """``{config map name: {env var: key}}`` (env var first: one key may feed several
-        variables, e.g. S3_ENDPOINT_URL); for kfp-kubernetes call
-        ``use_config_map_as_env(task, name, {key: env_var})`` once per pair."""
-        return self._sources(CONFIG_MAP)
-
-    def _sources(self, kind: str) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
+    def env_sources(self) -> list[tuple[tuple[str, str], dict[str, str]]]:
+        """The env refs grouped by ``(source_kind, source)`` as ``{key: env var}``, the shape of
+        kfp-kubernetes' ``use_secret_as_env`` / ``use_config_map_as_env``; a key feeding two
+        variables (S3_ENDPOINT_URL) opens a second group for that source."""
+        groups: list[tuple[tuple[str, str], dict[str, str]]] = []
         for ref in self.env:
-            if ref.source_kind == kind:
-                out.setdefault(ref.source, {})[ref.name] = ref.key
-        return out
+            source = (ref.source_kind, ref.source)
+            group = next((g for s, g in groups if s == source and ref.key not in g), None)
+            if group is None:
+                groups.append((source, group := {}))
+            group[ref.key] = ref.name
+        return groups
 
     # ------------------------------------------------------------------ JSON
 
