@@ -1,16 +1,19 @@
 """promote: register the candidate in MLflow and decide its alias (gpunet_core.steps.promote)."""
 
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
 from components._images import CPU_IMAGE, component
 
 
 @component(CPU_IMAGE)
-def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Artifact],
-            bench: Input[Artifact], model_name: str, img_size: int, registered_model: str,
-            min_top1: float, max_latency_ms: float, margin: float, mlflow_experiment: str,
-            kfp_run_id: str, scheduled_time: str, report: Output[Markdown]) -> str:
-    """``scheduled_time``: a recurring run's scheduled time, tagged on the MLflow run."""
+def promote(dataset: Input[Dataset], checkpoint: Input[Model], onnx: Input[Model],
+            validation: Input[Artifact], bench: Input[Artifact], model_name: str, img_size: int,
+            registered_model: str, min_top1: float, max_latency_ms: float, margin: float,
+            max_latency_increase_pct: float, mlflow_experiment: str, kfp_run_id: str,
+            scheduled_time: str, report: Output[Markdown]) -> str:
+    """``dataset``: its validation split is where a champion validated on other data is
+    evaluated before the comparison. ``scheduled_time``: a recurring run's scheduled time,
+    tagged on the MLflow run."""
     import json
     import os
 
@@ -25,6 +28,8 @@ def promote(checkpoint: Input[Model], onnx: Input[Model], validation: Input[Arti
                              val, lat, model=model_name, img_size=img_size,
                              registered_model=registered_model, min_top1=min_top1,
                              max_latency_ms=max_latency_ms, margin=margin,
+                             max_latency_increase_pct=max_latency_increase_pct,
+                             data=os.path.join(dataset.path, "val"),
                              experiment=mlflow_experiment, kfp_run_id=kfp_run_id,
                              scheduled_time=scheduled_time)
     with open(report.path, "w") as fh:

@@ -3,9 +3,14 @@
 Each KFP component in ``components/`` is a typed shell over exactly one function here, and the
 CLI and tests call the same functions. Steps take plain values and local paths and return
 JSON-able dicts. Every step but :func:`promote` is a pure function of its inputs, so KFP may
-serve it from its cache when a pipeline is re-run; MLflow is written by training (its own run,
-whose id it leaves in ``<output>/mlflow_run_id``) and by :func:`promote`, which adds the
-validation and latency figures to that run and tags it with the pipeline run (``kfp_run_id``).
+serve it from its cache when a pipeline is re-run.
+
+MLflow: without KFP's MLflow plugin, training opens its own run (its id left in
+``<output>/mlflow_run_id``) and logs the best checkpoint as a LoggedModel
+(``<output>/mlflow_model_id``); :func:`promote` logs the validation and latency figures into
+that run, linked to the model, and tags it with the pipeline run (``kfp_run_id``). With the
+plugin (``$MLFLOW_RUN_ID``, one nested run per task), every step logs into its own task's run
+instead and creates none; validation and benchmark figures then land in theirs too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from typing import Any
 from gpunet_core.training.config import TrainConfig, to_argv
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import LAST_CHECKPOINT, RESULT_FILE, RUN_ID_FILE, write_json
+from gpunet_core.utils.files import (
+    LAST_CHECKPOINT,
+    MODEL_ID_FILE,
+    RESULT_FILE,
+    RUN_ID_FILE,
+    write_json,
+)
 from gpunet_core.utils.process import fast_exit
 
 _logger = logging.getLogger(__name__)
@@ -93,9 +104,9 @@ def pipeline_run_id(kfp_run_id: str, experiment: str) -> str | None:
     """The MLflow run tagged with this pipeline run (``kfp_run_id``), or None."""
     if not kfp_run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
         return None
-    from mlflow import MlflowClient
+    from gpunet_core.mlops.mlflow_client import client
 
-    mlc = MlflowClient()
+    mlc = client()
     exp = mlc.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -110,11 +121,12 @@ def training_run_id(checkpoint: str | Path) -> str | None:
     if not marker.is_file():
         return None
     run_id = marker.read_text().strip()
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from gpunet_core.mlops.mlflow_client import client
+
     try:
-        MlflowClient().get_run(run_id)
+        client().get_run(run_id)
     except MlflowException:
         _logger.warning("training run %s (from %s) is not in this MLflow; a new run is used",
                         run_id, marker)
@@ -122,20 +134,51 @@ def training_run_id(checkpoint: str | Path) -> str | None:
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], prefix: str) -> None:
-    """Log numeric results into ``run_id`` once (a cached step's figures are not re-logged)."""
+def logged_model_id(checkpoint: str | Path) -> str | None:
+    """The LoggedModel training logged for ``checkpoint`` (``mlflow_model_id`` beside it)."""
+    marker = Path(checkpoint).parent / MODEL_ID_FILE
+    return (marker.read_text().strip() or None) if marker.is_file() else None
 
-    from mlflow import MlflowClient
+
+def log_metrics(run_id: str, metrics: dict[str, float], prefix: str, *,
+                model_id: str | None = None, dataset: dict[str, Any] | None = None) -> None:
+    """Log numeric results into ``run_id`` once (a cached step's figures are not re-logged),
+    linked to LoggedModel ``model_id`` and measured on ``dataset`` (a validation result's
+    ``dataset``) when given."""
     from mlflow.entities import Metric
 
-    mlc = MlflowClient()
+    from gpunet_core.mlops.mlflow_client import client
+
+    mlc = client()
     existing = mlc.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
-    batch = [Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
+    name = digest = None
+    if dataset and dataset.get("checksum"):
+        name, digest = f"{dataset.get('split') or 'val'}", dataset["checksum"][:36]
+    batch = [Metric(f"{prefix}{k}", float(v), now, 0, model_id=model_id, dataset_name=name,
+                    dataset_digest=digest, run_id=run_id) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)
-             and existing.get(f"{prefix}{k}") != float(v)]
+             and (model_id or existing.get(f"{prefix}{k}") != float(v))]
     if batch:
         mlc.log_batch(run_id, metrics=batch)
+
+
+def log_to_task_run(step: str, metrics: dict[str, Any], prefix: str) -> None:
+    """With KFP's MLflow plugin: the step's figures into its task's run, tagged; otherwise
+    nothing (the step stays a pure function). Never fails the step."""
+    from gpunet_core.mlops.mlflow_client import plugin_run_id
+
+    run_id = plugin_run_id()
+    if not run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    try:
+        from gpunet_core.mlops.mlflow_client import client
+
+        client().set_tag(run_id, "gpunet.step", step)
+        log_metrics(run_id, metrics, prefix)
+    except Exception as exc:  # MLflow down: the figures are in the step's outputs anyway
+        _logger.warning("could not log %s's figures into MLflow run %s: %s", step, run_id,
+                        str(exc).splitlines()[0][:200])
 
 
 def write_artifact_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -227,7 +270,8 @@ def cluster_config(cfg: TrainConfig, *, run_id: str, task: str) -> TrainConfig:
     The dataset is read from ``s3://`` (a local one is published once under
     ``<runs>/datasets/<manifest checksum>/``, so every run of the same data reuses it), local
     checkpoints it starts from go to ``<runs>/<run>/<task>/inputs/``, and the outputs to
-    ``<runs>/<run>/<task>/output`` (resumable there: the step always auto-resumes).
+    ``<runs>/<run>/<task>/output`` (resumable there: the step always auto-resumes). The
+    task's MLflow run from KFP's plugin (``$MLFLOW_RUN_ID``) is passed as ``--mlflow-run-id``.
     """
     # multi-node only: the dataset publishing code (PIL, numpy) stays out of the other steps
     from gpunet_core.data.prepare import publish_dataset, read_manifest
@@ -240,6 +284,9 @@ def cluster_config(cfg: TrainConfig, *, run_id: str, task: str) -> TrainConfig:
     storage.check_bucket(runs)  # a wrong bucket or credentials fail before any upload
     run = runs.join(_key_prefix(run_id), task)
     changes: dict[str, Any] = {"output": str(run.join("output")), "auto_resume": True}
+    if cfg.mlflow and not cfg.mlflow_run_id and os.environ.get("MLFLOW_RUN_ID"):
+        # the pods do not inherit this task's environment: KFP's plugin run goes in the argv
+        changes["mlflow_run_id"] = os.environ["MLFLOW_RUN_ID"]
     data = str(cfg.data)
     if not storage.is_s3_uri(data):
         manifest = read_manifest(data)
@@ -374,6 +421,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     results.update({"model": model, "checkpoint": str(checkpoint)})
     if results_file:
         write_json(results, results_file)
+    log_to_task_run("validate", {k: results[k] for k in ("top1", "top5", "loss")}, "val_")
     return results
 
 
@@ -400,6 +448,8 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
     result = run_benchmark(onnx, backend=backend, iterations=iterations)
     if results_file:
         write_json(result, results_file)
+    log_to_task_run("benchmark", {f"latency_ms_{k}": v for k, v in result["latency_ms"].items()},
+                    "bench_")
     return result
 
 
@@ -407,45 +457,64 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
             min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
+            max_latency_increase_pct: float = 0.0, data: str | Path | None = None,
             experiment: str = "gpunet", kfp_run_id: str = "",
             scheduled_time: str = "") -> dict[str, Any]:
-    """Register the candidate (pytorch + onnx flavors) and give it an alias.
+    """Register the candidate (its LoggedModel, pytorch + onnx flavors) and give it an alias.
 
-    The version's source run is the MLflow run that trained ``checkpoint`` (else the pipeline
-    run's, else a new one); the validation and latency figures are logged into it. Torch is
-    imported only when that run does not already hold the checkpoint's model (training logs
-    it), to build the ``pytorch`` flavor here.
+    The figures are logged into the task's run (KFP's plugin), else the run that trained
+    ``checkpoint`` (else the pipeline run's, else a new one), linked to the model. ``data``:
+    the candidate's validation set, on which the champion is evaluated when it was validated
+    on another dataset. ``max_latency_ms`` / ``max_latency_increase_pct``: 0 means no limit.
+    Torch is imported only to build a model training did not log, or to evaluate a champion.
     """
-    from mlflow import MlflowClient
+    import hashlib
 
-    # every KFP task imports steps: each step loads only its own libraries
     from gpunet_core.mlops import registry
+    from gpunet_core.mlops.mlflow_client import client, ensure_experiment, plugin_run_id
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")
-    mlc = MlflowClient()
-    run_id = training_run_id(checkpoint) or pipeline_run_id(kfp_run_id, experiment)
+    mlc = client()
+    trained_by = training_run_id(checkpoint)
+    run_id = plugin_run_id() or trained_by or pipeline_run_id(kfp_run_id, experiment)
     if run_id is None:
-        exp = mlc.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else mlc.create_experiment(experiment)
-        run_id = mlc.create_run(exp_id).info.run_id
+        run_id = mlc.create_run(ensure_experiment(mlc, experiment)).info.run_id
     mlc.set_tag(run_id, RUN_TAG, kfp_run_id or "manual")
     if scheduled_time and not scheduled_time.startswith("{{$."):  # kfp.local leaves it as is
         # a recurring run: which scheduled retraining produced this candidate
         mlc.set_tag(run_id, "kfp_scheduled_time", scheduled_time)
-    log_metrics(run_id, {k: validation[k] for k in ("top1", "top5", "loss") if k in validation},
-                prefix="val_")
-    log_metrics(run_id, {f"latency_ms_{k}": v for k, v in bench["latency_ms"].items()},
-                prefix="bench_")
+    dataset = validation.get("dataset") or {}
+    classes = validation.get("classes")
     latency = float(bench["latency_ms"]["median"])
-    version = registry.register(
-        run_id, checkpoint, onnx, model_name=model, name=registered_model, img_size=img_size,
-        tags={"top1": validation["top1"], "top5": validation["top5"], "latency_ms": latency,
-              "latency_backend": bench.get("backend"), "model": model, RUN_TAG: kfp_run_id})
+    tags = {"top1": validation["top1"], "top5": validation["top5"], "latency_ms": latency,
+            "latency_backend": bench.get("backend"), "model": model, "img_size": img_size,
+            RUN_TAG: kfp_run_id}
+    for key, value in ((registry.DATASET_TAG, dataset.get("checksum")),
+                       (registry.LATENCY_FP_TAG, bench.get("latency_fingerprint")),
+                       (registry.CLASSES_TAG, classes and hashlib.sha256(
+                           json.dumps(classes).encode()).hexdigest())):
+        if value:
+            tags[key] = value
+    version, model_id = registry.register(
+        trained_by or run_id, checkpoint, onnx, model_name=model, name=registered_model,
+        img_size=img_size, tags=tags, model_id=logged_model_id(checkpoint))
+    log_metrics(run_id, {k: validation[k] for k in ("top1", "top5", "loss") if k in validation},
+                prefix="val_", model_id=model_id, dataset=dataset)
+    log_metrics(run_id, {f"latency_ms_{k}": v for k, v in bench["latency_ms"].items()},
+                prefix="bench_", model_id=model_id)
     decision = registry.promote(registered_model, version, min_top1=min_top1,
-                                max_latency_ms=max_latency_ms or None, margin=margin)
+                                max_latency_ms=max_latency_ms or None, margin=margin,
+                                max_latency_increase_pct=max_latency_increase_pct or None,
+                                data=data)
+    champion = decision.previous_champion or {}
+    if champion.get("evaluated"):  # the champion's figure on this candidate's validation set
+        log_metrics(run_id, {"champion_top1": champion["top1"]}, prefix="promotion_",
+                    dataset=dataset)
     mlc.set_tag(run_id, "promotion", f"{decision.alias} (v{version})")
-    return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id}
+    mlc.log_text(run_id, decision.markdown(), f"promotion/v{version}.md")
+    return json.loads(decision.to_json()) | {"markdown": decision.markdown(), "run_id": run_id,
+                                             "model_id": model_id}
 
 
 @timed("gpunet_core.inference.report")

@@ -112,6 +112,7 @@ def build_pipeline(platform: Platform | None = None):
         min_top1: float = 0.0,
         max_latency_ms: float = 0.0,
         promotion_margin: float = 0.0,
+        max_latency_increase_pct: float = 0.0,
         train_image: str = TRAIN_IMAGE,
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -154,12 +155,15 @@ def build_pipeline(platform: Platform | None = None):
         if p.cluster and p.pod.gpus_per_node:
             bench.set_accelerator_type(p.pod.accelerator).set_accelerator_limit(1)
 
-        decision = c.promote(checkpoint=student.outputs["checkpoint"],
+        decision = c.promote(dataset=data.outputs["dataset"],
+                             checkpoint=student.outputs["checkpoint"],
                              onnx=onnx.outputs["onnx"], validation=val.outputs["results"],
                              bench=bench.outputs["results"], model_name=model_name,
                              img_size=img_size, registered_model=registered_model,
                              min_top1=min_top1, max_latency_ms=max_latency_ms,
-                             margin=promotion_margin, mlflow_experiment=mlflow_experiment,
+                             margin=promotion_margin,
+                             max_latency_increase_pct=max_latency_increase_pct,
+                             mlflow_experiment=mlflow_experiment,
                              kfp_run_id=run_id,
                              scheduled_time=scheduled)
         p.task(decision, "promote")

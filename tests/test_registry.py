@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow.models
 import pytest
 from mlflow import MlflowClient
 
@@ -141,88 +140,113 @@ def training_run(tmp_path, monkeypatch):
     return mlc, mlc.create_run(exp).info.run_id
 
 
-def register_in_fresh_process(run_id, checkpoint, onnx_path, img_size=IMG):
-    """``registry.register`` in a new interpreter: returns the version and whether it
-    imported torch."""
+def register_in_fresh_process(run_id, checkpoint, onnx_path, img_size=IMG, model_id=None):
+    """``registry.register`` in a new interpreter: returns the version, its LoggedModel and
+    whether it imported torch."""
     import subprocess
     import sys
 
     code = (f"import sys; from gpunet_core.mlops import registry; "
-            f"v = registry.register({run_id!r}, {str(checkpoint)!r}, {str(onnx_path)!r}, "
-            f"model_name='gpunet_0', name={NAME!r}, img_size={img_size}, tags={{'top1': 1.0}}); "
-            f"print(v, 'torch' in sys.modules)")
+            f"v, m = registry.register({run_id!r}, {str(checkpoint)!r}, {str(onnx_path)!r}, "
+            f"model_name='gpunet_0', name={NAME!r}, img_size={img_size}, tags={{'top1': 1.0}}, "
+            f"model_id={model_id!r}); print(v, m, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    version, torch_loaded = proc.stdout.split()
-    return version, torch_loaded == "True"
+    version, model, torch_loaded = proc.stdout.split()
+    return version, model, torch_loaded == "True"
 
 
-def assert_version_is(version, checkpoint, onnx_of):
-    """Both flavors of ``version`` load: the pytorch one computes what ``checkpoint``'s model
-    computes, the onnx one what ``onnx_of``'s model computes."""
+def assert_version_is(uri, checkpoint, onnx_of):
+    """Both flavors of the model at ``uri`` load: the pytorch one computes exactly what
+    ``checkpoint``'s model computes, the onnx one what ``onnx_of``'s model computes (1e-4),
+    and pyfunc serves the onnx... or pytorch flavor with the same shape."""
     import mlflow.onnx
+    import mlflow.pyfunc
     import mlflow.pytorch
     import onnxruntime
     import torch
 
     x = torch.rand(2, 3, IMG, IMG)
     with torch.no_grad():
-        got = mlflow.pytorch.load_model(f"models:/{NAME}/{version}")(x)
+        got = mlflow.pytorch.load_model(uri)(x)
         assert torch.equal(got, registry_model(checkpoint)(x))
         expected_onnx = registry_model(onnx_of)(x)
-    session = onnxruntime.InferenceSession(
-        mlflow.onnx.load_model(f"models:/{NAME}/{version}").SerializeToString())
+    session = onnxruntime.InferenceSession(mlflow.onnx.load_model(uri).SerializeToString())
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert torch.allclose(torch.from_numpy(onnx_out), expected_onnx, atol=1e-4)
+    served = mlflow.pyfunc.load_model(uri).predict(x.numpy())
+    assert tuple(served.shape) == (2, 3)
 
 
-def source_folder(mlc, version):
-    return mlc.get_model_version(NAME, version).source.rsplit("/", 1)[1]
+def source(mlc, version):
+    return mlc.get_model_version(NAME, version).source
 
 
-def test_register_reuses_the_model_training_logged(training_run, two_checkpoints):
+def test_register_completes_the_model_training_logged(training_run, two_checkpoints):
+    from gpunet_core import steps
+
     mlc, run_id = training_run
     (first, second), (onnx_first, onnx_second) = two_checkpoints
-    registry.log_pytorch_model(run_id, first, model_name="gpunet_0", img_size=IMG)
-    assert mlc.get_run(run_id).data.tags[registry.IMG_SIZE_TAG] == str(IMG)
-    assert {f.path for f in mlc.list_artifacts(run_id, "model")} >= {"model/MLmodel",
-                                                                     "model/data"}
-    version, torch_loaded = register_in_fresh_process(run_id, first, onnx_first)
-    assert (version, torch_loaded) == ("1", False)  # nothing rebuilt: no torch
-    assert source_folder(mlc, "1") == "model"
-    assert_version_is(version, first, onnx_of=first)
-    # another export of the same checkpoint: v1's folder is not rewritten; the model training
-    # logged is copied to a folder of v2's own, still without torch
-    assert register_in_fresh_process(run_id, first, onnx_second) == ("2", False)
-    assert source_folder(mlc, "2") == "model-2"
-    assert_version_is("2", first, onnx_of=second)
-    assert_version_is("1", first, onnx_of=first)
+    model_id = registry.log_pytorch_model(run_id, first, model_name="gpunet_0", img_size=IMG)
+    logged = mlc.get_logged_model(model_id)
+    assert str(logged.status) == "READY" and logged.source_run_id == run_id
+    assert logged.tags[registry.IMG_SIZE_TAG] == str(IMG)
+    # logging it again (a retried, spooled call) finds it instead of a second model
+    assert registry.log_pytorch_model(run_id, first, model_name="gpunet_0",
+                                      img_size=IMG) == model_id
+    version, got_id, torch_loaded = register_in_fresh_process(run_id, first, onnx_first,
+                                                              model_id=model_id)
+    assert (version, got_id, torch_loaded) == ("1", model_id, False)  # nothing built: no torch
+    assert source(mlc, "1") == f"models:/{model_id}"
+    # registered and aliased: loads back identically through models:/<name>@champion
+    steps_metrics = {"top1": 70.0, "top5": 99.0}
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlc.tracking_uri
+    steps.log_metrics(run_id, steps_metrics, "val_", model_id=model_id,
+                      dataset={"checksum": "a" * 64, "split": "val"})
+    assert registry.promote(NAME, "1").alias == registry.CHAMPION
+    assert_version_is(f"models:/{NAME}@champion", first, onnx_of=first)
+    import mlflow
+
+    (found,) = mlflow.search_logged_models(
+        experiment_ids=[logged.experiment_id], filter_string="metrics.val_top1 > 50",
+        output_format="list")
+    assert found.model_id == model_id
+    assert {m.key: m.value for m in found.metrics}["val_top1"] == 70.0
+    # another export of the same checkpoint: v1's model is not rewritten; v2 is a copy of the
+    # model training logged, still without torch
+    version, copy_id, torch_loaded = register_in_fresh_process(run_id, first, onnx_second,
+                                                               model_id=model_id)
+    assert (version, torch_loaded) == ("2", False) and copy_id != model_id
+    assert source(mlc, "2") == f"models:/{copy_id}"
+    assert mlc.get_logged_model(copy_id).source_run_id == run_id
+    assert_version_is(f"models:/{NAME}/2", first, onnx_of=second)
+    assert_version_is(f"models:/{NAME}/1", first, onnx_of=first)
 
 
 def test_register_builds_the_model_when_the_run_lacks_it_or_holds_another(training_run,
                                                                           two_checkpoints):
-    from gpunet_core.utils.files import sha256_file
-
     mlc, run_id = training_run
     (first, second), (onnx_first, onnx_second) = two_checkpoints
     # nothing logged by training (e.g. --no-log-model): built here, with torch
-    assert register_in_fresh_process(run_id, first, onnx_first) == ("1", True)
-    assert_version_is("1", first, onnx_of=first)
-    assert mlc.get_run(run_id).data.tags[registry.CHECKPOINT_TAG] == sha256_file(first)
-    # the run's model folder is v1's (the first checkpoint); the second is built into its own
-    assert register_in_fresh_process(run_id, second, onnx_second) == ("2", True)
-    assert_version_is("2", second, onnx_of=second)
-    # same checkpoint at another resolution: the signature differs, so rebuilt too
-    assert register_in_fresh_process(run_id, second, onnx_second, img_size=IMG + 8) == ("3",
-                                                                                       True)
-    signature = mlflow.models.get_model_info(f"models:/{NAME}/3").signature
-    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"][-1] == IMG + 8
-    assert [source_folder(mlc, v) for v in "123"] == ["model", "model-2", "model-3"]
-    # earlier versions are untouched, and the run's tags still describe its model folder
-    assert_version_is("1", first, onnx_of=first)
-    assert_version_is("2", second, onnx_of=second)
-    assert mlc.get_run(run_id).data.tags[registry.CHECKPOINT_TAG] == sha256_file(first)
+    v1, m1, torch_loaded = register_in_fresh_process(run_id, first, onnx_first)
+    assert (v1, torch_loaded) == ("1", True)
+    assert_version_is(f"models:/{NAME}/1", first, onnx_of=first)
+    # the run's model is the first checkpoint's; the second is built into its own
+    v2, m2, torch_loaded = register_in_fresh_process(run_id, second, onnx_second)
+    assert (v2, torch_loaded) == ("2", True) and m2 != m1
+    assert_version_is(f"models:/{NAME}/2", second, onnx_of=second)
+    # same checkpoint at another resolution: the signature differs, so built again
+    v3, m3, torch_loaded = register_in_fresh_process(run_id, second, onnx_second,
+                                                     img_size=IMG + 8)
+    assert (v3, torch_loaded) == ("3", True) and m3 not in (m1, m2)
+    assert registry.signature_img_size(f"models:/{NAME}/3") == IMG + 8
+    assert [source(mlc, v) for v in "123"] == [f"models:/{m}" for m in (m1, m2, m3)]
+    # earlier versions are untouched
+    assert_version_is(f"models:/{NAME}/1", first, onnx_of=first)
+    assert_version_is(f"models:/{NAME}/2", second, onnx_of=second)
 
 
 def test_training_tracker_skips_a_model_it_cannot_build(tmp_path, monkeypatch, caplog):
@@ -241,5 +265,7 @@ def test_training_tracker_skips_a_model_it_cannot_build(tmp_path, monkeypatch, c
     tracker.finish({"best_top1": 1.0})
     assert not tracker.spool.exists()
     run = MlflowClient(uri).get_run(tracker.run_id)
-    assert run.info.status == "FINISHED" and registry.CHECKPOINT_TAG not in run.data.tags
+    assert run.info.status == "FINISHED"
+    assert not MlflowClient(uri).search_logged_models([run.info.experiment_id])
+    assert not (out / "mlflow_model_id").exists()
     assert "no MLflow model logged: building it from" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -208,10 +209,13 @@ def test_mlflow_run_has_params_metrics_and_artifacts(digits_small, tmp_path, mlf
     for key in ("train_loss", "train_ce", "eval_loss", "top5", "lr", "img_per_sec"):
         assert len(client.get_metric_history(runs[0].info.run_id, key)) == 2, key
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-    assert {"summary.csv", "args.yaml", "model_best.pth.tar", "model"} <= artifacts
+    assert {"summary.csv", "args.yaml", "model_best.pth.tar"} <= artifacts
     assert runs[0].info.status == "FINISHED"
-    # the best checkpoint's model, as an MLflow model that registration reuses
-    import mlflow.artifacts
+    # a model-training experiment, with the node's system metrics in the run
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert client.get_metric_history(runs[0].info.run_id, key), key
+    # the best checkpoint's model, as a LoggedModel of the run that registration completes
     import mlflow.pytorch
     import torch
 
@@ -220,11 +224,20 @@ def test_mlflow_run_has_params_metrics_and_artifacts(digits_small, tmp_path, mlf
     from gpunet_core.utils.files import sha256_file
 
     best = out / "model_best.pth.tar"
-    assert data.tags[registry.CHECKPOINT_TAG] == sha256_file(best)
-    assert data.tags[registry.IMG_SIZE_TAG] == FAST[FAST.index("--img-size") + 1]
-    logged = mlflow.pytorch.load_model(mlflow.artifacts.download_artifacts(
-        run_id=runs[0].info.run_id, artifact_path="model", dst_path=str(tmp_path / "logged"),
-        tracking_uri=mlflow_server.uri))
+    (model,) = client.search_logged_models([exp.experiment_id])
+    assert (out / "mlflow_model_id").read_text() == model.model_id
+    assert model.source_run_id == runs[0].info.run_id and str(model.status) == "READY"
+    assert model.tags[registry.CHECKPOINT_TAG] == sha256_file(best)
+    assert model.tags[registry.IMG_SIZE_TAG] == FAST[FAST.index("--img-size") + 1]
+    best_epoch = max(history, key=lambda m: m.value).step
+    linked = {m.key: m for m in model.metrics}
+    assert linked["top1"].step == best_epoch  # the best epoch's figures are the model's
+    assert model.params["lr"] == "0.002"
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    try:
+        logged = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(logged(x), load_inference_model("gpunet_0", best)(x))

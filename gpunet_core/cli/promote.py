@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "promote", help="promote a registered model version (MLflow aliases) or roll back",
         description="Compare a registered version's top-1/latency tags with the thresholds and "
-                    "the current champion: it becomes 'champion' when it qualifies, else "
+                    "the current champion (evaluated on the candidate's validation set when it "
+                    "was validated on another): it becomes 'champion' when it qualifies, else "
                     "'challenger'. --rollback restores the previous champion. MLflow from "
                     "MLFLOW_TRACKING_URI.")
     parser.add_argument("name", help="registered model name")
@@ -21,6 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--max-latency-ms", type=float, default=None)
     parser.add_argument("--margin", type=float, default=0.0,
                         help="top-1 points the candidate must gain over the champion")
+    parser.add_argument("--max-latency-increase-pct", type=float, default=None,
+                        help="how much slower than the champion the candidate may be, checked "
+                             "when both latencies were measured alike (latency_fingerprint)")
+    parser.add_argument("--data", help="the candidate's validation set: a champion validated "
+                                       "on another dataset is evaluated on it first (required "
+                                       "then)")
     parser.add_argument("--rollback", action="store_true", help="restore the previous champion")
     parser.add_argument("--json", action="store_true")
     return parser
@@ -33,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.version:
             raise GpunetError("--version is required (or pass --rollback)")
         decision = registry.promote(args.name, args.version, min_top1=args.min_top1,
-                                    max_latency_ms=args.max_latency_ms, margin=args.margin)
+                                    max_latency_ms=args.max_latency_ms, margin=args.margin,
+                                    max_latency_increase_pct=args.max_latency_increase_pct,
+                                    data=args.data)
     print(decision.to_json() if args.json else decision.markdown())
     return 0

@@ -278,6 +278,20 @@ def _fingerprint(source: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
+def dataset_identity(split_dir: str | Path) -> dict[str, Any] | None:
+    """Which prepared dataset and split ``split_dir`` (``<dataset>/<split>``) is: the manifest
+    checksum (the identity promotion compares), the split and its own checksum; None for a
+    folder outside a prepared dataset."""
+    split_dir = Path(split_dir)
+    manifest = read_manifest(split_dir.parent)
+    if manifest is None or not manifest.get("checksum"):
+        return None
+    split = (manifest.get("splits") or {}).get(split_dir.name) or {}
+    return {"checksum": manifest["checksum"], "split": split_dir.name,
+            "split_checksum": split.get("checksum"), "source": manifest.get("source"),
+            "images": split.get("count")}
+
+
 def read_manifest(location: str | Path, *, s3_endpoint: str | None = None) -> dict | None:
     """The manifest of a prepared dataset (local dir or s3:// prefix), or None if incomplete."""
     if storage.is_s3_uri(str(location)):

@@ -15,7 +15,9 @@ Every result is a JSON-able dict with ``schema`` :data:`BENCH_SCHEMA`: latency s
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -141,6 +143,20 @@ def fingerprint() -> dict[str, Any]:
         "tensorrt": tensorrt_version(),
         "trtexec": shutil.which("trtexec"),
     }
+
+
+def latency_fingerprint(result: dict[str, Any]) -> str:
+    """16 hex digits naming how a benchmark result was measured: backend, precision, batch,
+    what was timed, and the hardware (CPU model and cores, GPU model). Two latencies are
+    comparable only when their fingerprints are equal; software versions and the host name
+    are left out (another node of the same kind measures the same)."""
+    fp = result.get("fingerprint") or {}
+    gpu = fp.get("gpu") or {}
+    key = {"backend": result.get("backend"), "precision": result.get("precision"),
+           "batch": result.get("batch"), "latency_kind": result.get("latency_kind"),
+           "cpu": fp.get("cpu"), "cpus": fp.get("cpu_affinity") or fp.get("cpu_count"),
+           "gpu": gpu.get("name"), "gpus": gpu.get("count")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- trtexec
@@ -381,7 +397,7 @@ def run_benchmark(onnx: str | Path, *, backend: str = "auto", precision: str | N
                               threads)
     median = result["latency_ms"]["median"]
     result.setdefault("throughput_ips", batch * 1000.0 / median if median > 0 else 0.0)
-    return {
+    out = {
         "schema": BENCH_SCHEMA,
         "model": info.model,
         "num_classes": info.num_classes,
@@ -399,3 +415,5 @@ def run_benchmark(onnx: str | Path, *, backend: str = "auto", precision: str | N
         "fingerprint": fingerprint(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    out["latency_fingerprint"] = latency_fingerprint(out)  # what promotion compares
+    return out

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from gpunet_core.data.cache import local_dataset
 from gpunet_core.data.loaders import EvalConfig, build_eval_loader
+from gpunet_core.data.prepare import dataset_identity
 from gpunet_core.inference.metrics import top_classes, topk_hits
 from gpunet_core.models.factory import create_model
 from gpunet_core.models.gpunet import GPUNet
@@ -196,4 +197,5 @@ def validate(model: nn.Module, data_dir: str | Path, *, batch_size: int = 256, w
         "channels_last": channels_last,
         "device": str(dev),
         "torch": torch.__version__,
+        "dataset": dataset_identity(data_dir),  # what promotion compares champions on
     }

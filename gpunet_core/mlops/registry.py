@@ -1,19 +1,27 @@
-"""MLflow model registry: register trained GPUNets and promote them with aliases.
+"""MLflow model registry: trained GPUNets as MLflow 3 LoggedModels, promoted with aliases.
 
-One registered-model version holds both flavors of a trained model: ``pytorch`` (the module,
-for ``mlflow.pytorch.load_model``) and ``onnx`` (the exported file, for ``mlflow.onnx`` and ONNX
-Runtime), each with the same signature and input example. Versions carry their measured
-``top1`` and ``latency_ms`` as tags, which promotion compares. Training logs the ``pytorch``
-flavor to its own run (:func:`log_pytorch_model`); registration adds the ``onnx`` flavor and
-builds the ``pytorch`` one only when the run does not already hold the checkpoint's model.
-A registered version's folder is never rewritten: later registrations from the same run get
-folders of their own.
+**One LoggedModel per candidate, holding both flavors.** Training logs the best checkpoint's
+model with ``mlflow.pytorch.log_model`` (:func:`log_pytorch_model`): a LoggedModel of its run,
+``pytorch`` flavor, signature, input example, pinned requirements, and the best epoch's metrics.
+Promotion completes it (:func:`register`): it adds the ONNX export as the ``onnx`` flavor (the
+same signature; ``mlflow.onnx.save_model`` writes it, then it is merged into the model's
+``MLmodel``), and registers it by its ``models:/<model_id>`` URI, so ``models:/gpunet@champion``
+loads through ``mlflow.pyfunc``, ``mlflow.pytorch`` and ``mlflow.onnx`` alike. One model per
+candidate keeps the UI's Models tab to one row per trained checkpoint, with its validation and
+latency metrics linked to it (``model_id``). Adding the flavor needs no torch.
+
+A LoggedModel a version points to is never rewritten: registering the same run's checkpoint
+again (another export or resolution) copies it into a new LoggedModel; a checkpoint training
+did not log (``--no-log-model``) is built here, with torch.
 
 Promotion uses MLflow 3 aliases (no deprecated stages): the candidate becomes ``champion`` only
 when its top-1 reaches the minimum, its latency fits the budget and it beats the current champion
-by the margin; else it becomes ``challenger`` with the reason as a tag. Moving an alias is one
-registry call, so there is never a moment with two champions or none; the replaced champion
-keeps the ``previous-champion`` alias, which :func:`rollback` restores.
+by the margin; else it becomes ``challenger`` with the reason as a tag. The champion's top-1 is
+its figure *on the candidate's validation set*: unless both were validated on the same dataset
+(manifest checksum), the champion's registered model is evaluated on it first. Latencies are
+compared only when measured alike (backend, precision, hardware: ``latency_fingerprint``).
+Moving an alias is one registry call, so there is never a moment with two champions or none;
+the replaced champion keeps the ``previous-champion`` alias, which :func:`rollback` restores.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gpunet_core.mlops.mlflow_client import client
+from gpunet_core.mlops.mlflow_client import client, fluent_tracking_uri
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import sha256_file
 
@@ -38,6 +46,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
 PIP_REQUIREMENTS = ["torch", "onnxruntime", "numpy", "gpunet-pipeline"]
+MODEL_TYPE = "image-classifier"
 
 
 class RegistryError(GpunetError):
@@ -49,32 +58,46 @@ class ModelBuildError(RegistryError):
     server (so retrying the upload cannot help)."""
 
 
-MODEL_PATH = "model"  # the run's artifact folder that holds the MLflow model
-CHECKPOINT_TAG = "gpunet.model_checkpoint_sha256"  # which checkpoint the logged model is
+CHECKPOINT_TAG = "gpunet.model_checkpoint_sha256"  # which checkpoint a LoggedModel is
 IMG_SIZE_TAG = "gpunet.model_img_size"  # the resolution of its signature
+# version tags promotion compares (besides top1/top5/latency_ms)
+DATASET_TAG = "dataset_checksum"  # the manifest checksum of the validation set
+CLASSES_TAG = "classes_sha256"  # the class names the classifier predicts, in order
+LATENCY_FP_TAG = "latency_fingerprint"  # how latency_ms was measured
+NOT_REGISTERED = "registered_model_meta"  # written into a model's files by registration
+
+
+def _example(img_size: int) -> np.ndarray:
+    return np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
+
+
+def _pytorch_kwargs(model, img_size: int) -> dict[str, Any]:
+    """Signature, input example, requirements and format of a GPUNet's ``pytorch`` flavor."""
+    import torch
+    from mlflow.models import infer_signature
+
+    example = _example(img_size)
+    with torch.no_grad():
+        output = model.eval()(torch.from_numpy(example)).numpy()
+    # pickle keeps the GPUNet module itself (any batch size, its attributes); torch.export's
+    # "pt2" would specialise the batch dimension to the example's
+    return {"signature": infer_signature(example, output), "input_example": example,
+            "pip_requirements": PIP_REQUIREMENTS, "serialization_format": "pickle"}
 
 
 def build_pytorch_model_dir(model, img_size: int, dest: str | Path) -> Path:
     """An MLflow model directory with the ``pytorch`` flavor, its signature and input example."""
     import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
 
     dest = Path(dest)
-    model = model.eval()
-    example = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    # pickle keeps the GPUNet module itself (any batch size, its attributes); torch.export's
-    # "pt2" would specialise the batch dimension to the example's
-    mlflow.pytorch.save_model(model, dest, signature=infer_signature(example, output),
-                              input_example=example, pip_requirements=PIP_REQUIREMENTS,
-                              serialization_format="pickle")
+    mlflow.pytorch.save_model(model.eval(), dest, **_pytorch_kwargs(model, img_size))
     return dest
 
 
-def add_onnx_flavor(model_dir: str | Path, onnx_path: str | Path) -> Path:
-    """Add the ``onnx`` flavor (the exported file, same signature) to an MLflow model directory."""
+def add_onnx_flavor(model_dir: str | Path, onnx_path: str | Path,
+                    model_id: str | None = None) -> Path:
+    """Add the ``onnx`` flavor (the exported file, same signature) to an MLflow model directory;
+    ``model_id``: the LoggedModel the directory becomes (its ``MLmodel`` names it)."""
     import mlflow.onnx
     import onnx
     from mlflow.models import Model
@@ -88,152 +111,195 @@ def add_onnx_flavor(model_dir: str | Path, onnx_path: str | Path) -> Path:
         onnx_conf = Model.load(onnx_dir).flavors["onnx"]
         shutil.copy(onnx_dir / onnx_conf["data"], model_dir / onnx_conf["data"])
     merged.add_flavor("onnx", **onnx_conf)
+    if model_id:
+        merged.model_id = merged.model_uuid = model_id
     merged.save(model_dir / "MLmodel")
     return model_dir
 
 
-def _upload_model_dir(mlc, run_id: str, model_dir: Path, folder: str = MODEL_PATH) -> None:
-    """Upload ``model_dir`` to the run's ``folder``, ``MLmodel`` last: a folder whose
-    ``MLmodel`` is there is complete."""
-    for entry in sorted(model_dir.iterdir()):
-        if entry.name == "MLmodel":
-            continue
-        if entry.is_dir():
-            mlc.log_artifacts(run_id, str(entry), artifact_path=f"{folder}/{entry.name}")
-        else:
-            mlc.log_artifact(run_id, str(entry), artifact_path=folder)
-    mlc.log_artifact(run_id, str(model_dir / "MLmodel"), artifact_path=folder)
-
-
-def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: int,
-                         dest: str | Path) -> Path:
-    """:func:`build_pytorch_model_dir` for ``checkpoint``'s weights (as validation loads them);
-    :class:`ModelBuildError` when the weights or the model fail."""
-    # torch: only when the run lacks the checkpoint's model (promotion usually needs no torch)
+def checkpoint_model(checkpoint: str | Path, model_name: str):
+    """``checkpoint``'s eval-mode model (as validation loads it); :class:`ModelBuildError`
+    when the weights or the model fail."""
+    # torch: only when a model must be built (promotion usually needs no torch)
     from gpunet_core.inference.validate import load_inference_model
 
     try:
-        return build_pytorch_model_dir(load_inference_model(model_name, checkpoint), img_size,
-                                       dest)
+        return load_inference_model(model_name, checkpoint)
     except Exception as exc:
         raise ModelBuildError(str(exc)) from exc
 
 
+def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: int,
+                         dest: str | Path) -> Path:
+    """:func:`build_pytorch_model_dir` for ``checkpoint``'s weights."""
+    model = checkpoint_model(checkpoint, model_name)
+    try:
+        return build_pytorch_model_dir(model, img_size, dest)
+    except Exception as exc:
+        raise ModelBuildError(str(exc)) from exc
+
+
+def trained_model(mlc, run, checkpoint: str | Path, img_size: int,
+                  model_id: str | None = None):
+    """The READY LoggedModel of ``run`` that is ``checkpoint``'s model at ``img_size``
+    (``model_id`` first, else searched by the run and the tags), or None."""
+    from mlflow.exceptions import MlflowException
+
+    sha = sha256_file(checkpoint)
+
+    def matches(model) -> bool:
+        return (str(model.status) == "READY" and model.source_run_id == run.info.run_id
+                and model.tags.get(CHECKPOINT_TAG) == sha
+                and model.tags.get(IMG_SIZE_TAG) == str(img_size))
+
+    if model_id:
+        try:
+            model = mlc.get_logged_model(model_id)
+        except MlflowException:
+            model = None
+        if model is not None and matches(model):
+            return model
+    found = mlc.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`{CHECKPOINT_TAG}` = "
+                      f"'{sha}' AND tags.`{IMG_SIZE_TAG}` = '{img_size}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": True}])
+    ready = [m for m in found if matches(m)]
+    return ready[0] if ready else None
+
+
 def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, img_size: int,
-                      tracking_uri: str | None = None, mlc=None) -> None:
-    """Log ``checkpoint``'s model (``pytorch`` flavor) to the run's ``model`` folder.
+                      step: int = 0, params: dict[str, Any] | None = None,
+                      tracking_uri: str | None = None, mlc=None) -> str:
+    """Log ``checkpoint``'s model as a LoggedModel of ``run_id`` (``pytorch`` flavor); its id.
 
-    Training does this at its end (:meth:`gpunet_core.mlops.tracking.RunTracker.log_model`), where
-    torch and the weights are at hand, so that :func:`register` needs no torch. The run's tags
-    name the checkpoint (sha256) and resolution, which :func:`register` checks before it reuses
-    the folder; they are cleared first and set after the upload, so they never describe a
-    partial one.
+    Training does this at its end (:meth:`gpunet_core.mlops.tracking.RunTracker.log_model`),
+    where torch and the weights are at hand, so that :func:`register` needs no torch. The run's
+    metrics at ``step`` (the best epoch) are linked to the model. Idempotent: a READY model of
+    the same checkpoint is returned as it is; one left PENDING or FAILED by an interrupted
+    attempt is deleted first.
     """
+    import mlflow.pytorch
+
     mlc = mlc or client(tracking_uri)
+    run = mlc.get_run(run_id)
+    done = trained_model(mlc, run, checkpoint, img_size)
+    if done is not None:
+        return done.model_id
+    sha = sha256_file(checkpoint)
+    for stale in mlc.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND tags.`{CHECKPOINT_TAG}` = '{sha}'"):
+        if str(stale.status) != "READY":
+            mlc.delete_logged_model(stale.model_id)
+    model = checkpoint_model(checkpoint, model_name)
+    logged = mlc.create_logged_model(
+        experiment_id=run.info.experiment_id, name=model_name, source_run_id=run_id,
+        tags={CHECKPOINT_TAG: sha, IMG_SIZE_TAG: str(img_size)},
+        params={k: str(v)[:500] for k, v in (params or {}).items()}, model_type=MODEL_TYPE)
+    with fluent_tracking_uri(mlc.tracking_uri):  # log_model finalizes through the fluent API
+        mlflow.pytorch.log_model(model, name=model_name, model_id=logged.model_id,
+                                 run_id=run_id, step=step, **_pytorch_kwargs(model, img_size))
+    _logger.info("logged %s's model as %s (pytorch flavor) in run %s", checkpoint,
+                 logged.model_id, run_id)
+    return logged.model_id
+
+
+def _upload(mlc, model_id: str, model_dir: Path) -> None:
+    """Upload ``model_dir`` into the LoggedModel, ``MLmodel`` last: a model whose ``MLmodel``
+    lists a flavor holds that flavor's files."""
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
-                                         img_size=img_size, dest=Path(tmp) / MODEL_PATH)
-        stale = mlc.get_run(run_id).data.tags
-        for key in (CHECKPOINT_TAG, IMG_SIZE_TAG):
-            if key in stale:
-                mlc.delete_tag(run_id, key)
-        _upload_model_dir(mlc, run_id, model_dir)
-    mlc.set_tag(run_id, CHECKPOINT_TAG, sha256_file(checkpoint))
-    mlc.set_tag(run_id, IMG_SIZE_TAG, str(img_size))
-    _logger.info("logged the model (pytorch flavor) to run %s", run_id)
+        rest = Path(tmp) / "rest"
+        shutil.copytree(model_dir, rest, ignore=shutil.ignore_patterns("MLmodel", NOT_REGISTERED))
+        mlc.log_model_artifacts(model_id, str(rest))
+    mlc.log_model_artifact(model_id, str(model_dir / "MLmodel"))
 
 
-def _logged_model_matches(run, checkpoint: str | Path, img_size: int) -> bool:
-    tags = run.data.tags
-    return (tags.get(IMG_SIZE_TAG) == str(img_size)
-            and tags.get(CHECKPOINT_TAG) == sha256_file(checkpoint))
+def _download(model, dest: Path, path: str = "") -> Path:
+    import mlflow.artifacts
 
-
-def _registered_folders(mlc, run) -> set[str]:
-    """The run's artifact folders that registered versions (of any model) point at."""
-    run_id = run.info.run_id
-    prefixes = (f"{run.info.artifact_uri.rstrip('/')}/", f"runs:/{run_id}/")
-    return {version.source[len(prefix):].strip("/")
-            for version in mlc.search_model_versions(f"run_id = '{run_id}'")
-            for prefix in prefixes if version.source.startswith(prefix)}
-
-
-def _free_folder(mlc, run_id: str, taken: set[str]) -> str:
-    """A new folder for a registration: ``model-2``, ``model-3``, ... (one not in the run yet,
-    so a partial upload left by an interrupted registration is never mixed into it)."""
-    present = {Path(f.path).name for f in mlc.list_artifacts(run_id)} | taken
-    n = 2
-    while f"{MODEL_PATH}-{n}" in present:
-        n += 1
-    return f"{MODEL_PATH}-{n}"
+    uri = model.artifact_location.rstrip("/") + (f"/{path}" if path else "")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
 
 
 def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, model_name: str,
-             name: str, img_size: int, tags: dict[str, Any],
-             tracking_uri: str | None = None) -> str:
-    """Register the run's model with both flavors; returns the new version.
+             name: str, img_size: int, tags: dict[str, Any], model_id: str | None = None,
+             tracking_uri: str | None = None) -> tuple[str, str]:
+    """Register ``checkpoint``'s model with both flavors; returns (version, model id).
 
-    The ``pytorch`` flavor is the one training logged when it is ``checkpoint``'s model at
-    ``img_size`` (no torch needed here); otherwise it is built from ``checkpoint`` now.
-    The ``onnx`` flavor is added from ``onnx_path``.
-
-    A registered version's files are never rewritten: the first registration from a run uses
-    its ``model`` folder; once a version points there, later ones from the same run (another
-    export, checkpoint or resolution) get a folder of their own (``model-2``, ...), copied
-    from ``model`` when it holds the checkpoint's model, else built.
+    The LoggedModel training logged (``model_id``, else found by run, checkpoint and
+    resolution) gets the ``onnx`` flavor from ``onnx_path`` and is registered, with no torch.
+    When a version already points at it, or training logged none, a new LoggedModel of the run
+    is made: a copy of it, or built from ``checkpoint``.
     """
+    from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
     mlc = client(tracking_uri)
     run = mlc.get_run(run_id)
-    reuse = _logged_model_matches(run, checkpoint, img_size)
-    taken = _registered_folders(mlc, run)
-    folder = MODEL_PATH if MODEL_PATH not in taken else _free_folder(mlc, run_id, taken)
+    trained = trained_model(mlc, run, checkpoint, img_size, model_id)
+    taken = {v.source for v in mlc.search_model_versions(f"run_id = '{run_id}'")}
     with tempfile.TemporaryDirectory() as tmp:
-        if folder == MODEL_PATH:  # the run's own folder, not registered yet
-            if reuse:
-                _logger.info("run %s already holds %s's model: adding the onnx flavor",
-                             run_id, checkpoint)
-            else:
-                log_pytorch_model(run_id, checkpoint, model_name=model_name,
-                                  img_size=img_size, mlc=mlc)
-            model_dir = Path(tmp) / MODEL_PATH  # only MLmodel: the rest stays in place
+        model_dir = Path(tmp) / "model"
+        if trained is not None and f"models:/{trained.model_id}" not in taken:
+            _logger.info("%s is %s's model: adding the onnx flavor", trained.model_id,
+                         checkpoint)
+            target = trained
             model_dir.mkdir()
-            mlmodel = mlc.download_artifacts(run_id, f"{MODEL_PATH}/MLmodel", str(model_dir))
-            if Path(mlmodel) != model_dir / "MLmodel":
+            mlmodel = _download(trained, model_dir, "MLmodel")
+            if mlmodel != model_dir / "MLmodel":
                 shutil.move(mlmodel, model_dir / "MLmodel")
-        elif reuse:
-            _logger.info("run %s's model folder is registered already: copying %s's model "
-                         "to %s", run_id, checkpoint, folder)
-            model_dir = Path(mlc.download_artifacts(run_id, MODEL_PATH, tmp))
+            add_onnx_flavor(model_dir, onnx_path)
+            (model_dir / "MLmodel").rename(Path(tmp) / "MLmodel")  # upload only what is new
+            onnx_file = next(model_dir.iterdir())
+            mlc.log_model_artifact(target.model_id, str(onnx_file))
+            mlc.log_model_artifact(target.model_id, str(Path(tmp) / "MLmodel"))
         else:
-            model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
-                                             img_size=img_size, dest=Path(tmp) / folder)
-        add_onnx_flavor(model_dir, onnx_path)
-        _upload_model_dir(mlc, run_id, model_dir, folder)
+            if trained is not None:
+                _logger.info("%s is registered already: copying it into a new LoggedModel",
+                             trained.model_id)
+                model_dir = _download(trained, Path(tmp) / "copy")
+            else:
+                _logger.info("run %s has no LoggedModel of %s: building it", run_id, checkpoint)
+                model_dir = checkpoint_model_dir(checkpoint, model_name=model_name,
+                                                 img_size=img_size, dest=model_dir)
+            target = mlc.create_logged_model(
+                experiment_id=run.info.experiment_id, name=model_name, source_run_id=run_id,
+                tags={CHECKPOINT_TAG: sha256_file(checkpoint), IMG_SIZE_TAG: str(img_size)},
+                model_type=MODEL_TYPE)
+            add_onnx_flavor(model_dir, onnx_path, model_id=target.model_id)
+            _upload(mlc, target.model_id, model_dir)
+            mlc.finalize_logged_model(target.model_id, LoggedModelStatus.READY)
     try:
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
-    source = f"{run.info.artifact_uri}/{folder}"
-    version = mlc.create_model_version(name, source, run_id=run_id,
-                                       tags={k: str(v) for k, v in tags.items()})
-    _logger.info("registered %s version %s (%s)", name, version.version, source)
-    return str(version.version)
+    version = mlc.create_model_version(name, f"models:/{target.model_id}", run_id=run_id,
+                                       tags={k: str(v) for k, v in tags.items()},
+                                       model_id=target.model_id)
+    _logger.info("registered %s version %s (models:/%s)", name, version.version,
+                 target.model_id)
+    return str(version.version), target.model_id
 
 
 @dataclass
 class Decision:
-    """The outcome of a promotion or rollback, for reports and JSON."""
+    """The outcome of a promotion or rollback, for reports and JSON.
+
+    ``candidate`` and ``previous_champion`` hold the figures the decision used: the champion's
+    ``top1`` is on the candidate's validation set (``top1_registered``: its own figure, on its
+    own), and ``comparison`` says how they were obtained.
+    """
 
     model: str
     version: str
     alias: str
     promoted: bool
     reason: str
-    candidate: dict[str, float | None]
+    candidate: dict[str, Any]
     previous_champion: dict[str, Any] | None
     thresholds: dict[str, float | None] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -241,15 +307,23 @@ class Decision:
     def markdown(self) -> str:
         lines = [f"# Promotion of `{self.model}` version {self.version}", "",
                  f"**Decision:** `{self.alias}` — {self.reason}", "",
-                 "| | top-1 % | latency ms |", "|---|---:|---:|",
+                 "| | top-1 % on the candidate's validation set | top-1 % as registered | "
+                 "latency ms |", "|---|---:|---:|---:|",
                  f"| candidate v{self.version} | {_fmt(self.candidate.get('top1'))} | "
+                 f"{_fmt(self.candidate.get('top1'))} | "
                  f"{_fmt(self.candidate.get('latency_ms'))} |"]
         if self.previous_champion:
             pc = self.previous_champion
             lines.append(f"| champion before v{pc['version']} | {_fmt(pc.get('top1'))} | "
-                         f"{_fmt(pc.get('latency_ms'))} |")
+                         f"{_fmt(pc.get('top1_registered'))} | {_fmt(pc.get('latency_ms'))} |")
         else:
-            lines.append("| champion before | none | |")
+            lines.append("| champion before | none | | |")
+        cmp = self.comparison
+        if cmp.get("dataset"):
+            lines += ["", f"Validation set: `{cmp['dataset']}` (manifest checksum)."]
+        for key in ("top1", "latency"):
+            if cmp.get(key):
+                lines.append(f"{'Top-1' if key == 'top1' else 'Latency'}: {cmp[key]}.")
         lines += ["", "Thresholds: " + ", ".join(f"{k} = {_fmt(v)}"
                                                   for k, v in self.thresholds.items())]
         return "\n".join(lines) + "\n"
@@ -273,10 +347,96 @@ def _tag_float(version, key: str) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
+def _short(checksum: str | None) -> str:
+    return checksum[:16] if checksum else "unknown"
+
+
+def signature_img_size(uri: str) -> int:
+    """The input resolution of the MLflow model at ``uri`` (its signature's last dimension)."""
+    import mlflow.models
+
+    spec = mlflow.models.get_model_info(uri).signature.inputs.to_dict()[0]["tensor-spec"]
+    return int(spec["shape"][-1])
+
+
+def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: int = 64,
+                     tracking_uri: str | None = None) -> dict[str, Any]:
+    """Validate registered ``version``'s ``pytorch`` flavor (the weights the version holds) on
+    ``data`` with the validation step's code: its own resolution and crop, the same split."""
+    import mlflow.pytorch
+
+    from gpunet_core.inference.validate import validate
+
+    uri = f"models:/{name}/{version}"
+    with fluent_tracking_uri(client(tracking_uri).tracking_uri):
+        model = mlflow.pytorch.load_model(uri)
+        img_size = signature_img_size(uri)
+    return validate(model, data, batch_size=batch_size, workers=0, img_size=img_size,
+                    progress=False)
+
+
+def _champion_on_candidate_data(mlc, name: str, champion, candidate, data,
+                                batch_size: int) -> dict[str, Any]:
+    """The champion's figures for the comparison; ``top1`` None when it cannot be compared
+    (then ``blocked`` says why)."""
+    tags, cand = champion.tags or {}, candidate.tags or {}
+    figures: dict[str, Any] = {
+        "version": str(champion.version), "top1_registered": _tag_float(champion, "top1"),
+        "latency_ms": _tag_float(champion, "latency_ms"), "dataset": tags.get(DATASET_TAG),
+        "latency_fingerprint": tags.get(LATENCY_FP_TAG), "evaluated": False}
+    dataset = cand.get(DATASET_TAG)
+    if dataset and tags.get(DATASET_TAG) == dataset:
+        figures.update(top1=figures["top1_registered"],
+                       basis="validated on the same dataset: registered figures compared")
+        return figures
+    if cand.get(CLASSES_TAG) and tags.get(CLASSES_TAG) and \
+            cand[CLASSES_TAG] != tags[CLASSES_TAG]:
+        figures.update(top1=None, blocked=f"champion v{champion.version} predicts other classes "
+                       "than the candidate's dataset holds, so neither can be judged on the "
+                       "other's data; set the alias by hand if the new task replaces the old")
+        return figures
+    if data is None and not dataset:  # registered by hand, without its validation set
+        figures.update(top1=figures["top1_registered"],
+                       basis="the candidate records no validation set: registered figures "
+                             "compared (pass --data to evaluate the champion on it)")
+        return figures
+    if data is None:
+        raise RegistryError(
+            f"champion v{champion.version} was validated on dataset "
+            f"{_short(tags.get(DATASET_TAG))}, candidate v{candidate.version} on "
+            f"{_short(dataset)}: pass the candidate's validation set (--data) so that the "
+            "champion is evaluated on it")
+    _logger.info("evaluating champion v%s on the candidate's validation set %s",
+                 champion.version, data)
+    try:
+        result = evaluate_version(name, str(champion.version), data, batch_size=batch_size,
+                                  tracking_uri=mlc.tracking_uri)
+    except GpunetError as exc:  # e.g. another number of classes
+        figures.update(top1=None, blocked=f"champion v{champion.version} cannot be evaluated "
+                       f"on the candidate's validation set: {str(exc).splitlines()[0]}")
+        return figures
+    got = (result.get("dataset") or {}).get("checksum")
+    if dataset and got and got != dataset:
+        raise RegistryError(f"{data} is dataset {_short(got)}, not candidate "
+                            f"v{candidate.version}'s validation set ({_short(dataset)})")
+    figures.update(top1=float(result["top1"]), top5=float(result["top5"]), evaluated=True,
+                   basis=f"champion v{champion.version} (validated on "
+                         f"{_short(tags.get(DATASET_TAG))}) evaluated on the candidate's "
+                         "validation set")
+    return figures
+
+
 def promote(name: str, version: str, *, min_top1: float = 0.0,
             max_latency_ms: float | None = None, margin: float = 0.0,
-            tracking_uri: str | None = None) -> Decision:
-    """Give ``version`` the ``champion`` alias if it qualifies, else ``challenger``."""
+            max_latency_increase_pct: float | None = None, data: str | Path | None = None,
+            batch_size: int = 64, tracking_uri: str | None = None) -> Decision:
+    """Give ``version`` the ``champion`` alias if it qualifies, else ``challenger``.
+
+    ``data``: the candidate's validation set, on which the champion is evaluated when the two
+    were validated on different datasets (required then). ``max_latency_increase_pct``: how
+    much slower than the champion the candidate may be, checked only when both latencies were
+    measured alike; None: not checked.
+    """
     from mlflow.exceptions import MlflowException
 
     mlc = client(tracking_uri)
@@ -289,36 +449,61 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
     if top1 is None:
         raise RegistryError(f"{name} version {version} has no 'top1' tag: register it with its "
                             "validation result first")
+    cand_tags = candidate.tags or {}
+    figures = {"top1": top1, "latency_ms": latency, "dataset": cand_tags.get(DATASET_TAG),
+               "latency_fingerprint": cand_tags.get(LATENCY_FP_TAG)}
+    thresholds = {"min_top1": min_top1, "max_latency_ms": max_latency_ms, "margin": margin,
+                  "max_latency_increase_pct": max_latency_increase_pct}
+    comparison: dict[str, Any] = {"dataset": figures["dataset"]}
     champion = _alias_version(mlc, name, CHAMPION)
+    if champion is not None and str(champion.version) == str(version):
+        before = {"version": str(version), "top1": top1, "top1_registered": top1,
+                  "latency_ms": latency}
+        return Decision(name, str(version), CHAMPION, False, "it already is the champion",
+                        figures, before, thresholds, comparison)
     before = None
     if champion is not None:
-        before = {"version": str(champion.version), "top1": _tag_float(champion, "top1"),
-                  "latency_ms": _tag_float(champion, "latency_ms")}
-    thresholds = {"min_top1": min_top1, "max_latency_ms": max_latency_ms, "margin": margin}
-    if before and before["version"] == str(version):  # nothing to move, nothing to re-tag
-        return Decision(name, str(version), CHAMPION, False, "it already is the champion",
-                        {"top1": top1, "latency_ms": latency}, before, thresholds)
+        before = _champion_on_candidate_data(mlc, name, champion, candidate, data, batch_size)
+        comparison["top1"] = before.get("basis") or before.get("blocked")
+        same_fp = bool(figures["latency_fingerprint"]) and \
+            figures["latency_fingerprint"] == before["latency_fingerprint"]
+        before["latency_comparable"] = same_fp
+        comparison["latency"] = (
+            "measured alike (backend, precision, hardware): compared" if same_fp else
+            "not measured alike (another backend, precision or hardware): not compared, "
+            "the budget alone applies")
     reasons = []
     if top1 < min_top1:
         reasons.append(f"top-1 {top1:.2f} is below the minimum {min_top1:.2f}")
     if max_latency_ms is not None and (latency is None or latency > max_latency_ms):
         reasons.append(f"latency {_fmt(latency)} ms exceeds the budget {max_latency_ms:.4g} ms")
-    if before and before["top1"] is not None and top1 < before["top1"] + margin:
-        reasons.append(f"top-1 {top1:.2f} does not beat champion v{before['version']} "
-                       f"({before['top1']:.2f}) by the margin {margin:.2f}")
+    if before is not None:
+        if before.get("blocked"):
+            reasons.append(before["blocked"])
+        elif before["top1"] is not None and top1 < before["top1"] + margin:
+            reasons.append(f"top-1 {top1:.2f} does not beat champion v{before['version']} "
+                           f"({before['top1']:.2f} on the same validation set) by the margin "
+                           f"{margin:.2f}")
+        if (max_latency_increase_pct is not None and before["latency_comparable"]
+                and latency is not None and before["latency_ms"] is not None
+                and latency > before["latency_ms"] * (1 + max_latency_increase_pct / 100)):
+            reasons.append(f"latency {latency:.4g} ms is more than {max_latency_increase_pct:g} "
+                           f"% above champion v{before['version']}'s "
+                           f"{before['latency_ms']:.4g} ms")
     if reasons:
         mlc.set_registered_model_alias(name, CHALLENGER, str(version))
-        mlc.set_model_version_tag(name, str(version), "promotion", "challenger: " + "; ".join(reasons))
-        return Decision(name, str(version), CHALLENGER, False, "; ".join(reasons),
-                        {"top1": top1, "latency_ms": latency}, before, thresholds)
+        mlc.set_model_version_tag(name, str(version), "promotion",
+                                  ("challenger: " + "; ".join(reasons))[:5000])
+        return Decision(name, str(version), CHALLENGER, False, "; ".join(reasons), figures,
+                        before, thresholds, comparison)
     if champion is not None:
         mlc.set_registered_model_alias(name, PREVIOUS, str(champion.version))
     mlc.set_registered_model_alias(name, CHAMPION, str(version))  # one atomic move
     reason = ("first champion" if champion is None else
               f"beats champion v{champion.version} by {top1 - (before['top1'] or 0):.2f} points")
     mlc.set_model_version_tag(name, str(version), "promotion", "champion: " + reason)
-    return Decision(name, str(version), CHAMPION, True, reason,
-                    {"top1": top1, "latency_ms": latency}, before, thresholds)
+    return Decision(name, str(version), CHAMPION, True, reason, figures, before, thresholds,
+                    comparison)
 
 
 def rollback(name: str, tracking_uri: str | None = None) -> Decision:

@@ -181,6 +181,15 @@ class TrainConfig:
                                  "an MLflow model (pytorch flavor), which registration reuses")
     experiment: str = _flag("gpunet", "--experiment", group=_OUTPUTS,
                             help="MLflow experiment name")
+    mlflow_run_id: str = _flag("", "--mlflow-run-id", group=_OUTPUTS,
+                               help="with --mlflow: log into this existing run instead of "
+                                    "creating one (default: $MLFLOW_RUN_ID, which KFP's MLflow "
+                                    "plugin sets per task)")
+    system_metrics_interval: float = _flag(10.0, "--system-metrics-interval", group=_OUTPUTS,
+                                           parse=float,
+                                           help="with --mlflow: seconds between system-metric "
+                                                "samples (CPU, memory, disk, network, GPU) "
+                                                "per node; 0 turns them off")
     run_tag: tuple[str, ...] = _flag((), "--run-tag", group=_OUTPUTS, kind="append",
                                      metavar="KEY=VALUE",
                                      help="extra MLflow run tag (repeatable), e.g. "
@@ -281,6 +290,9 @@ def _check(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value >= 1:
             raise TrainError(f"{FIELDS[name].label} must be < 1, got {value}")
+    if not (math.isfinite(cfg.system_metrics_interval) and cfg.system_metrics_interval >= 0):
+        raise TrainError(f"--system-metrics-interval must be a number of seconds >= 0 (0: off), "
+                         f"got {cfg.system_metrics_interval}")
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
         raise TrainError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
     low, high = cfg.scale

@@ -71,6 +71,13 @@ def weights_checksum(model: nn.Module) -> float:
         return float(sum(p.double().sum() for p in unwrap(model).parameters()))
 
 
+def node_position(env: DistEnv) -> tuple[int, int]:
+    """(this node's rank, the number of nodes), from torchrun's ``GROUP_RANK`` and
+    ``LOCAL_WORLD_SIZE`` ((0, 1) outside torchrun)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size) or 1)
+    return int(os.environ.get("GROUP_RANK", "0")), max(1, env.world_size // max(1, per_node))
+
+
 def all_gather(env: DistEnv, value: object) -> list[object]:
     """``value`` from every rank (just ``[value]`` in a single process)."""
     if not env.distributed:

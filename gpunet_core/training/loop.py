@@ -36,7 +36,7 @@ from gpunet_core.data import loaders
 from gpunet_core.data.cache import local_dataset
 from gpunet_core.inference.metrics import top_classes, topk_hits
 from gpunet_core.inference.validate import autocast_context
-from gpunet_core.mlops.tracking import RunTracker
+from gpunet_core.mlops.tracking import RunTracker, start_system_metrics
 from gpunet_core.models.checkpoint import load_checkpoint
 from gpunet_core.models.factory import count_parameters, create_any_model
 from gpunet_core.training.config import TrainConfig, TrainError, check_runtime
@@ -44,6 +44,7 @@ from gpunet_core.training.distill import build_teacher, kd_loss
 from gpunet_core.training.distributed import (
     DistEnv,
     all_gather,
+    node_position,
     setup_distributed,
     shard_report,
     weights_checksum,
@@ -319,11 +320,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if env.is_main:
         write_args(output / ARGS_FILE, cfg)
         if cfg.mlflow:
-
             tracker = RunTracker.start(cfg, output, params={
                 "model_params": count_parameters(model), "num_classes": num_classes,
                 "world_size": env.world_size, "img_size": img_size,
                 "dataset_manifest_sha256": manifest_checksum(data_root)})
+    node_tracker = monitor = None
+    if cfg.mlflow:  # every rank: the run id is shared by a collective
+        run_id = all_gather(env, tracker.run_id if tracker else None)[0]
+        node_rank, nnodes = node_position(env)
+        node_tracker, monitor = start_system_metrics(
+            tracker, output=output, experiment=cfg.experiment, run_id=run_id,
+            node_rank=node_rank, nnodes=nnodes, local_rank=env.local_rank,
+            interval_s=cfg.system_metrics_interval)
+        share_run_id = env.distributed and run_id is None  # MLflow down: share it later
 
     if teacher is not None and cfg.test_teacher and state.epoch == 0:
         teacher_cfg = loaders.EvalConfig.for_model(teacher, img_size=loader_size,
@@ -372,14 +381,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         optimizer=optimizer, scaler=scaler, tracker=tracker)
         if env.distributed:
             dist.barrier()
+        if cfg.mlflow and share_run_id:  # the other nodes' system metrics wait for the run
+            run_id = all_gather(env, tracker.run_id if tracker else None)[0]
+            share_run_id = run_id is None
+            if node_tracker is not None and node_tracker.run_id is None:
+                node_tracker.run_id = run_id
         last_metrics = row
     result = run_result(state, last_metrics)
+    if monitor is not None:
+        monitor.finish()  # its last sample goes out before the run ends
     if tracker is not None:
         if (output / BEST_CHECKPOINT).exists():
             tracker.log_artifacts(output, [BEST_CHECKPOINT])
             if cfg.log_model:
-                tracker.log_model(output / BEST_CHECKPOINT, cfg.model, img_size)
+                tracker.log_model(output / BEST_CHECKPOINT, cfg.model, img_size,
+                                  step=max(state.best_epoch, 0))
         tracker.finish(result)
+        sync_output(cfg.output, output)  # the LoggedModel's id file beside the checkpoints
     if env.distributed:
         dist.barrier()
         dist.destroy_process_group()

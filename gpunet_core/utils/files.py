@@ -21,6 +21,7 @@ LAST_CHECKPOINT = "last.pth.tar"
 RESULT_FILE = "result.json"  # the run so far, readable without torch
 SUMMARY_FILE = "summary.csv"
 RUN_ID_FILE = "mlflow_run_id"  # the MLflow run that trained the checkpoints beside it
+MODEL_ID_FILE = "mlflow_model_id"  # the MLflow LoggedModel of the best checkpoint beside it
 # A prepared dataset's description (classes, splits, checksums), at its root.
 MANIFEST_FILE = "manifest.json"
 
