@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpunet_core.mlops.mlflow_client import client, ensure_experiment, plugin_run_id
 from gpunet_core.training.config import TrainConfig, to_argv
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
@@ -104,8 +105,6 @@ def pipeline_run_id(kfp_run_id: str, experiment: str) -> str | None:
     """The MLflow run tagged with this pipeline run (``kfp_run_id``), or None."""
     if not kfp_run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
         return None
-    from gpunet_core.mlops.mlflow_client import client
-
     mlc = client()
     exp = mlc.get_experiment_by_name(experiment)
     if exp is None:
@@ -122,8 +121,6 @@ def training_run_id(checkpoint: str | Path) -> str | None:
         return None
     run_id = marker.read_text().strip()
     from mlflow.exceptions import MlflowException
-
-    from gpunet_core.mlops.mlflow_client import client
 
     try:
         client().get_run(run_id)
@@ -147,8 +144,6 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str, *,
     ``dataset``) when given."""
     from mlflow.entities import Metric
 
-    from gpunet_core.mlops.mlflow_client import client
-
     mlc = client()
     existing = mlc.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
@@ -166,14 +161,10 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str, *,
 def log_to_task_run(step: str, metrics: dict[str, Any], prefix: str) -> None:
     """With KFP's MLflow plugin: the step's figures into its task's run, tagged; otherwise
     nothing (the step stays a pure function). Never fails the step."""
-    from gpunet_core.mlops.mlflow_client import plugin_run_id
-
     run_id = plugin_run_id()
     if not run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
         return
     try:
-        from gpunet_core.mlops.mlflow_client import client
-
         client().set_tag(run_id, "gpunet.step", step)
         log_metrics(run_id, metrics, prefix)
     except Exception as exc:  # MLflow down: the figures are in the step's outputs anyway
@@ -468,10 +459,8 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     on another dataset. ``max_latency_ms`` / ``max_latency_increase_pct``: 0 means no limit.
     Torch is imported only to build a model training did not log, or to evaluate a champion.
     """
-    import hashlib
-
+    # every KFP task imports steps: each step loads only its own libraries
     from gpunet_core.mlops import registry
-    from gpunet_core.mlops.mlflow_client import client, ensure_experiment, plugin_run_id
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")

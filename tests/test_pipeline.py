@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -274,15 +275,61 @@ def test_dag_with_mlflow_server_and_s3_artifacts(tmp_path, s3_env, monkeypatch):
         assert not files_containing(tmp_path / "work", secrets)
         keys = [o["Key"] for o in s3_env.client().list_objects_v2(
             Bucket=s3_env.bucket, Prefix="mlflow/").get("Contents", [])]
-        assert any(k.endswith("model/MLmodel") for k in keys), keys
-        assert any(k.endswith("model/model.onnx") for k in keys)
+        # the LoggedModel's files, both flavors, in the S3 artifact store
+        assert any(re.search(r"/models/m-\w+/artifacts/MLmodel$", k) for k in keys), keys
+        assert any(re.search(r"/models/m-\w+/artifacts/model\.onnx$", k) for k in keys)
         assert any(k.endswith("summary.csv") for k in keys)
+        assert_ui_view(server.uri, "gpunet", "gpunet-s3")
         os.environ["MLFLOW_TRACKING_URI"] = server.uri
         import torch
 
-        model = mlflow.pytorch.load_model("models:/gpunet-s3@champion")  # torch.export program
+        model = mlflow.pytorch.load_model("models:/gpunet-s3@champion")
         with torch.no_grad():
             assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         server.stop()
+
+
+def rest(uri: str, path: str, body: dict | None = None) -> dict:
+    """One call of MLflow's REST API, the one its web UI makes (GET, or POST with ``body``)."""
+    import urllib.parse
+    import urllib.request
+
+    if body is None:
+        req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{path}")
+    else:
+        req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{path}", method="POST",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def assert_ui_view(uri: str, experiment: str, registered: str) -> None:
+    """What the MLflow UI shows after a DAG run, read through the REST API it uses: a
+    model-training experiment, one LoggedModel with its validation and latency metrics, the
+    registered version's ``models:/m-...`` source and its alias, the run's system metrics."""
+    import urllib.parse
+
+    exp = rest(uri, "experiments/get-by-name?experiment_name=" + experiment)["experiment"]
+    tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
+    models = rest(uri, "logged-models/search",
+                  {"experiment_ids": [exp["experiment_id"]]})["models"]
+    assert len(models) == 1, models  # one row per candidate, both flavors in it
+    info, data = models[0]["info"], models[0].get("data", {})
+    assert info["status"] == "LOGGED_MODEL_READY"
+    metrics = {m["key"]: m for m in data.get("metrics", [])}
+    assert {"val_top1", "val_top5", "bench_latency_ms_median", "top1"} <= set(metrics)
+    assert metrics["val_top1"].get("dataset_digest")  # measured on a named validation set
+    model = rest(uri, "registered-models/get?name=" + urllib.parse.quote(registered))
+    aliases = {a["alias"]: a["version"] for a in model["registered_model"].get("aliases", [])}
+    version = rest(uri, f"model-versions/get?name={urllib.parse.quote(registered)}"
+                        f"&version={aliases['champion']}")["model_version"]
+    assert version["source"] == f"models:/{info['model_id']}"
+    run = rest(uri, "runs/get?run_id=" + info["source_run_id"])["run"]
+    run_metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"system/cpu_utilization_percentage",
+            "system/system_memory_usage_megabytes"} <= run_metrics
+    assert {"val_top1", "bench_latency_ms_median"} <= run_metrics

@@ -30,6 +30,7 @@ from gpunet_core.training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = json.loads((REPO / "tests" / "data" / "train_settings_c1cfe40.json").read_text())
+ADDED_SINCE = {"mlflow_run_id", "system_metrics_interval"}  # issue 18
 DEFAULTS = TrainConfig(data="d")
 
 # one value unlike the default for each field, plus the settings it needs
@@ -85,6 +86,8 @@ NON_DEFAULT: dict[str, tuple[object, dict[str, object]]] = {
     "mlflow": (True, {}),
     "log_model": (False, {}),
     "experiment": ("digits test", {}),
+    "mlflow_run_id": ("0123456789abcdef", {}),
+    "system_metrics_interval": (0.5, {}),
     "run_tag": (("kfp_run_id=abc", "-odd=key", "empty="), {}),
 }
 
@@ -146,8 +149,13 @@ def test_argv_resolves_as_before_the_refactor(case):
     before TrainConfig produced (tests/data/train_settings_c1cfe40.json)."""
     expected = BEFORE["cases"][case]
     cfg = parse(expected["argv"])
-    assert json.loads(as_json(cfg)) == expected["settings"]
-    assert as_json(cfg) == json.dumps(expected["settings"], sort_keys=True)  # types too
+    got = json.loads(as_json(cfg))
+    added = set(got) - set(expected["settings"])  # fields added since keep their defaults
+    assert added == ADDED_SINCE
+    assert all(got.pop(name) == getattr(DEFAULTS, name) for name in added)
+    assert got == expected["settings"]
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected["settings"],
+                                                         sort_keys=True)  # types too
     assert roundtrip(cfg) == cfg
 
 

@@ -351,27 +351,53 @@ def _short(checksum: str | None) -> str:
     return checksum[:16] if checksum else "unknown"
 
 
-def signature_img_size(uri: str) -> int:
-    """The input resolution of the MLflow model at ``uri`` (its signature's last dimension)."""
-    import mlflow.models
+def version_checkpoint(mlc, name: str, version, dest: Path) -> Path:
+    """The checkpoint registered ``version`` was made from, downloaded into ``dest``: the
+    ``model_best.pth.tar`` its LoggedModel's training run logged, verified against the
+    LoggedModel's checksum tag. (The ``pytorch`` flavor is a pickle, which this project never
+    loads; the checkpoint loads with ``weights_only``.)"""
+    from gpunet_core.utils.files import BEST_CHECKPOINT
 
-    spec = mlflow.models.get_model_info(uri).signature.inputs.to_dict()[0]["tensor-spec"]
-    return int(spec["shape"][-1])
+    model_id = (version.source or "").removeprefix("models:/")
+    logged = mlc.get_logged_model(model_id) if version.source.startswith("models:/m-") else None
+    want = logged.tags.get(CHECKPOINT_TAG) if logged is not None else None
+    if logged is None or not want or not logged.source_run_id:
+        raise RegistryError(f"{name} version {version.version} does not name the checkpoint it "
+                            f"was made from (source {version.source}): it cannot be evaluated")
+    try:
+        path = Path(mlc.download_artifacts(logged.source_run_id, BEST_CHECKPOINT, str(dest)))
+    except Exception as exc:
+        raise RegistryError(f"the checkpoint of {name} version {version.version} "
+                            f"({BEST_CHECKPOINT} of run {logged.source_run_id}) cannot be "
+                            f"downloaded: {str(exc).splitlines()[0]}") from None
+    if sha256_file(path) != want:
+        raise RegistryError(f"{BEST_CHECKPOINT} of run {logged.source_run_id} is not the "
+                            f"checkpoint {name} version {version.version} holds (sha256 "
+                            f"differs from its LoggedModel's {CHECKPOINT_TAG})")
+    return path
 
 
 def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: int = 64,
                      tracking_uri: str | None = None) -> dict[str, Any]:
-    """Validate registered ``version``'s ``pytorch`` flavor (the weights the version holds) on
-    ``data`` with the validation step's code: its own resolution and crop, the same split."""
-    import mlflow.pytorch
+    """Validate registered ``version`` on ``data`` with the validation step's code: the
+    checkpoint it holds, its own model and resolution, the model's crop, the same split."""
+    # torch: only where a champion is evaluated on another validation set
+    from gpunet_core.inference.validate import load_inference_model, validate
 
-    from gpunet_core.inference.validate import validate
-
-    uri = f"models:/{name}/{version}"
-    with fluent_tracking_uri(client(tracking_uri).tracking_uri):
-        model = mlflow.pytorch.load_model(uri)
-        img_size = signature_img_size(uri)
-    return validate(model, data, batch_size=batch_size, workers=0, img_size=img_size,
+    mlc = client(tracking_uri)
+    entry = mlc.get_model_version(name, str(version))
+    logged = mlc.get_logged_model(entry.source.removeprefix("models:/")) \
+        if entry.source.startswith("models:/m-") else None
+    model_name = (entry.tags or {}).get("model") or (logged.name if logged else None)
+    img_size = (entry.tags or {}).get("img_size") or \
+        (logged.tags.get(IMG_SIZE_TAG) if logged else None)
+    if not model_name or not img_size:
+        raise RegistryError(f"{name} version {version} records no model name or resolution "
+                            "('model' / 'img_size' tags): it cannot be evaluated")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = version_checkpoint(mlc, name, entry, Path(tmp))
+        model = load_inference_model(model_name, checkpoint)
+    return validate(model, data, batch_size=batch_size, workers=0, img_size=int(img_size),
                     progress=False)
 
 

@@ -157,7 +157,7 @@ class _NodeMonitorMixin:
 
     @staticmethod
     def _prime_cpu_percent() -> None:
-        import psutil
+        import psutil  # loaded by MLflow's CPUMonitor already: no cost here, none on import
 
         psutil.cpu_percent()
 

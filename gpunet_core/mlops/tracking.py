@@ -215,6 +215,7 @@ def start_system_metrics(tracker: RunTracker | None, *, output: Path, experiment
     shares (None until the run exists: set it on the tracker when it is known). Keys carry the
     node id on multi-node runs (``system/node_1/...``).
     """
+    # MLflow's monitors and psutil: only where a node samples
     from gpunet_core.mlops.system_metrics import node_id, start_node_monitor
 
     if interval_s <= 0 or local_rank != 0:
