@@ -398,6 +398,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     from kfp import local
 
     from gpunet_core.mlops import registry
+    from gpunet_core.mlops.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from pipelines.gpunet_training import gpunet_training
     from pipelines.timing import TaskClock, pipeline_overhead
 
@@ -415,7 +416,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             artifacts = workdir / "mlartifacts"
             mlc.create_experiment(experiment, artifact_location=artifacts.as_uri()
                                   if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite")
-                                  else None)
+                                  else None, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception as exc:
         raise PipelineError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']} is not usable: "
                             f"{str(exc).splitlines()[0]}") from None
@@ -435,7 +436,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     tags = latest.tags or {}
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
-    return {"registered_model": name, "version": str(latest.version),
+    return {"registered_model": name, "version": str(latest.version), "model_uri": latest.source,
             "alias": tags.get("promotion", "").split(":")[0],
             "champion_version": str(champion.version) if champion else None,
             "top1": float(tags.get("top1", "nan")),
@@ -458,7 +459,8 @@ def format_summary(s: dict[str, Any]) -> str:
             "processes)" if s.get("overhead") else ""),
         f"  candidate: {s['registered_model']} v{s['version']}: top-1 {s['top1']:.2f} %, "
         f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)",
-        f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}",
+        f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}; the candidate "
+        f"is LoggedModel {s.get('model_uri')}",
         f"  MLflow UI: {ui}",
         f"  step outputs: {s['kfp_outputs']}",
     ])

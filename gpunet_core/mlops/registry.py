@@ -234,6 +234,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
     """
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     mlc = client(tracking_uri)
     run = mlc.get_run(run_id)
@@ -250,10 +251,10 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
             if mlmodel != model_dir / "MLmodel":
                 shutil.move(mlmodel, model_dir / "MLmodel")
             add_onnx_flavor(model_dir, onnx_path)
-            (model_dir / "MLmodel").rename(Path(tmp) / "MLmodel")  # upload only what is new
-            onnx_file = next(model_dir.iterdir())
+            # only what is new goes up (the pytorch files stay), MLmodel after the onnx file
+            onnx_file = model_dir / Model.load(model_dir).flavors["onnx"]["data"]
             mlc.log_model_artifact(target.model_id, str(onnx_file))
-            mlc.log_model_artifact(target.model_id, str(Path(tmp) / "MLmodel"))
+            mlc.log_model_artifact(target.model_id, str(model_dir / "MLmodel"))
         else:
             if trained is not None:
                 _logger.info("%s is registered already: copying it into a new LoggedModel",

@@ -1,8 +1,8 @@
 """The MLflow server stopped while a training run logs to it, then restarted on the same store.
 
 Training keeps going; what could not be sent is spooled (``<output>/mlflow_spool.jsonl``) and sent
-in order at the first call that reaches the restarted server: every epoch's metrics end up in
-the run exactly once, and the spool is gone.
+in order at the first call that reaches the restarted server: every epoch's metrics and every
+system-metrics sample end up in the run exactly once, and the spool is gone.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_mlflow_restart_during_training_loses_and_duplicates_nothing(digits_smal
         proc = subprocess.Popen(
             gpunet_cmd("train", str(digits_small), "--model", "gpunet_0", "--epochs",
                        str(EPOCHS), "--output", str(out), "--mlflow", "--experiment", "outage",
-                       *FAST),
+                       "--system-metrics-interval", "0.5", *FAST),
             stdout=log, stderr=subprocess.STDOUT, env=env(MLFLOW_TRACKING_URI=server.uri),
             cwd=REPO)
         try:
@@ -70,8 +70,13 @@ def test_mlflow_restart_during_training_loses_and_duplicates_nothing(digits_smal
         for key in ("top1", "train_loss", "eval_loss", "lr"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(EPOCHS)), (key, steps)  # none lost, none twice
+        # the system metrics sampled while the server was down were spooled too: no gaps
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert len(steps) >= 2 and steps == list(range(len(steps))), (key, steps)
         assert run.data.params["model"] == "gpunet_0"
-        assert run.data.tags[registry.CHECKPOINT_TAG] == sha256_file(out / "model_best.pth.tar")
+        (model,) = client.search_logged_models([run.info.experiment_id])
+        assert model.tags[registry.CHECKPOINT_TAG] == sha256_file(out / "model_best.pth.tar")
         spooled = [int(n) for n in re.findall(r"(\d+) item\(s\) spooled", text)]
     finally:
         server.stop()
