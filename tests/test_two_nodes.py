@@ -140,9 +140,9 @@ def cluster_run(s3_env, digits_tiny, tmp_path, monkeypatch):
     artifact = tmp_path / "artifact"  # the KFP Model artifact the step fills
     artifact.mkdir()
 
-    def make(epochs: int, run_id: str = KEY, attempt: int = 1):
+    def make(epochs: int, run_id: str = KEY, attempt: int = 1, **extra):
         cfg = steps.train_config(digits_tiny, artifact, augment="light", kfp_run_id=run_id,
-                                 epochs=epochs, **TRAIN)
+                                 epochs=epochs, **TRAIN, **extra)
         job_cfg = steps.cluster_config(cfg, run_id=run_id, task="student")
         job = trainjob_manifest(trainjob_name(run_id, "student", attempt), to_argv(job_cfg),
                                 nodes=2, nproc_per_node=1, image="gpunet-train:test",
@@ -152,7 +152,8 @@ def cluster_run(s3_env, digits_tiny, tmp_path, monkeypatch):
                   ("secret", "gpunet-mlflow-auth", "MLFLOW_TRACKING_USERNAME"): "unused",
                   ("secret", "gpunet-mlflow-auth", "MLFLOW_TRACKING_PASSWORD"): "unused",
                   ("configMap", "gpunet-config", "S3_ENDPOINT_URL"): s3_env.endpoint,
-                  ("configMap", "gpunet-config", "MLFLOW_TRACKING_URI"): "http://127.0.0.1:9",
+                  ("configMap", "gpunet-config", "MLFLOW_TRACKING_URI"):
+                      os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:9"),
                   ("configMap", "gpunet-config", "RUNS_URI"): runs}
         make.cfg, make.values = cfg, values
         return job_cfg, job, resolve_env(job, values)
@@ -307,3 +308,42 @@ def test_a_killed_node_fails_the_job_and_the_next_attempt_resumes(cluster_run):
     assert summary["epochs"] == 3
     rows = (cluster_run.artifact / "summary.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [0, 1, 2]
+
+
+def test_two_nodes_log_into_the_plugins_run_with_each_nodes_system_metrics(
+        cluster_run, fake_cluster, tmp_path, monkeypatch):
+    """With KFP's MLflow plugin the step's $MLFLOW_RUN_ID reaches the pods in the argv: both
+    nodes log into that run, each node its own system metrics (``system/node_<n>/...``), rank 0
+    the epochs and the LoggedModel, and no other run is created."""
+    from mlflow import MlflowClient
+
+    from tests import mlflow_server
+
+    server = mlflow_server.start(tmp_path / "mlflow")
+    try:
+        mlc = MlflowClient(server.uri)
+        exp = mlc.create_experiment("gpunet")
+        plugin_run = mlc.create_run(exp).info.run_id
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        monkeypatch.setenv("MLFLOW_RUN_ID", plugin_run)
+        job_cfg, job, _ = cluster_run(epochs=2, mlflow=True, system_metrics_interval=0.3)
+        args = job["spec"]["trainer"]["args"]
+        assert args[args.index("--mlflow-run-id") + 1] == plugin_run
+        fake_cluster.on_create.append(local_trainer(fake_cluster, cluster_run.values,
+                                                    cluster_run.root))
+        steps.train(cluster_run.cfg, nodes=2, nproc_per_node=1, image="gpunet-train:test",
+                    task="student", job_key=KEY)
+        assert [r.info.run_id for r in mlc.search_runs([exp])] == [plugin_run]
+        run = mlc.get_run(plugin_run)
+        for node in ("node_0", "node_1"):
+            for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+                assert mlc.get_metric_history(plugin_run, f"system/{node}/{key}"), (node, key)
+        assert not any(k.startswith("system/cpu") for k in run.data.metrics)  # node ids only
+        assert [m.step for m in mlc.get_metric_history(plugin_run, "top1")] == [0, 1]
+        (model,) = mlc.search_logged_models([exp])
+        assert model.source_run_id == plugin_run
+        # the LoggedModel's id came back with the outputs, beside the checkpoint
+        assert (cluster_run.artifact / "mlflow_model_id").read_text() == model.model_id
+        assert run.info.status == "RUNNING"  # the plugin ends it
+    finally:
+        server.stop()
