@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet_core.mlops import images
+from gpunet_core.mlops.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ui_url
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import sha256_file
 
@@ -398,7 +399,6 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     from kfp import local
 
     from gpunet_core.mlops import registry
-    from gpunet_core.mlops.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from pipelines.gpunet_training import gpunet_training
     from pipelines.timing import TaskClock, pipeline_overhead
 
@@ -436,6 +436,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     tags = latest.tags or {}
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
+    experiment_id = mlc.get_experiment_by_name(experiment).experiment_id
     return {"registered_model": name, "version": str(latest.version), "model_uri": latest.source,
             "alias": tags.get("promotion", "").split(":")[0],
             "champion_version": str(champion.version) if champion else None,
@@ -445,12 +446,15 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             "seconds": round(elapsed, 1),
             "overhead": overhead,
             "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+            "experiment_id": experiment_id,
             "kfp_outputs": str(workdir / "kfp")}
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}"
-          if s["tracking_uri"].startswith("sqlite") else s["tracking_uri"])
+    exp = s.get("experiment_id", "0")
+    ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}, then "
+          f"{ui_url('http://127.0.0.1:5000', exp)}"
+          if s["tracking_uri"].startswith("sqlite") else ui_url(s["tracking_uri"], exp))
     return "\n".join([
         f"pipeline finished in {s['seconds']:.0f} s" + (
             f" ({s['overhead']['compute_s']:.0f} s in the steps' own work, "

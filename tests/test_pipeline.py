@@ -156,6 +156,10 @@ def test_run_local_summary_splits_the_steps_work_from_the_rest():
                      "processes)")
     assert cli.format_summary({**summary, "overhead": None}).splitlines()[0] == \
         "pipeline finished in 120 s"  # every task from the cache: nothing was timed
+    # the UI link opens the model-training view (MLflow 3.17's UI defaults to GenAI)
+    served = cli.format_summary({**summary, "tracking_uri": "http://mlflow:5000",
+                                 "experiment_id": "3"})
+    assert "http://mlflow:5000/#/experiments/3?workflowType=machine_learning" in served
 
 
 def test_list_runs(fake_kfp, capsys):
@@ -323,11 +327,15 @@ def assert_ui_view(uri: str, experiment: str, registered: str) -> None:
     metrics = {m["key"]: m for m in data.get("metrics", [])}
     assert {"val_top1", "val_top5", "bench_latency_ms_median", "top1"} <= set(metrics)
     assert metrics["val_top1"].get("dataset_digest")  # measured on a named validation set
+    assert not [k for k in metrics if k.startswith("system/")]  # those are the run's
     model = rest(uri, "registered-models/get?name=" + urllib.parse.quote(registered))
     aliases = {a["alias"]: a["version"] for a in model["registered_model"].get("aliases", [])}
     version = rest(uri, f"model-versions/get?name={urllib.parse.quote(registered)}"
                         f"&version={aliases['champion']}")["model_version"]
     assert version["source"] == f"models:/{info['model_id']}"
+    model_tags = {t["key"]: t["value"] for t in info.get("tags", [])}
+    assert json.loads(model_tags["mlflow.modelVersions"]) == [
+        {"name": registered, "version": int(aliases["champion"])}]  # "Model versions" on its page
     run = rest(uri, "runs/get?run_id=" + info["source_run_id"])["run"]
     run_metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"system/cpu_utilization_percentage",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow.models
 import pytest
 from mlflow import MlflowClient
@@ -200,6 +202,10 @@ def test_register_completes_the_model_training_logged(training_run, two_checkpoi
                                                               model_id=model_id)
     assert (version, got_id, torch_loaded) == ("1", model_id, False)  # nothing built: no torch
     assert source(mlc, "1") == f"models:/{model_id}"
+    assert mlc.get_model_version(NAME, "1").run_id == run_id
+    # the model page lists the version (MLflow's link tag on the LoggedModel)
+    assert json.loads(mlc.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [
+        {"name": NAME, "version": 1}]
     # registered and aliased: loads back identically through models:/<name>@champion
     steps_metrics = {"top1": 70.0, "top5": 99.0}
     import os

@@ -232,6 +232,9 @@ def test_mlflow_run_has_params_metrics_and_artifacts(digits_small, tmp_path, mlf
     best_epoch = max(history, key=lambda m: m.value).step
     linked = {m.key: m for m in model.metrics}
     assert linked["top1"].step == best_epoch  # the best epoch's figures are the model's
+    assert not [k for k in linked if k.startswith("system/")]  # the run's, not the model's
+    assert [o.model_id for o in client.get_run(runs[0].info.run_id).outputs.model_outputs] == [
+        model.model_id]
     assert model.params["lr"] == "0.002"
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     try:

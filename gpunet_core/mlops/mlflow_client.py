@@ -30,6 +30,13 @@ EXPERIMENT_KIND = "custom_model_development"
 PLUGIN_RUN_ENV = "MLFLOW_RUN_ID"
 
 
+def ui_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment in its model-training view. MLflow 3.17's UI
+    chooses between its GenAI and model-training views with a per-browser toggle (default
+    GenAI) that overrides the experiment's kind; the ``workflowType`` query sets it."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def plugin_run_id() -> str | None:
     """The run KFP's MLflow plugin created for this task (``$MLFLOW_RUN_ID``), else None."""
     return os.environ.get(PLUGIN_RUN_ENV) or None

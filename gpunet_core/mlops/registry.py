@@ -168,6 +168,24 @@ def trained_model(mlc, run, checkpoint: str | Path, img_size: int,
     return ready[0] if ready else None
 
 
+def _link_to_run(mlc, run, model_id: str, step: int) -> None:
+    """Make ``model_id`` an output of ``run`` at ``step`` and link the run's training metrics
+    at that step (the best epoch's figures, not the system metrics) to it."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    mlc.log_outputs(run.info.run_id, [LoggedModelOutput(model_id, step=step)])
+    linked = []
+    for key in run.data.metrics:
+        if key.startswith("system/"):
+            continue
+        linked += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
+                          run_id=run.info.run_id)
+                   for m in mlc.get_metric_history(run.info.run_id, key)
+                   if m.step == step and m.model_id is None]
+    for i in range(0, len(linked), 1000):
+        mlc.log_batch(run.info.run_id, metrics=linked[i:i + 1000])
+
+
 def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, img_size: int,
                       step: int = 0, params: dict[str, Any] | None = None,
                       tracking_uri: str | None = None, mlc=None) -> str:
@@ -198,8 +216,11 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
         tags={CHECKPOINT_TAG: sha, IMG_SIZE_TAG: str(img_size)},
         params={k: str(v)[:500] for k, v in (params or {}).items()}, model_type=MODEL_TYPE)
     with fluent_tracking_uri(mlc.tracking_uri):  # log_model finalizes through the fluent API
+        # no run_id: log_model would link *every* metric of the run at ``step``, the system
+        # metrics' samples included; the run link and the epoch's figures are set below
         mlflow.pytorch.log_model(model, name=model_name, model_id=logged.model_id,
-                                 run_id=run_id, step=step, **_pytorch_kwargs(model, img_size))
+                                 **_pytorch_kwargs(model, img_size))
+    _link_to_run(mlc, run, logged.model_id, step)
     _logger.info("logged %s's model as %s (pytorch flavor) in run %s", checkpoint,
                  logged.model_id, run_id)
     return logged.model_id
@@ -232,6 +253,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
     When a version already points at it, or training logged none, a new LoggedModel of the run
     is made: a copy of it, or built from ``checkpoint``.
     """
+    import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -275,9 +297,11 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
-    version = mlc.create_model_version(name, f"models:/{target.model_id}", run_id=run_id,
-                                       tags={k: str(v) for k, v in tags.items()},
-                                       model_id=target.model_id)
+    with fluent_tracking_uri(mlc.tracking_uri):
+        # mlflow.register_model also links the version on the LoggedModel (the UI's "Model
+        # versions" of the model page), which create_model_version alone does not
+        version = mlflow.register_model(f"models:/{target.model_id}", name,
+                                        tags={k: str(v) for k, v in tags.items()})
     _logger.info("registered %s version %s (models:/%s)", name, version.version,
                  target.model_id)
     return str(version.version), target.model_id
