@@ -334,8 +334,8 @@ def assert_ui_view(uri: str, experiment: str, registered: str) -> None:
                         f"&version={aliases['champion']}")["model_version"]
     assert version["source"] == f"models:/{info['model_id']}"
     model_tags = {t["key"]: t["value"] for t in info.get("tags", [])}
-    assert json.loads(model_tags["mlflow.modelVersions"]) == [
-        {"name": registered, "version": int(aliases["champion"])}]  # "Model versions" on its page
+    linked = [(v["name"], str(v["version"])) for v in json.loads(model_tags["mlflow.modelVersions"])]
+    assert linked == [(registered, aliases["champion"])]  # "Model versions" on its page
     run = rest(uri, "runs/get?run_id=" + info["source_run_id"])["run"]
     run_metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"system/cpu_utilization_percentage",

@@ -204,8 +204,8 @@ def test_register_completes_the_model_training_logged(training_run, two_checkpoi
     assert source(mlc, "1") == f"models:/{model_id}"
     assert mlc.get_model_version(NAME, "1").run_id == run_id
     # the model page lists the version (MLflow's link tag on the LoggedModel)
-    assert json.loads(mlc.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [
-        {"name": NAME, "version": 1}]
+    linked = json.loads(mlc.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [(v["name"], str(v["version"])) for v in linked] == [(NAME, "1")]
     # registered and aliased: loads back identically through models:/<name>@champion
     steps_metrics = {"top1": 70.0, "top5": 99.0}
     import os

@@ -38,7 +38,7 @@ import numpy as np
 
 from gpunet_core.mlops.mlflow_client import client, fluent_tracking_uri
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import sha256_file
+from gpunet_core.utils.files import BEST_CHECKPOINT, sha256_file
 
 _logger = logging.getLogger(__name__)
 
@@ -243,6 +243,18 @@ def _download(model, dest: Path, path: str = "") -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
 
 
+def _link_version(mlc, model_id: str, name: str, version: str) -> None:
+    """List ``name`` ``version`` once in the LoggedModel's ``mlflow.modelVersions`` tag, which
+    the UI's model page shows. A tracking server adds it when the version is created, a
+    database store does not, and ``mlflow.register_model`` appends it again either way."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    linked = json.loads(mlc.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if (name, version) not in {(v.get("name"), str(v.get("version"))) for v in linked}:
+        linked.append({"name": name, "version": version})
+        mlc.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
+
+
 def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, model_name: str,
              name: str, img_size: int, tags: dict[str, Any], model_id: str | None = None,
              tracking_uri: str | None = None) -> tuple[str, str]:
@@ -253,7 +265,6 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
     When a version already points at it, or training logged none, a new LoggedModel of the run
     is made: a copy of it, or built from ``checkpoint``.
     """
-    import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -297,11 +308,10 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
-    with fluent_tracking_uri(mlc.tracking_uri):
-        # mlflow.register_model also links the version on the LoggedModel (the UI's "Model
-        # versions" of the model page), which create_model_version alone does not
-        version = mlflow.register_model(f"models:/{target.model_id}", name,
-                                        tags={k: str(v) for k, v in tags.items()})
+    version = mlc.create_model_version(name, f"models:/{target.model_id}", run_id=run_id,
+                                       tags={k: str(v) for k, v in tags.items()},
+                                       model_id=target.model_id)
+    _link_version(mlc, target.model_id, name, str(version.version))
     _logger.info("registered %s version %s (models:/%s)", name, version.version,
                  target.model_id)
     return str(version.version), target.model_id
@@ -381,8 +391,6 @@ def version_checkpoint(mlc, name: str, version, dest: Path) -> Path:
     ``model_best.pth.tar`` its LoggedModel's training run logged, verified against the
     LoggedModel's checksum tag. (The ``pytorch`` flavor is a pickle, which this project never
     loads; the checkpoint loads with ``weights_only``.)"""
-    from gpunet_core.utils.files import BEST_CHECKPOINT
-
     model_id = (version.source or "").removeprefix("models:/")
     logged = mlc.get_logged_model(model_id) if version.source.startswith("models:/m-") else None
     want = logged.tags.get(CHECKPOINT_TAG) if logged is not None else None
