@@ -229,6 +229,7 @@ def test_register_completes_the_model_training_logged(training_run, two_checkpoi
     assert (version, torch_loaded) == ("2", False) and copy_id != model_id
     assert source(mlc, "2") == f"models:/{copy_id}"
     assert mlc.get_logged_model(copy_id).source_run_id == run_id
+    assert copy_id in {o.model_id for o in mlc.get_run(run_id).outputs.model_outputs}
     assert_version_is(f"models:/{NAME}/2", first, onnx_of=second)
     assert_version_is(f"models:/{NAME}/1", first, onnx_of=first)
 

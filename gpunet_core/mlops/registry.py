@@ -265,7 +265,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
     When a version already points at it, or training logged none, a new LoggedModel of the run
     is made: a copy of it, or built from ``checkpoint``.
     """
-    from mlflow.entities import LoggedModelStatus
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
@@ -304,6 +304,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
             add_onnx_flavor(model_dir, onnx_path, model_id=target.model_id)
             _upload(mlc, target.model_id, model_dir)
             mlc.finalize_logged_model(target.model_id, LoggedModelStatus.READY)
+            mlc.log_outputs(run_id, [LoggedModelOutput(target.model_id, step=0)])
     try:
         mlc.get_registered_model(name)
     except MlflowException:
