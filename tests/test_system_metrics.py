@@ -37,13 +37,19 @@ def _monitor(sink, **kwargs):
     return monitor
 
 
-def test_publishes_prefixed_float_metrics_with_increasing_steps():
+def _two_publishes() -> tuple[object, list[Call]]:
+    """A monitor sampling every 50 ms, finished after its second publish; what it published."""
     calls: list[Call] = []
     monitor = _monitor(lambda m, s: calls.append((m, s)), interval_s=0.05)
     try:
         _wait_for(calls, 2)
     finally:
         monitor.finish()
+    return monitor, calls
+
+
+def test_publishes_prefixed_float_metrics_with_increasing_steps():
+    monitor, calls = _two_publishes()
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     assert isinstance(monitor, SystemMetricsMonitor)
@@ -133,12 +139,7 @@ def test_never_contacts_mlflow(monkeypatch):
         raise AssertionError("NodeMonitor touched MLflow tracking")
 
     monkeypatch.setattr(MlflowClient, "__init__", boom)
-    calls: list[Call] = []
-    monitor = _monitor(lambda m, s: calls.append((m, s)), interval_s=0.05)
-    try:
-        _wait_for(calls, 2)
-    finally:
-        monitor.finish()
+    monitor, calls = _two_publishes()
 
 
 def test_importing_the_module_does_not_import_mlflow():

@@ -139,13 +139,12 @@ def checkpoint_model_dir(checkpoint: str | Path, *, model_name: str, img_size: i
         raise ModelBuildError(str(exc)) from exc
 
 
-def trained_model(mlc, run, checkpoint: str | Path, img_size: int,
-                  model_id: str | None = None):
-    """The READY LoggedModel of ``run`` that is ``checkpoint``'s model at ``img_size``
-    (``model_id`` first, else searched by the run and the tags), or None."""
+def trained_model(mlc, run, sha: str, img_size: int, model_id: str | None = None):
+    """The READY LoggedModel of ``run`` that is the model of the checkpoint with SHA-256
+    ``sha`` at ``img_size`` (``model_id`` first, else searched by the run and the tags), or
+    None."""
     from mlflow.exceptions import MlflowException
 
-    sha = sha256_file(checkpoint)
 
     def matches(model) -> bool:
         return (str(model.status) == "READY" and model.source_run_id == run.info.run_id
@@ -201,10 +200,10 @@ def log_pytorch_model(run_id: str, checkpoint: str | Path, *, model_name: str, i
 
     mlc = mlc or client(tracking_uri)
     run = mlc.get_run(run_id)
-    done = trained_model(mlc, run, checkpoint, img_size)
+    sha = sha256_file(checkpoint)
+    done = trained_model(mlc, run, sha, img_size)
     if done is not None:
         return done.model_id
-    sha = sha256_file(checkpoint)
     for stale in mlc.search_logged_models(
             experiment_ids=[run.info.experiment_id],
             filter_string=f"source_run_id = '{run_id}' AND tags.`{CHECKPOINT_TAG}` = '{sha}'"):
@@ -271,7 +270,8 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
 
     mlc = client(tracking_uri)
     run = mlc.get_run(run_id)
-    trained = trained_model(mlc, run, checkpoint, img_size, model_id)
+    sha = sha256_file(checkpoint)
+    trained = trained_model(mlc, run, sha, img_size, model_id)
     taken = {v.source for v in mlc.search_model_versions(f"run_id = '{run_id}'")}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
@@ -299,7 +299,7 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
                                                  img_size=img_size, dest=model_dir)
             target = mlc.create_logged_model(
                 experiment_id=run.info.experiment_id, name=model_name, source_run_id=run_id,
-                tags={CHECKPOINT_TAG: sha256_file(checkpoint), IMG_SIZE_TAG: str(img_size)},
+                tags={CHECKPOINT_TAG: sha, IMG_SIZE_TAG: str(img_size)},
                 model_type=MODEL_TYPE)
             add_onnx_flavor(model_dir, onnx_path, model_id=target.model_id)
             _upload(mlc, target.model_id, model_dir)
@@ -387,13 +387,18 @@ def _short(checksum: str | None) -> str:
     return checksum[:16] if checksum else "unknown"
 
 
-def version_checkpoint(mlc, name: str, version, dest: Path) -> Path:
-    """The checkpoint registered ``version`` was made from, downloaded into ``dest``: the
-    ``model_best.pth.tar`` its LoggedModel's training run logged, verified against the
-    LoggedModel's checksum tag. (The ``pytorch`` flavor is a pickle, which this project never
-    loads; the checkpoint loads with ``weights_only``.)"""
-    model_id = (version.source or "").removeprefix("models:/")
-    logged = mlc.get_logged_model(model_id) if version.source.startswith("models:/m-") else None
+def version_model(mlc, version):
+    """The LoggedModel registered ``version`` points at (source ``models:/m-...``), or None."""
+    source = version.source or ""
+    return mlc.get_logged_model(source.removeprefix("models:/")) \
+        if source.startswith("models:/m-") else None
+
+
+def version_checkpoint(mlc, name: str, version, logged, dest: Path) -> Path:
+    """The checkpoint registered ``version`` (LoggedModel ``logged``) was made from, downloaded
+    into ``dest``: the ``model_best.pth.tar`` its LoggedModel's training run logged, verified
+    against the LoggedModel's checksum tag. (The ``pytorch`` flavor is a pickle, which this
+    project never loads; the checkpoint loads with ``weights_only``.)"""
     want = logged.tags.get(CHECKPOINT_TAG) if logged is not None else None
     if logged is None or not want or not logged.source_run_id:
         raise RegistryError(f"{name} version {version.version} does not name the checkpoint it "
@@ -420,8 +425,7 @@ def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: i
 
     mlc = client(tracking_uri)
     entry = mlc.get_model_version(name, str(version))
-    logged = mlc.get_logged_model(entry.source.removeprefix("models:/")) \
-        if entry.source.startswith("models:/m-") else None
+    logged = version_model(mlc, entry)
     model_name = (entry.tags or {}).get("model") or (logged.name if logged else None)
     img_size = (entry.tags or {}).get("img_size") or \
         (logged.tags.get(IMG_SIZE_TAG) if logged else None)
@@ -429,7 +433,7 @@ def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: i
         raise RegistryError(f"{name} version {version} records no model name or resolution "
                             "('model' / 'img_size' tags): it cannot be evaluated")
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = version_checkpoint(mlc, name, entry, Path(tmp))
+        checkpoint = version_checkpoint(mlc, name, entry, logged, Path(tmp))
         model = load_inference_model(model_name, checkpoint)
     return validate(model, data, batch_size=batch_size, workers=0, img_size=int(img_size),
                     progress=False)
