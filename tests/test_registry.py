@@ -93,6 +93,14 @@ def test_errors_are_clear(mlflow_sqlite, capsys):
     assert "nothing to roll back to" in capsys.readouterr().err
 
 
+def test_a_missing_validation_set_is_refused_before_any_alias_moves(mlflow_sqlite, capsys,
+                                                                    tmp_path):
+    v1 = add_version(mlflow_sqlite, 55.0, 3.0)
+    assert cli_main(["promote", NAME, "--version", v1, "--data", str(tmp_path / "nope")]) == 2
+    assert "no such directory; pass the candidate's validation set" in capsys.readouterr().err
+    assert not mlflow_sqlite.get_registered_model(NAME).aliases
+
+
 def test_cli_promote_json(mlflow_sqlite, capsys):
     v1 = add_version(mlflow_sqlite, 55.0, 3.0)
     assert cli_main(["promote", NAME, "--version", v1, "--min-top1", "50", "--json"]) == 0

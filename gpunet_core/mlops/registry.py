@@ -503,6 +503,9 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
     """
     from mlflow.exceptions import MlflowException
 
+    if data is not None and not str(data).startswith("s3://") and not Path(data).is_dir():
+        raise RegistryError(f"--data {data}: no such directory; pass the candidate's validation "
+                            "set (a prepared dataset's val/ folder)")
     mlc = client(tracking_uri)
     try:
         candidate = mlc.get_model_version(name, str(version))
