@@ -91,7 +91,9 @@ def test_gpu_backends_without_gpu_are_clear_errors(onnx_file, capsys, backend, m
 
 
 def test_bad_inputs_are_clear_errors(onnx_file, tmp_path):
-    with pytest.raises(BenchmarkError, match="--precision fp16 needs --backend tensorrt"):
+    # an fp32 export: precision lives in the graph (TensorRT 11), no flag lowers it
+    with pytest.raises(BenchmarkError, match="--precision fp16 does not match .*fp32 graph"
+                                             "(.|\n)*gpunet quantize --precision fp16"):
         run_benchmark(onnx_file, backend="onnxruntime", precision="fp16")
     static = tmp_path / "static.onnx"
     export_onnx(create_model("gpunet_0"), static, model_name="gpunet_0", img_size=IMG, batch=2)
@@ -131,16 +133,25 @@ def test_trtexec_parser_rejects_failed_runs():
         parse_trtexec_output(no_gpu_line)
 
 
-def test_trtexec_command_line(onnx_file, tmp_path):
+@pytest.mark.parametrize(("major", "strongly_typed"), [(10, True), (11, False)])
+def test_trtexec_command_line(onnx_file, tmp_path, major, strongly_typed):
     info = inspect_onnx(onnx_file)
-    cmd = trtexec_command(onnx_file, info, precision="fp16", batch=8, iterations=500,
+    cmd = trtexec_command(onnx_file, info, tensorrt_major=major, batch=8, iterations=500,
                           warmup_ms=200, engine=tmp_path / "e.plan", workspace_mib=2048)
     assert cmd[0] == "trtexec" and f"--onnx={onnx_file}" in cmd
-    assert "--fp16" in cmd and "--int8" not in cmd
+    # strongly typed only: 10.x opts in, 11.x always is; no precision flag on any major
+    assert ("--stronglyTyped" in cmd) is strongly_typed
+    assert not {"--fp16", "--int8", "--best", "--bf16", "--fp8"} & set(cmd)
     assert f"--shapes=input:8x3x{IMG}x{IMG}" in cmd
     assert "--memPoolSize=workspace:2048M" in cmd and "--iterations=500" in cmd
     assert "--warmUp=200" in cmd and f"--saveEngine={tmp_path / 'e.plan'}" in cmd
     assert not any(arg.startswith("--workspace") for arg in cmd)  # removed in TensorRT 10
+
+
+def test_trtexec_command_refuses_pre_10_trtexec(onnx_file, tmp_path):
+    with pytest.raises(BenchmarkError, match="strongly typed"):
+        trtexec_command(onnx_file, inspect_onnx(onnx_file), tensorrt_major=8, batch=1,
+                        iterations=1, warmup_ms=0, engine=tmp_path / "e.plan", workspace_mib=64)
 
 
 def test_latency_stats():

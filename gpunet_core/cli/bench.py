@@ -12,15 +12,22 @@ from gpunet_core.utils.files import write_json
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "bench", help="measure the latency of an ONNX export",
-        description="Measure batch latency of a `gpunet export-onnx` file. tensorrt: TensorRT 10 "
-                    "engine, GPU compute time between CUDA events (as trtexec's 'GPU Compute "
-                    "Time', NVIDIA's published figures); trtexec: runs the binary and parses its "
-                    "summary; onnxruntime/torch: for machines without TensorRT; auto: tensorrt "
-                    "if a GPU and TensorRT are present, else onnxruntime.")
-    parser.add_argument("--onnx", required=True, help="ONNX file from gpunet export-onnx")
+        description="Measure batch latency of a `gpunet export-onnx` file, or of a graph that "
+                    "`gpunet quantize` rewrote to fp16/int8, at the graph's own precision. "
+                    "tensorrt: TensorRT 10.12+/11 engine, always strongly typed (TensorRT 11 has "
+                    "no fp16/int8 builder flags: the precision lives in the ONNX graph), GPU "
+                    "compute time between CUDA events (as trtexec's 'GPU Compute Time', NVIDIA's "
+                    "published figures); trtexec: runs the binary (--stronglyTyped on 10.x) and "
+                    "parses its summary; onnxruntime/torch: for machines without TensorRT; auto: "
+                    "tensorrt if a GPU and TensorRT are present, else onnxruntime.")
+    parser.add_argument("--onnx", required=True,
+                        help="ONNX file from gpunet export-onnx (fp32) or gpunet quantize "
+                             "(fp16/int8)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="default: fp16 on tensorrt/trtexec, fp32 on onnxruntime/torch")
+                        help="default: the graph's precision (fp32 for an export); a different "
+                             "one is an error: make that graph first with `gpunet quantize "
+                             "--precision P --target tensorrt|cpu`")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--iterations", type=int, default=100, help="timed runs (default 100)")
     parser.add_argument("--warmup-ms", type=float, default=200.0,

@@ -79,6 +79,17 @@ class OnnxInfo:
     def input_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, 3, self.img_size, self.img_size)
 
+    @property
+    def precision(self) -> str:
+        """``fp32`` for an export; ``fp16``/``int8`` once ``gpunet quantize`` rewrote the graph
+        (TensorRT 11 builds every network strongly typed: the precision is the graph's)."""
+        return str(self.metadata.get("precision") or "fp32")
+
+    @property
+    def target(self) -> str | None:
+        """What ``gpunet quantize`` shaped the graph for (``tensorrt``/``cpu``); None: export."""
+        return self.metadata.get("target")
+
 
 def sidecar_path(onnx_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``."""

@@ -1,11 +1,16 @@
 """Latency benchmarks of a GPUNet ONNX export on several backends, one result schema.
 
-Backends: ``tensorrt`` (TensorRT 10 Python API, GPU compute time, see
+Backends: ``tensorrt`` (TensorRT 10.12+/11 Python API, strongly typed, GPU compute time, see
 :mod:`gpunet_core.inference.tensorrt`), ``trtexec`` (runs NVIDIA's binary and parses its
 performance summary), ``onnxruntime`` (CUDA EP when present, else CPU) and ``torch`` (eager or
 ``torch.compile``; the architecture is rebuilt from the export's metadata with random weights,
 since latency does not depend on weight values). ``auto`` picks TensorRT when a GPU and the
 package are present, else ONNX Runtime, and records why.
+
+The precision is the ONNX graph's (:attr:`OnnxInfo.precision
+<gpunet_core.inference.export.OnnxInfo.precision>`): TensorRT 11 builds every network strongly
+typed, so there are no fp16/int8 builder flags any more; an export is fp32 and ``gpunet quantize``
+writes fp16 (ModelOpt AutoCast) or int8 (Q/DQ) graphs. ``precision=`` only confirms it.
 
 Every result is a JSON-able dict with ``schema`` :data:`BENCH_SCHEMA`: latency statistics in ms
 (median, mean, min, max, p90, p95, p99, std), throughput in images/s, what was measured
@@ -43,6 +48,8 @@ from gpunet_core.inference.export import (
 )
 from gpunet_core.inference.tensorrt import (
     nvidia_driver_present,
+    strong_typing_problem,
+    tensorrt_major,
     tensorrt_unavailable_reason,
     tensorrt_version,
 )
@@ -171,7 +178,7 @@ _STAT_KEYS = {"Latency": "host_latency", "Enqueue Time": "enqueue", "H2D Latency
 
 
 def parse_trtexec_output(text: str) -> dict[str, Any]:
-    """The performance summary of a ``trtexec`` run (TensorRT 8.6-10 format) as a dict.
+    """The performance summary of a ``trtexec`` run (TensorRT 8.6-11 format) as a dict.
 
     Keys: ``throughput_qps``, one stats dict (ms) per summary line (``gpu_compute``,
     ``host_latency``, ``enqueue``, ``h2d``, ``d2h``; percentiles as ``p90`` etc.),
@@ -199,37 +206,81 @@ def parse_trtexec_output(text: str) -> dict[str, Any]:
             out["total_gpu_compute_s"] = float(m.group(1))
     if "gpu_compute" not in out or "median" not in out["gpu_compute"]:
         raise BenchmarkError("trtexec's performance summary has no 'GPU Compute Time' line")
-    if (m := re.search(r"\[I\] TensorRT version: (\S+)", text)) or (m := re.search(r"\[TensorRT v(\d+)\]", text)):
-        out["tensorrt_version"] = m.group(1)
+    if version := parse_trtexec_version(text):
+        out["tensorrt_version"] = version
     if m := re.search(r"\[I\] Selected Device: (.+)", text):
         out["device"] = m.group(1).strip()
     out["passed"] = "&&&& PASSED" in text
     return out
 
 
-def trtexec_command(onnx: Path, info: OnnxInfo, *, precision: str, batch: int, iterations: int,
-                    warmup_ms: float, engine: Path, workspace_mib: int,
+_VERSION_LINE = re.compile(r"TensorRT version: (\d+\.\d+\.\d+)")
+_VERSION_BANNER = re.compile(r"\[TensorRT v(\d+)\]")
+
+
+def parse_trtexec_version(text: str) -> str | None:
+    """The TensorRT version trtexec reports, as ``"11.1.0"``; None when the text has none.
+
+    Reads the ``[I] TensorRT version: 11.1.0`` line of a build, else the ``&&&& RUNNING
+    TensorRT.trtexec [TensorRT v110100]`` banner every run (``--help`` included) starts with:
+    ``NV_TENSORRT_VERSION``, major*10000 + minor*100 + patch since TensorRT 10 (8.x: major*1000
+    + minor*100 + patch).
+    """
+    if m := _VERSION_LINE.search(text):
+        return m.group(1)
+    if m := _VERSION_BANNER.search(text):
+        n = int(m.group(1))
+        if n >= 100000:
+            major, minor, patch = n // 10000, n // 100 % 100, n % 100
+        else:
+            major, minor, patch = n // 1000, n // 100 % 10, n % 100
+        return f"{major}.{minor}.{patch}"
+    return None
+
+
+def trtexec_command(onnx: Path, info: OnnxInfo, *, tensorrt_major: int, batch: int,
+                    iterations: int, warmup_ms: float, engine: Path, workspace_mib: int,
                     trtexec: str = "trtexec") -> list[str]:
+    """The trtexec command line for TensorRT ``tensorrt_major``: strongly typed, never a precision
+    flag (TensorRT 11 removed ``--fp16``/``--int8``/``--best``; the precision is the graph's).
+    ``--stronglyTyped`` opts in on 10.x; 11.x is always strongly typed (the flag is a no-op)."""
+    if tensorrt_major < 10:
+        raise BenchmarkError(f"trtexec of TensorRT {tensorrt_major}.x cannot build strongly typed "
+                             "engines; use TensorRT >= 10.12")
     cmd = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", f"--iterations={iterations}",
            f"--warmUp={int(warmup_ms)}", "--duration=0",
            f"--memPoolSize=workspace:{workspace_mib}M"]
     if info.batch is None:
         cmd.append(f"--shapes={info.input_name}:{batch}x3x{info.img_size}x{info.img_size}")
-    if precision == "fp16":
-        cmd.append("--fp16")
-    elif precision == "int8":
-        cmd += ["--fp16", "--int8"]
+    if tensorrt_major < 11:
+        cmd.append("--stronglyTyped")
     return cmd
+
+
+def trtexec_version(binary: str) -> str:
+    """The TensorRT version of the ``trtexec`` at ``binary``, from the banner of ``--help``
+    (trtexec has no ``--version``; ``--help`` needs no GPU work); BenchmarkError if unreadable."""
+    try:
+        proc = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchmarkError(f"backend trtexec: cannot run `{binary} --help` to learn its "
+                             f"TensorRT version: {exc}") from None
+    version = parse_trtexec_version(proc.stdout + proc.stderr)
+    if version is None:
+        raise BenchmarkError(f"backend trtexec: `{binary} --help` printed no TensorRT version "
+                             "banner ([TensorRT vNNNNNN]); is it NVIDIA's trtexec?")
+    return version
 
 
 # --------------------------------------------------------------------------- backends
 
 
-def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
-                    warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
+def _bench_tensorrt(info: OnnxInfo, batch: int, iterations: int, warmup_ms: float,
+                    engine: Path, workspace_mib: int) -> dict[str, Any]:
     shape = info.input_shape(batch)
     plan = trtb.build_engine(info.path, input_name=info.input_name, input_shape=shape,
-                             precision=precision, workspace_mib=workspace_mib)
+                             workspace_mib=workspace_mib)
     with atomic_write(engine, "wb") as fh:
         fh.write(plan)
     times, details = trtb.time_engine(plan, input_name=info.input_name, input_shape=shape,
@@ -238,8 +289,8 @@ def _bench_tensorrt(info: OnnxInfo, precision: str, batch: int, iterations: int,
             "engine_file": str(engine), "details": details}
 
 
-def _bench_trtexec(info: OnnxInfo, precision: str, batch: int, iterations: int,
-                   warmup_ms: float, engine: Path, workspace_mib: int) -> dict[str, Any]:
+def _bench_trtexec(info: OnnxInfo, batch: int, iterations: int, warmup_ms: float,
+                   engine: Path, workspace_mib: int) -> dict[str, Any]:
     if not nvidia_driver_present():
         raise BenchmarkError("backend trtexec needs an NVIDIA GPU; none is visible. Use "
                              "--backend onnxruntime or torch here")
@@ -248,7 +299,10 @@ def _bench_trtexec(info: OnnxInfo, precision: str, batch: int, iterations: int,
         raise BenchmarkError("backend trtexec: no `trtexec` on PATH (it ships with TensorRT, "
                              "e.g. /usr/src/tensorrt/bin in NVIDIA's containers); add it to PATH "
                              "or use --backend tensorrt")
-    cmd = trtexec_command(info.path, info, precision=precision, batch=batch,
+    version = trtexec_version(binary)
+    if problem := strong_typing_problem(version):
+        raise BenchmarkError(f"backend trtexec ({binary}): {problem}")
+    cmd = trtexec_command(info.path, info, tensorrt_major=tensorrt_major(version), batch=batch,
                           iterations=iterations, warmup_ms=warmup_ms, engine=engine,
                           workspace_mib=workspace_mib, trtexec=binary)
     _logger.info("running %s", " ".join(cmd))
@@ -263,23 +317,24 @@ def _bench_trtexec(info: OnnxInfo, precision: str, batch: int, iterations: int,
     return {"latency_ms": stats, "latency_kind": "gpu_compute", "engine_file": str(engine),
             "throughput_ips": parsed.get("throughput_qps", 0.0) * batch,
             "details": {"trtexec": {k: v for k, v in parsed.items() if k != "gpu_compute"},
-                        "command": cmd}}
+                        "trtexec_tensorrt": version, "command": cmd}}
 
 
-def _bench_onnxruntime(info: OnnxInfo, precision: str, batch: int, iterations: int,
-                       warmup_ms: float, threads: int | None) -> dict[str, Any]:
+def _bench_onnxruntime(info: OnnxInfo, batch: int, iterations: int, warmup_ms: float,
+                       threads: int | None) -> dict[str, Any]:
+    """Runs the graph as it is, whatever its precision (fp32 export, fp16 or Q/DQ int8 graph)."""
     import onnxruntime as ort
 
-    if precision != "fp32":
-        raise BenchmarkError(f"backend onnxruntime runs the export as it is (fp32); --precision "
-                             f"{precision} needs --backend tensorrt or trtexec")
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
         providers.insert(0, "CUDAExecutionProvider")
     session = onnxruntime_session(info.path, providers, threads)
-    # latency does not depend on the values: numpy's N(0, 1), so this path needs no torch
+    # latency does not depend on the values: numpy's N(0, 1), so this path needs no torch; in the
+    # input's own type (an fp16 graph may take fp16)
+    dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
+        next((i.type for i in session.get_inputs() if i.name == info.input_name), ""), np.float32)
     feed = {info.input_name: np.random.default_rng(PARITY_SEED).standard_normal(
-        info.input_shape(batch), dtype=np.float32)}
+        info.input_shape(batch), dtype=np.float32).astype(dtype)}
     times = time_host_loop(lambda: session.run(None, feed), iterations, warmup_ms)
     opts = session.get_session_options()
     return {"latency_ms": latency_stats(times), "latency_kind": "host_wall", "engine_file": None,
@@ -294,11 +349,18 @@ def _bench_torch(info: OnnxInfo, precision: str, batch: int, iterations: int,
     # torch: only the torch backend needs it (a KFP benchmark task on ONNX Runtime does not)
     from gpunet_core.models.factory import create_model
 
+    if precision == "int8":
+        raise BenchmarkError(f"backend torch rebuilds the architecture from {info.path}'s "
+                             "metadata and cannot run its int8 (Q/DQ) graph from `gpunet "
+                             "quantize`; benchmark that graph with --backend onnxruntime (target "
+                             "cpu) or tensorrt/trtexec (target tensorrt), or give torch the fp32 "
+                             "export")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision)
     if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
-        raise BenchmarkError(f"backend torch on {device.type} supports --precision "
-                             f"{'fp32/fp16' if device.type == 'cuda' else 'fp32'}, not {precision}")
+        raise BenchmarkError(f"backend torch on {device.type} runs "
+                             f"{'fp32/fp16' if device.type == 'cuda' else 'fp32'} only, and "
+                             f"{info.path} is a {precision} graph; use --backend onnxruntime")
     if threads:
         torch.set_num_threads(threads)
     # torch: only the torch backend needs it
@@ -356,8 +418,11 @@ def run_benchmark(onnx: str | Path, *, backend: str = "auto", precision: str | N
                   engine: str | Path | None = None, workspace_mib: int = 1024) -> dict[str, Any]:
     """Benchmark a GPUNet ONNX export; returns the result dict (schema :data:`BENCH_SCHEMA`).
 
-    ``precision`` defaults to fp16 on TensorRT/trtexec (NVIDIA's published setting) and fp32
-    elsewhere. The TensorRT engine is saved to ``engine`` (default beside the ONNX file).
+    The precision is the graph's (``OnnxInfo.precision``: fp32 for an export, fp16/int8 after
+    ``gpunet quantize``) on every backend; ``precision=None`` takes it, an explicit one must equal
+    it (TensorRT 11 builds strongly typed networks only: there is no flag to lower the
+    precision of an fp32 graph). The TensorRT engine is saved to ``engine`` (default beside the
+    ONNX file, named after the precision).
     """
     if backend not in BACKENDS:
         raise BenchmarkError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -379,19 +444,34 @@ def run_benchmark(onnx: str | Path, *, backend: str = "auto", precision: str | N
         raise BenchmarkError(f"{info.path} was exported with a fixed batch of {info.batch}; "
                              f"benchmark with --batch {info.batch} or re-export with "
                              "--dynamic-batch")
+    graph_precision = info.precision
+    if graph_precision not in PRECISIONS:
+        raise BenchmarkError(f"{info.path} says its graph precision is {graph_precision!r} "
+                             f"(gpunet metadata), not one of {', '.join(PRECISIONS)}; re-export "
+                             "it or rerun `gpunet quantize`")
+    if precision is not None and precision != graph_precision:
+        raise BenchmarkError(
+            f"--precision {precision} does not match {info.path}, a {graph_precision} graph: "
+            "under TensorRT 11 every network is strongly typed and the precision lives in the "
+            f"ONNX graph, so run `gpunet quantize --precision {precision} --target tensorrt|cpu` "
+            "on the export first and benchmark its output (or leave --precision out)")
+    precision = graph_precision
     used, reason = choose_backend(backend)
-    precision = precision or ("fp16" if used in GPU_ONLY else "fp32")
+    if info.target == "cpu" and used in GPU_ONLY:
+        _logger.warning("%s was quantized for --target cpu; TensorRT may build it slowly or not "
+                        "at all (use `gpunet quantize --target tensorrt` for TensorRT)", info.path)
+    elif info.target == "tensorrt" and used not in GPU_ONLY:
+        _logger.warning("%s was quantized for --target tensorrt; its latency on %s says little "
+                        "about TensorRT", info.path, used)
     engine_path = Path(engine) if engine else default_engine_path(info.path, precision, batch)
     _logger.info("benchmarking %s with %s (%s), %s, batch %d", info.path, used, reason, precision,
                  batch)
     if used == "tensorrt":
-        result = _bench_tensorrt(info, precision, batch, iterations, warmup_ms, engine_path,
-                                 workspace_mib)
+        result = _bench_tensorrt(info, batch, iterations, warmup_ms, engine_path, workspace_mib)
     elif used == "trtexec":
-        result = _bench_trtexec(info, precision, batch, iterations, warmup_ms, engine_path,
-                                workspace_mib)
+        result = _bench_trtexec(info, batch, iterations, warmup_ms, engine_path, workspace_mib)
     elif used == "onnxruntime":
-        result = _bench_onnxruntime(info, precision, batch, iterations, warmup_ms, threads)
+        result = _bench_onnxruntime(info, batch, iterations, warmup_ms, threads)
     else:
         result = _bench_torch(info, precision, batch, iterations, warmup_ms, compile_model,
                               threads)

@@ -1,22 +1,33 @@
-"""TensorRT 10 engine build and timing, the way NVIDIA measures GPUNet latency.
+"""TensorRT engine build and timing, the way NVIDIA measures GPUNet latency: TensorRT 10.12+ and 11.
 
-Written against the TensorRT 10 Python API (``tensorrt`` from the ``[gpu]`` extra):
-``Builder.create_network(0)`` (explicit batch is the only mode), ``OnnxParser``,
-``set_memory_pool_limit(WORKSPACE, ...)`` (the removed ``max_workspace_size``/``--workspace``
-replacement), ``build_serialized_network``; timing binds device buffers with
-``set_tensor_address`` and runs ``execute_async_v3`` between two CUDA events recorded on the same
-stream, i.e. pure GPU compute time as in trtexec's "GPU Compute Time" line. Device memory,
-stream and events come from torch, so no extra CUDA binding is needed.
+Every network is built strongly typed: TensorRT 11 removed weak typing (no ``BuilderFlag.FP16``/
+``INT8``/``OBEY_PRECISION_CONSTRAINTS``, no ``ITensor.set_dynamic_range``, no INT8 calibrators), so
+the precision is the ONNX graph's own: an export is fp32, ``gpunet quantize`` rewrites it to fp16
+(ModelOpt AutoCast) or int8 (explicit Q/DQ nodes). Network creation (:func:`network_flags`):
+``create_network(1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))`` on 10.12-10.x, where
+strong typing is opt-in; ``create_network(0)`` on 11.x, where it is always on (the 11.x enum keeps
+``STRONGLY_TYPED`` only as a deprecated, ignored value; ``EXPLICIT_BATCH`` is gone). Releases
+before 10.12 are refused: strongly typed builds of Q/DQ graphs need 10.12.
+
+The rest is the API both majors share: ``OnnxParser``, ``set_memory_pool_limit(WORKSPACE, ...)``,
+one optimization profile for a dynamic batch, ``build_serialized_network``; timing binds device
+buffers with ``set_tensor_address`` and runs ``execute_async_v3`` between two CUDA events recorded
+on the same stream, i.e. pure GPU compute time as in trtexec's "GPU Compute Time" line. Device
+memory, stream and events come from torch, so no extra CUDA binding is needed.
 
 ``tensorrt`` is imported lazily; without a GPU or without the package every entry point raises
-:class:`~gpunet_core.utils.errors.BenchmarkError` with the fix. Not run on a real GPU in this project's
-CI (no GPU, and TensorRT wheels are not installable there).
+:class:`~gpunet_core.utils.errors.BenchmarkError` with the fix. Unverified here: written against
+NVIDIA's 10.x/11.x Python API reference, migration guide and the TensorRT 11.1 OSS bindings, but
+never run on a GPU in this project's CI (no GPU, and TensorRT wheels are not installable there);
+only the library-free helpers (:func:`tensorrt_major`, :func:`strong_typing_problem`,
+:func:`network_flags`) are unit-tested.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 import sys
 import time
@@ -31,9 +42,56 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 INSTALL_HINT = ("install the [gpu] extra on a machine with an NVIDIA GPU: pip install "
-                "'gpunet-pipeline[gpu]' (TensorRT >= 10 comes from NVIDIA's index: "
+                "'gpunet-pipeline[gpu]' (TensorRT >= 10.12 comes from NVIDIA's index: "
                 "--extra-index-url https://pypi.nvidia.com), or use --backend onnxruntime/torch")
-INT8_DUMMY_RANGE = 4.0  # like trtexec --int8 without a calibration cache: latency only
+MIN_TENSORRT = (10, 12)  # strongly typed builds of explicit-quantization (Q/DQ) graphs
+_VERSION = re.compile(r"\s*(\d+)(?:\.(\d+))?")
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    m = _VERSION.match(str(version))
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def tensorrt_major(version: str) -> int:
+    """The major release of a TensorRT version string (``"11.1.0.106"`` -> 11)."""
+    parsed = _major_minor(version)
+    if parsed is None:
+        raise BenchmarkError(f"cannot read a TensorRT version from {version!r}")
+    return parsed[0]
+
+
+def strong_typing_problem(version: str) -> str | None:
+    """Why TensorRT ``version`` cannot build this project's strongly typed engines, or None."""
+    parsed = _major_minor(version)
+    if parsed is None:
+        return f"cannot read a TensorRT version from {version!r}"
+    if parsed < MIN_TENSORRT:
+        need = ".".join(map(str, MIN_TENSORRT))
+        return (f"TensorRT {version} is too old: this backend builds strongly typed networks "
+                f"(precision from the ONNX graph, as TensorRT 11 requires), which for Q/DQ graphs "
+                f"needs TensorRT >= {need}; upgrade it (pip install 'tensorrt>={need},<12' "
+                "--extra-index-url https://pypi.nvidia.com, or a newer NGC container)")
+    return None
+
+
+def network_flags(version: str, strongly_typed_flag: int | None) -> int:
+    """The ``Builder.create_network`` flags for TensorRT ``version``: always strongly typed.
+
+    ``strongly_typed_flag`` is ``int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)``, or None
+    where the enum has no such member. 10.12-10.x: strong typing is opt-in, so the flag's bit
+    (the member is required). 11+: every network is strongly typed and the member, where still
+    present, is deprecated and ignored, so no flags. Older releases: BenchmarkError.
+    """
+    problem = strong_typing_problem(version)
+    if problem:
+        raise BenchmarkError(f"backend tensorrt cannot run: {problem}")
+    if tensorrt_major(version) >= 11:
+        return 0
+    if strongly_typed_flag is None:
+        raise BenchmarkError(f"TensorRT {version} has no NetworkDefinitionCreationFlag."
+                             "STRONGLY_TYPED; the installation looks broken, reinstall it")
+    return 1 << int(strongly_typed_flag)
 
 
 def nvidia_driver_present() -> bool:
@@ -60,10 +118,7 @@ def tensorrt_unavailable_reason() -> str | None:
         import tensorrt as trt
     except ImportError:
         return "the tensorrt Python package is not installed"
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        return f"tensorrt {trt.__version__} is installed but this backend needs TensorRT >= 10"
-    return None
+    return strong_typing_problem(str(trt.__version__))
 
 
 def _trt():
@@ -84,35 +139,31 @@ def tensorrt_version() -> str | None:
 
 
 def build_engine(onnx_path: str | Path, *, input_name: str, input_shape: tuple[int, ...],
-                 precision: str = "fp16", workspace_mib: int = 1024) -> bytes:
-    """Parse the ONNX file and build a serialized engine for exactly ``input_shape``."""
+                 workspace_mib: int = 1024) -> bytes:
+    """Parse the ONNX file into a strongly typed network and build a serialized engine for exactly
+    ``input_shape``. No precision flags: the engine runs in the graph's own types (fp32 export,
+    fp16 AutoCast graph or int8 Q/DQ graph from ``gpunet quantize``)."""
     trt = _trt()
+    version = str(trt.__version__)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    flags = network_flags(version, None if strongly_typed is None else int(strongly_typed))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise BenchmarkError(f"TensorRT cannot parse {onnx_path}: {'; '.join(errors[:3])}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            for j in range(layer.num_outputs):
-                layer.get_output(j).set_dynamic_range(-INT8_DUMMY_RANGE, INT8_DUMMY_RANGE)
-        network.get_input(0).set_dynamic_range(-INT8_DUMMY_RANGE, INT8_DUMMY_RANGE)
     if any(d < 0 for d in network.get_input(0).shape):  # dynamic batch: one fixed profile
         profile = builder.create_optimization_profile()
         profile.set_shape(input_name, input_shape, input_shape, input_shape)
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BenchmarkError(f"TensorRT failed to build an engine from {onnx_path} "
-                             f"({precision}, input {input_shape}); rerun with -v for its log")
+        raise BenchmarkError(f"TensorRT {version} failed to build a strongly typed engine from "
+                             f"{onnx_path} (input {input_shape}); rerun with -v for its log")
     return bytes(serialized)
 
 
@@ -121,6 +172,10 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
     mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
                trt.int8: torch.int8, trt.bool: torch.bool, trt.int64: torch.int64}
+    if hasattr(trt, "bfloat16"):  # a strongly typed graph may keep bf16 I/O
+        mapping[trt.bfloat16] = torch.bfloat16
+    if dtype not in mapping:
+        raise BenchmarkError(f"engine I/O tensor of TensorRT type {dtype} has no torch buffer type")
     return mapping[dtype]
 
 
