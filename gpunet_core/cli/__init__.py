@@ -28,6 +28,7 @@ COMMANDS = {
     "bench-data": "bench_data",
     "validate": "validate",
     "export-onnx": "export_onnx",
+    "quantize": "quantize",
     "bench": "bench",
     "report": "report",
     "export-triton": "export_triton",

@@ -11,9 +11,12 @@ if TYPE_CHECKING:
     from gpunet_core.models.gpunet import GPUNet
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", required=True,
-                        help=f"model name ({', '.join(MODEL_INFO)}) or a GPUNet JSON spec")
+def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True,
+                   model_help: str = "") -> None:
+    """``required=False``: the command checks ``--model`` itself (validate: --model or --onnx)."""
+    parser.add_argument("--model", "-m", required=required,
+                        help=f"model name ({', '.join(MODEL_INFO)}) or a GPUNet JSON spec"
+                             + model_help)
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file or s3:// URI: NVIDIA's published .pth.tar (or NGC "
                              "zip) or the project's own; default: random weights")
