@@ -56,34 +56,16 @@ def digits_onnx(tmp_path_factory):
     """Digits (16 train / 4 val per class), a gpunet_0 trained briefly (well above chance, but
     far from perfect: the confusion matrix has off-diagonal cells), and its ONNX exports with a
     dynamic batch axis and with fixed batches 1 and 3."""
-    import torch
-
-    from gpunet_core.data.folder import open_image_folder
     from gpunet_core.data.prepare import prepare_digits
-    from gpunet_core.data.transforms import EvalConfig, eval_transform
     from gpunet_core.inference.export import export_onnx
     from gpunet_core.inference.validate import load_inference_model
     from gpunet_core.models.checkpoint import save_checkpoint
-    from gpunet_core.models.factory import create_model
+    from tests.train_helpers import train_briefly
 
     IMG = 32  # noqa: N806
     root = tmp_path_factory.mktemp("digits_onnx")
     prepare_digits(root, img_size=IMG, per_class=20)
-    torch.manual_seed(0)
-    model = create_model("gpunet_0", num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
-    dataset = open_image_folder(root / "train",
-                                eval_transform(EvalConfig.for_model(model, IMG, 1.0)))
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    labels = torch.tensor(dataset.targets)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(20):
-        idx = torch.randint(len(images), (16,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = train_briefly(root, IMG, steps=20)
     ckpt = save_checkpoint({"state_dict": model.state_dict(), "epoch": 0}, root / "digits.pth")
     model = load_inference_model("gpunet_0", ckpt)
     files = {"dynamic": root / "dynamic.onnx", 1: root / "b1.onnx", 3: root / "b3.onnx"}

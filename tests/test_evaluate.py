@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from gpunet_core.cli import main as cli_main
-from gpunet_core.data.folder import open_image_folder
 from gpunet_core.data.prepare import prepare_digits
-from gpunet_core.data.transforms import EvalConfig, eval_transform
 from gpunet_core.inference.validate import load_inference_model, validate
 from gpunet_core.models.checkpoint import save_checkpoint
 from gpunet_core.models.factory import create_model
 from gpunet_core.utils.errors import GpunetError
+from tests.train_helpers import train_briefly
 
 IMG = 32
 TIMING_KEYS = {"seconds", "images_per_second"}
@@ -27,21 +26,8 @@ def digits_checkpoint(tmp_path_factory):
     """Digits train/val folders and a gpunet_0 trained on train for 40 plain AdamW steps of 16."""
     root = tmp_path_factory.mktemp("digits")
     prepare_digits(root, img_size=IMG, per_class=60)  # 48 train / 12 val images per class
-    train_dir, val_dir = root / "train", root / "val"
-    torch.manual_seed(0)
-    model = create_model("gpunet_0", num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
-    dataset = open_image_folder(train_dir, eval_transform(EvalConfig.for_model(model, IMG, 1.0)))
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    labels = torch.tensor(dataset.targets)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(40):
-        idx = torch.randint(len(images), (16,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    val_dir = root / "val"
+    model = train_briefly(root, IMG, steps=40)
     ckpt = save_checkpoint({"state_dict": model.state_dict(), "epoch": 0}, root / "digits.pth")
     return val_dir, ckpt
 

@@ -68,3 +68,31 @@ def run_pipeline(workdir, params: list[str], **extra_env: str
     started = time.monotonic()
     result = run(args, timeout=1200, **extra_env)
     return result, time.monotonic() - started
+
+
+def train_briefly(root: Path, img_size: int, steps: int):
+    """A gpunet_0 (10 classes) after ``steps`` plain AdamW steps of 16 on ``root/train``, seeded:
+    well above chance on digits, far from perfect."""
+    # torch: the CLI/torchrun helpers above run without it
+    import torch
+
+    from gpunet_core.data.folder import open_image_folder
+    from gpunet_core.data.transforms import EvalConfig, eval_transform
+    from gpunet_core.models.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("gpunet_0", num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+    dataset = open_image_folder(root / "train",
+                                eval_transform(EvalConfig.for_model(model, img_size, 1.0)))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor(dataset.targets)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(images), (16,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpunet_core.inference.tensorrt import nvidia_driver_present
 from gpunet_core.models.spec import check_img_size
 from gpunet_core.utils.errors import ExportError, GpunetError
 from gpunet_core.utils.files import sha256_file, write_json
@@ -124,6 +125,25 @@ def onnxruntime_session(path: str | Path, providers: list[str] | None = None,
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX Runtime cannot load {path}: {first}") from None
+
+
+def onnx_providers() -> list[str]:
+    """ONNX Runtime providers for a GPUNet graph: CUDA first when it is built in and an NVIDIA
+    driver is present, then the CPU (benchmark and ONNX validation pick them alike)."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
+        providers.insert(0, "CUDAExecutionProvider")
+    return providers
+
+
+def set_metadata(proto, metadata: dict[str, Any]) -> None:
+    """Make ``metadata`` the graph's one ``gpunet`` entry (what :func:`inspect_onnx` reads)."""
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    proto.producer_name = "gpunet-pipeline"
 
 
 def check_parity(onnx_path: str | Path, model: nn.Module, inputs: torch.Tensor,
@@ -244,9 +264,7 @@ def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
     try:
         _torch_export(model, fixed_input(batch, img_size), tmp, opset, dynamic_batch, exporter)
         proto = onnx.load(str(tmp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-        proto.producer_name = "gpunet-pipeline"
+        set_metadata(proto, metadata)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as exc:

@@ -44,6 +44,7 @@ from gpunet_core.inference.export import (
     OnnxInfo,
     fixed_input,
     inspect_onnx,
+    onnx_providers,
     onnxruntime_session,
 )
 from gpunet_core.inference.tensorrt import (
@@ -323,12 +324,7 @@ def _bench_trtexec(info: OnnxInfo, batch: int, iterations: int, warmup_ms: float
 def _bench_onnxruntime(info: OnnxInfo, batch: int, iterations: int, warmup_ms: float,
                        threads: int | None) -> dict[str, Any]:
     """Runs the graph as it is, whatever its precision (fp32 export, fp16 or Q/DQ int8 graph)."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = onnxruntime_session(info.path, providers, threads)
+    session = onnxruntime_session(info.path, onnx_providers(), threads)
     # latency does not depend on the values: numpy's N(0, 1), so this path needs no torch; in the
     # input's own type (an fp16 graph may take fp16)
     dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(

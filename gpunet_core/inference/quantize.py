@@ -47,6 +47,7 @@ from gpunet_core.inference.export import (
     OnnxInfo,
     inspect_onnx,
     onnxruntime_session,
+    set_metadata,
     sidecar_path,
 )
 from gpunet_core.utils.errors import ExportError, GpunetError
@@ -267,10 +268,7 @@ def _finish(path: Path, info: OnnxInfo, precision: str, target: str) -> None:
     proto = onnx.load(str(path))
     meta = {**info.metadata, "precision": precision, "target": target,
             "source_onnx_sha256": sha256_file(info.path)}
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    proto.producer_name = "gpunet-pipeline"
+    set_metadata(proto, meta)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:

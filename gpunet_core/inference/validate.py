@@ -29,9 +29,14 @@ from tqdm import tqdm
 from gpunet_core.data.cache import local_dataset
 from gpunet_core.data.loaders import EvalConfig, build_eval_loader
 from gpunet_core.data.prepare import dataset_identity
-from gpunet_core.inference.export import MAX_BATCH, OnnxInfo, inspect_onnx, onnxruntime_session
+from gpunet_core.inference.export import (
+    MAX_BATCH,
+    OnnxInfo,
+    inspect_onnx,
+    onnx_providers,
+    onnxruntime_session,
+)
 from gpunet_core.inference.metrics import top_classes, topk_hits
-from gpunet_core.inference.tensorrt import nvidia_driver_present
 from gpunet_core.models.factory import create_model
 from gpunet_core.models.gpunet import GPUNet
 from gpunet_core.models.spec import check_img_size
@@ -252,17 +257,6 @@ def onnx_eval_config(info: OnnxInfo, crop_pct: float | None = None) -> EvalConfi
             cfg[key] = value
     # EvalConfig.for_model reads only ``pretrained_cfg``: one home for the defaults
     return EvalConfig.for_model(SimpleNamespace(pretrained_cfg=cfg), info.img_size, crop_pct)
-
-
-def onnx_providers() -> list[str]:
-    """ONNX Runtime providers for evaluation: CUDA first when it is built in and an NVIDIA
-    driver is present (as ``gpunet bench --backend onnxruntime`` picks them), then the CPU."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers() and nvidia_driver_present():
-        providers.insert(0, "CUDAExecutionProvider")
-    return providers
 
 
 def validate_onnx(onnx_path: str | Path, data_dir: str | Path, *, batch_size: int = 256,
