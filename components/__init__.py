@@ -9,9 +9,10 @@ from components.benchmark import benchmark
 from components.export_onnx import export_onnx
 from components.prepare_dataset import prepare_dataset
 from components.promote import promote
+from components.quantize import quantize
 from components.report import report
 from components.train import train_student, train_teacher
-from components.validate import validate
+from components.validate import validate, validate_deployed
 
-__all__ = ["benchmark", "export_onnx", "prepare_dataset", "promote", "report", "train_student",
-           "train_teacher", "validate"]
+__all__ = ["benchmark", "export_onnx", "prepare_dataset", "promote", "quantize", "report",
+           "train_student", "train_teacher", "validate", "validate_deployed"]

@@ -6,14 +6,17 @@ from components._images import CPU_IMAGE, component
 
 
 @component(CPU_IMAGE)
-def promote(dataset: Input[Dataset], checkpoint: Input[Model], onnx: Input[Model],
-            validation: Input[Artifact], bench: Input[Artifact], model_name: str, img_size: int,
-            registered_model: str, min_top1: float, max_latency_ms: float, margin: float,
-            max_latency_increase_pct: float, mlflow_experiment: str, kfp_run_id: str,
-            scheduled_time: str, report: Output[Markdown]) -> str:
-    """``dataset``: its validation split is where a champion validated on other data is
-    evaluated before the comparison. ``scheduled_time``: a recurring run's scheduled time,
-    tagged on the MLflow run."""
+def promote(dataset: Input[Dataset], checkpoint: Input[Model], deployed: Input[Model],
+            validation: Input[Artifact], deployed_validation: Input[Artifact],
+            bench: Input[Artifact], model_name: str, img_size: int, registered_model: str,
+            min_top1: float, max_latency_ms: float, margin: float,
+            max_latency_increase_pct: float, max_quant_drop: float, mlflow_experiment: str,
+            kfp_run_id: str, scheduled_time: str, report: Output[Markdown]) -> str:
+    """``deployed``: the graph to register (the export or its FP16/INT8 graph), measured by
+    ``deployed_validation`` and ``bench``; ``validation``: the FP32 checkpoint's. ``dataset``:
+    its validation split is where a champion validated on other data is evaluated before the
+    comparison. ``scheduled_time``: a recurring run's scheduled time, tagged on the MLflow
+    run."""
     import json
     import os
 
@@ -22,13 +25,17 @@ def promote(dataset: Input[Dataset], checkpoint: Input[Model], onnx: Input[Model
 
     with open(validation.path) as fh:
         val = json.load(fh)
+    with open(deployed_validation.path) as fh:
+        deployed_val = json.load(fh)
     with open(bench.path) as fh:
         lat = json.load(fh)
-    decision = steps.promote(os.path.join(checkpoint.path, BEST_CHECKPOINT), onnx.path,
+    decision = steps.promote(os.path.join(checkpoint.path, BEST_CHECKPOINT), deployed.path,
                              val, lat, model=model_name, img_size=img_size,
-                             registered_model=registered_model, min_top1=min_top1,
+                             registered_model=registered_model,
+                             deployed_validation=deployed_val, min_top1=min_top1,
                              max_latency_ms=max_latency_ms, margin=margin,
                              max_latency_increase_pct=max_latency_increase_pct,
+                             max_quant_drop=max_quant_drop,
                              data=os.path.join(dataset.path, "val"),
                              experiment=mlflow_experiment, kfp_run_id=kfp_run_id,
                              scheduled_time=scheduled_time)

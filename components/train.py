@@ -8,8 +8,9 @@ from components._images import TRAIN_IMAGE, component
 @component(TRAIN_IMAGE)
 def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epochs: int,
                   batch_size: int, img_size: int, lr: float, optimizer: str, augment: str,
-                  nproc_per_node: int, checkpoint: Output[Model]):
-    """The distillation teacher, trained in the same run (a no-op when not ``enabled``)."""
+                  warmup_epochs: int, nproc_per_node: int, checkpoint: Output[Model]):
+    """The distillation teacher, trained in the same run (a no-op when not ``enabled``).
+    ``warmup_epochs`` < 0: the recipe's (or the preset's)."""
     import os
 
     from gpunet_core import steps
@@ -19,7 +20,8 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
     if enabled:
         cfg = steps.train_config(dataset.path, checkpoint.path, augment=augment,
                                  model=model_name, epochs=epochs, batch_size=batch_size,
-                                 img_size=img_size, lr=lr, opt=optimizer or None)
+                                 img_size=img_size, lr=lr, opt=optimizer or None,
+                                 warmup_epochs=warmup_epochs if warmup_epochs >= 0 else None)
         result = steps.train(cfg, nproc_per_node=nproc_per_node)
         checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                     "top1": result.get("top1", 0.0)})
@@ -28,7 +30,8 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
 @component(TRAIN_IMAGE)
 def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: str, preset: str,
                   epochs: int, batch_size: int, img_size: int, lr: float, optimizer: str,
-                  augment: str, nodes: int, nproc_per_node: int, teacher_name: str, teacher_img_size: int,
+                  augment: str, warmup_epochs: int, nodes: int, nproc_per_node: int,
+                  teacher_name: str, teacher_img_size: int,
                   kd_weight: float, kd_temperature: float, mlflow_experiment: str,
                   image: str, pod_settings: str, checkpoint: Output[Model],
                   metrics: Output[Metrics]):
@@ -53,7 +56,8 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
     cfg = steps.train_config(
         dataset.path, checkpoint.path, augment=augment, model=model_name, preset=preset or None,
         epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr or None,
-        opt=optimizer or None, mlflow=mlflow, experiment=mlflow_experiment if mlflow else None,
+        opt=optimizer or None, warmup_epochs=warmup_epochs if warmup_epochs >= 0 else None,
+        mlflow=mlflow, experiment=mlflow_experiment if mlflow else None,
         **distill)
     result = steps.train(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
                          settings=pod_settings, task="student", job_key=checkpoint.uri)

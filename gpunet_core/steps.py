@@ -430,6 +430,59 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
                               dynamic_batch=True, checkpoint=checkpoint)
 
 
+DEPLOY_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@timed("gpunet_core.inference.quantize", "onnx")
+def quantize(onnx: str | Path, output: str | Path, *, calib_data: str | Path,
+             precision: str = "fp32", target: str = "cpu", calib_samples: int | None = None,
+             seed: int | None = None) -> dict[str, Any]:
+    """The graph to deploy: the export itself for ``fp32`` (copied with its sidecar), else
+    ``gpunet quantize``'s ``precision`` graph for ``target``, calibrated on ``calib_data``
+    (a prepared dataset: its train split)."""
+    # every KFP task imports steps: each step loads only its own libraries
+    from gpunet_core.inference import quantize as q
+    from gpunet_core.inference.export import inspect_onnx, sidecar_path
+    from gpunet_core.utils.files import copy_file
+
+    if precision not in DEPLOY_PRECISIONS:
+        raise StepError(f"precision must be one of {', '.join(DEPLOY_PRECISIONS)}, got "
+                        f"{precision!r}")
+    if target not in q.TARGETS:
+        raise StepError(f"quant_target must be one of {', '.join(q.TARGETS)}, got {target!r}")
+    if precision != "fp32":
+        return q.quantize_onnx(onnx, output, calib_data=calib_data, precision=precision,
+                               target=target, calib_samples=calib_samples or
+                               q.DEFAULT_CALIB_SAMPLES,
+                               seed=q.CALIB_SEED if seed is None else seed)
+    info = inspect_onnx(onnx)  # a GPUNet export, not any file
+    if info.precision != "fp32":
+        raise StepError(f"{onnx} is a {info.precision} graph, not an FP32 export")
+    copy_file(info.path, output)
+    if sidecar_path(info.path).is_file():
+        copy_file(sidecar_path(info.path), sidecar_path(output))
+    return {"precision": "fp32", "target": None, "source_onnx": str(info.path),
+            "onnx_file": Path(output).name}
+
+
+@timed("gpunet_core.inference.validate", "gpunet_core.data.loaders")
+def validate_onnx(data: str | Path, onnx: str | Path, *,
+                  results_file: str | Path | None = None) -> dict[str, Any]:
+    """Accuracy of the deployed graph (any precision) with ONNX Runtime on ``data``, through
+    the validation step's eval transform: what is deployed is measured, not assumed."""
+    # torch (the loader) and onnxruntime: only the model steps need them
+    from gpunet_core.data.cache import local_dataset
+    from gpunet_core.inference.validate import validate_onnx as run_validate_onnx
+
+    data = local_dataset(data, progress=False)
+    results = run_validate_onnx(onnx, data, batch_size=64, workers=0, progress=False)
+    if results_file:
+        write_json(results, results_file)
+    log_to_task_run("validate-deployed", {k: results[k] for k in ("top1", "top5", "loss")},
+                    "deployed_val_")
+    return results
+
+
 @timed("gpunet_core.inference.latency")
 def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
               results_file: str | Path | None = None) -> dict[str, Any]:
@@ -447,12 +500,18 @@ def benchmark(onnx: str | Path, *, backend: str = "auto", iterations: int = 50,
 @timed("gpunet_core.mlops.registry", "mlflow", "mlflow.onnx", "onnx")
 def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any],
             bench: dict[str, Any], *, model: str, img_size: int, registered_model: str,
-            min_top1: float = 0.0, max_latency_ms: float = 0.0, margin: float = 0.0,
-            max_latency_increase_pct: float = 0.0, data: str | Path | None = None,
-            experiment: str = "gpunet", kfp_run_id: str = "",
+            deployed_validation: dict[str, Any] | None = None, min_top1: float = 0.0,
+            max_latency_ms: float = 0.0, margin: float = 0.0,
+            max_latency_increase_pct: float = 0.0, max_quant_drop: float | None = None,
+            data: str | Path | None = None, experiment: str = "gpunet", kfp_run_id: str = "",
             scheduled_time: str = "") -> dict[str, Any]:
     """Register the candidate (its LoggedModel, pytorch + onnx flavors) and give it an alias.
 
+    ``onnx`` is the deployed graph (the export, or its FP16/INT8 graph) and ``bench`` its
+    latency; ``deployed_validation`` its measured accuracy (:func:`validate_onnx`), which is
+    then the candidate's top-1, while ``validation`` (the FP32 checkpoint's) is its
+    ``fp32_top1``: a quantized candidate more than ``max_quant_drop`` points below it is
+    refused (default :data:`~gpunet_core.mlops.registry.DEFAULT_MAX_QUANT_DROP`).
     The figures are logged into the task's run (KFP's plugin), else the run that trained
     ``checkpoint`` (else the pipeline run's, else a new one), linked to the model. ``data``:
     the candidate's validation set, on which the champion is evaluated when it was validated
@@ -473,12 +532,17 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
     if scheduled_time and not scheduled_time.startswith("{{$."):  # kfp.local leaves it as is
         # a recurring run: which scheduled retraining produced this candidate
         mlc.set_tag(run_id, "kfp_scheduled_time", scheduled_time)
-    dataset = validation.get("dataset") or {}
-    classes = validation.get("classes")
+    deployed = deployed_validation or validation
+    dataset = deployed.get("dataset") or {}
+    classes = deployed.get("classes")
     latency = float(bench["latency_ms"]["median"])
-    tags = {"top1": validation["top1"], "top5": validation["top5"], "latency_ms": latency,
+    precision = deployed.get("precision") or bench.get("precision") or "fp32"
+    tags = {"top1": deployed["top1"], "top5": deployed["top5"], "latency_ms": latency,
             "latency_backend": bench.get("backend"), "model": model, "img_size": img_size,
-            RUN_TAG: kfp_run_id}
+            registry.PRECISION_TAG: precision, registry.FP32_TOP1_TAG: validation["top1"],
+            "quant_drop": round(validation["top1"] - deployed["top1"], 4), RUN_TAG: kfp_run_id}
+    if deployed.get("target"):
+        tags[registry.TARGET_TAG] = deployed["target"]
     for key, value in ((registry.DATASET_TAG, dataset.get("checksum")),
                        (registry.LATENCY_FP_TAG, bench.get("latency_fingerprint")),
                        (registry.CLASSES_TAG, classes and hashlib.sha256(
@@ -490,12 +554,16 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
         img_size=img_size, tags=tags, model_id=logged_model_id(checkpoint))
     log_metrics(run_id, {k: validation[k] for k in ("top1", "top5", "loss") if k in validation},
                 prefix="val_", model_id=model_id, dataset=dataset)
+    if deployed_validation is not None:
+        log_metrics(run_id, {k: deployed[k] for k in ("top1", "top5", "loss") if k in deployed},
+                    prefix=f"deployed_{precision}_val_", model_id=model_id, dataset=dataset)
     log_metrics(run_id, {f"latency_ms_{k}": v for k, v in bench["latency_ms"].items()},
                 prefix="bench_", model_id=model_id)
     decision = registry.promote(registered_model, version, min_top1=min_top1,
                                 max_latency_ms=max_latency_ms or None, margin=margin,
                                 max_latency_increase_pct=max_latency_increase_pct or None,
-                                data=data)
+                                max_quant_drop=registry.DEFAULT_MAX_QUANT_DROP
+                                if max_quant_drop is None else max_quant_drop, data=data)
     champion = decision.previous_champion or {}
     if champion.get("evaluated"):  # the champion's figure on this candidate's validation set
         log_metrics(run_id, {"champion_top1": champion["top1"]}, prefix="promotion_",

@@ -84,7 +84,9 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
 # minimum values of the DAG's numeric parameters (each is passed on to a step's flag)
 _AT_LEAST = {"epochs": 1, "teacher_epochs": 1, "batch_size": 1, "nodes": 1, "nproc_per_node": 1,
              "bench_iterations": 1, "lr": 0.0, "kd_weight": 0.0, "min_top1": 0.0,
-             "max_latency_ms": 0.0}
+             "max_latency_ms": 0.0, "calib_samples": 1, "max_quant_drop": 0.0,
+             "warmup_epochs": -1}  # -1: the recipe's warmup
+PRECISIONS = ("fp32", "fp16", "int8")  # the pipeline's `precision`: what is deployed
 
 
 def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
@@ -133,6 +135,12 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
 
         if params["augment"] not in AUGMENT:
             raise bad("augment", f"valid values are {', '.join(sorted(AUGMENT))}")
+    if "precision" in params and params["precision"] not in PRECISIONS:
+        raise bad("precision", f"valid values are {', '.join(PRECISIONS)} (fp32: the export "
+                               "itself)")
+    if "quant_target" in params and params["quant_target"] not in ("tensorrt", "cpu"):
+        raise bad("quant_target", "valid values are tensorrt (Q/DQ for TensorRT 11) and cpu "
+                                  "(ONNX Runtime's fastest x86 INT8)")
     if "bench_backend" in params:
         from gpunet_core.inference.latency import BACKENDS
 
@@ -376,6 +384,11 @@ def preflight(params: dict[str, Any]) -> None:
     """Check what can be checked here before any step starts (dataset source, S3 access)."""
     from gpunet_core.utils import storage
 
+    calib = params.get("calib_data") or ""
+    if calib and not storage.is_s3_uri(calib) and not Path(calib).is_dir():
+        raise PipelineError(f"calib_data {calib!r} does not exist: pass an ImageFolder of "
+                            "training images (or an s3:// prefix), or leave it empty to "
+                            "calibrate on the dataset's train split")
     source = params.get("dataset_source", "digits")
     if source == "digits":
         return
@@ -441,6 +454,9 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             "alias": tags.get("promotion", "").split(":")[0],
             "champion_version": str(champion.version) if champion else None,
             "top1": float(tags.get("top1", "nan")),
+            "precision": tags.get(registry.PRECISION_TAG, "fp32"),
+            "fp32_top1": float(tags.get(registry.FP32_TOP1_TAG, "nan")),
+            "promotion": tags.get("promotion", ""),
             "latency_ms": float(tags.get("latency_ms", "nan")),
             "latency_backend": tags.get("latency_backend"),
             "seconds": round(elapsed, 1),
@@ -462,9 +478,13 @@ def format_summary(s: dict[str, Any]) -> str:
             f"copies and logging, timed around its {len(s['overhead']['steps'])} task "
             "processes)" if s.get("overhead") else ""),
         f"  candidate: {s['registered_model']} v{s['version']}: top-1 {s['top1']:.2f} %, "
-        f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)",
+        f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)"
+        + (f", deployed {s['precision']} (FP32 top-1 {s['fp32_top1']:.2f} %)"
+           if s.get("precision", "fp32") != "fp32" else ""),
         f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}; the candidate "
         f"is LoggedModel {s.get('model_uri')}",
+        *([f"  why not champion: {s['promotion'].split(':', 1)[1].strip()}"]
+          if s.get("alias") == "challenger" and ":" in s.get("promotion", "") else []),
         f"  MLflow UI: {ui}",
         f"  step outputs: {s['kfp_outputs']}",
     ])

@@ -1,5 +1,12 @@
-"""The ``gpunet_training`` DAG: prepare -> teacher -> train -> validate -> export -> benchmark
--> promote + report. One DAG for the cluster and the laptop (``kfp.local``).
+"""The ``gpunet_training`` DAG: prepare -> teacher -> train -> validate -> export -> quantize
+-> validate the deployed graph + benchmark it -> promote + report. One DAG for the cluster and
+the laptop (``kfp.local``).
+
+``precision`` (``fp32``: the export as it is; ``fp16``/``int8``: ``gpunet quantize``'s graph
+for ``quant_target``, by default ``tensorrt`` on a GPU cluster and ``cpu`` elsewhere) decides
+what is deployed: the benchmark times that graph, its accuracy is measured in ONNX Runtime,
+and promotion judges and registers it, refusing a quantized one more than ``max_quant_drop``
+top-1 points below the FP32 checkpoint's validation.
 
 :func:`build_pipeline` returns the pipeline function; :class:`Platform` adds the Kubernetes
 settings through ``kfp-kubernetes`` when compiling for a cluster: credentials from the Secrets
@@ -22,7 +29,8 @@ HOUR = 3600
 # a task running longer than this is stuck (kfp-kubernetes set_timeout); training may take days
 TIMEOUTS_S = {"prepare-dataset": 24 * HOUR, "train-teacher": 7 * 24 * HOUR,
               "train-student": 7 * 24 * HOUR, "validate": 6 * HOUR, "export-onnx": HOUR,
-              "benchmark": 2 * HOUR, "promote": HOUR, "report": HOUR}
+              "quantize": 2 * HOUR, "validate-deployed": 6 * HOUR, "benchmark": 2 * HOUR,
+              "promote": HOUR, "report": HOUR}
 TTL_AFTER_FINISHED_S = 7 * 24 * HOUR  # the run's pods are kept a week for their logs
 
 
@@ -78,6 +86,7 @@ class Platform:
 def build_pipeline(platform: Platform | None = None):
     """The ``gpunet_training`` pipeline function for ``platform`` (default: laptop)."""
     p = platform or Platform()
+    default_target = "tensorrt" if p.cluster and p.pod.gpus_per_node else "cpu"
     config = dsl.PipelineConfig(ttl_seconds_after_finished=TTL_AFTER_FINISHED_S) \
         if p.cluster else None
 
@@ -97,6 +106,7 @@ def build_pipeline(platform: Platform | None = None):
         lr: float = 0.002,
         optimizer: str = "adamw",
         augment: str = "light",
+        warmup_epochs: int = -1,
         nodes: int = 1,
         nproc_per_node: int = 2,
         enable_distill: bool = True,
@@ -107,6 +117,11 @@ def build_pipeline(platform: Platform | None = None):
         kd_temperature: float = 1.0,
         bench_backend: str = "auto",
         bench_iterations: int = 50,
+        precision: str = "fp32",
+        quant_target: str = default_target,
+        calib_data: str = "",
+        calib_samples: int = 256,
+        max_quant_drop: float = 0.5,
         mlflow_experiment: str = "gpunet",
         registered_model: str = "gpunet",
         min_top1: float = 0.0,
@@ -129,13 +144,14 @@ def build_pipeline(platform: Platform | None = None):
                                   model_name=teacher_name, epochs=teacher_epochs,
                                   batch_size=batch_size, img_size=teacher_img_size, lr=lr,
                                   optimizer=optimizer, augment=augment,
-                                  nproc_per_node=nproc_per_node)
+                                  warmup_epochs=warmup_epochs, nproc_per_node=nproc_per_node)
         p.gpu(p.task(teacher, "train-teacher"))
 
         student = c.train_student(
             dataset=data.outputs["dataset"], teacher=teacher.outputs["checkpoint"],
             model_name=model_name, preset=preset, epochs=epochs, batch_size=batch_size,
-            img_size=img_size, lr=lr, optimizer=optimizer, augment=augment, nodes=nodes,
+            img_size=img_size, lr=lr, optimizer=optimizer, augment=augment,
+            warmup_epochs=warmup_epochs, nodes=nodes,
             nproc_per_node=nproc_per_node, teacher_name=teacher_name,
             teacher_img_size=teacher_img_size, kd_weight=kd_weight,
             kd_temperature=kd_temperature, mlflow_experiment=mlflow_experiment,
@@ -149,7 +165,14 @@ def build_pipeline(platform: Platform | None = None):
         onnx = c.export_onnx(checkpoint=student.outputs["checkpoint"], model_name=model_name,
                              img_size=img_size)
         p.task(onnx, "export-onnx")
-        bench = c.benchmark(onnx=onnx.outputs["onnx"], backend=bench_backend,
+        deploy = c.quantize(dataset=data.outputs["dataset"], onnx=onnx.outputs["onnx"],
+                            precision=precision, target=quant_target, calib_data=calib_data,
+                            calib_samples=calib_samples)
+        p.task(deploy, "quantize")
+        deployed_val = c.validate_deployed(dataset=data.outputs["dataset"],
+                                           onnx=deploy.outputs["deployed"])
+        p.task(deployed_val, "validate-deployed")
+        bench = c.benchmark(onnx=deploy.outputs["deployed"], backend=bench_backend,
                             iterations=bench_iterations)
         p.task(bench, "benchmark")
         if p.cluster and p.pod.gpus_per_node:
@@ -157,18 +180,21 @@ def build_pipeline(platform: Platform | None = None):
 
         decision = c.promote(dataset=data.outputs["dataset"],
                              checkpoint=student.outputs["checkpoint"],
-                             onnx=onnx.outputs["onnx"], validation=val.outputs["results"],
+                             deployed=deploy.outputs["deployed"],
+                             validation=val.outputs["results"],
+                             deployed_validation=deployed_val.outputs["results"],
                              bench=bench.outputs["results"], model_name=model_name,
                              img_size=img_size, registered_model=registered_model,
                              min_top1=min_top1, max_latency_ms=max_latency_ms,
                              margin=promotion_margin,
                              max_latency_increase_pct=max_latency_increase_pct,
-                             mlflow_experiment=mlflow_experiment,
+                             max_quant_drop=max_quant_drop, mlflow_experiment=mlflow_experiment,
                              kfp_run_id=run_id,
                              scheduled_time=scheduled)
         p.task(decision, "promote")
         decision.set_caching_options(False)  # a registry decision is never replayed from cache
-        p.task(c.report(validation=val.outputs["results"], bench=bench.outputs["results"]),
+        p.task(c.report(validation=deployed_val.outputs["results"],
+                        bench=bench.outputs["results"]),
                "report")
 
     return gpunet_training

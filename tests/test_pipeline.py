@@ -15,7 +15,7 @@ from tests import kfp_api_server
 from tests.train_helpers import TINY_PIPELINE
 
 STEPS = ["prepare-dataset", "train-teacher", "train-student", "validate", "export-onnx",
-         "benchmark", "promote", "report"]
+         "quantize", "validate-deployed", "benchmark", "promote", "report"]
 
 
 def compiled(tmp_path, **kw):
@@ -33,9 +33,12 @@ def test_dag_steps_order_and_artifact_types(tmp_path):
     assert deps["train-teacher"] == {"prepare-dataset"}
     assert {"prepare-dataset", "train-teacher"} <= deps["train-student"]
     assert "train-student" in deps["validate"] and "train-student" in deps["export-onnx"]
-    assert deps["benchmark"] == {"export-onnx"}
-    assert {"validate", "benchmark", "export-onnx", "train-student"} <= deps["promote"]
-    assert {"validate", "benchmark"} <= deps["report"]
+    assert deps["quantize"] == {"export-onnx", "prepare-dataset"}
+    assert deps["validate-deployed"] == {"quantize", "prepare-dataset"}
+    assert deps["benchmark"] == {"quantize"}  # the deployed graph is what is timed
+    assert {"validate", "validate-deployed", "benchmark", "quantize",
+            "train-student"} <= deps["promote"]
+    assert {"validate-deployed", "benchmark"} <= deps["report"]
     comps = spec["components"]
 
     def out_types(step):
@@ -46,6 +49,8 @@ def test_dag_steps_order_and_artifact_types(tmp_path):
     assert out_types("train-student") == {"checkpoint": "system.Model", "metrics": "system.Metrics"}
     assert out_types("validate")["confusion"] == "system.ClassificationMetrics"
     assert out_types("export-onnx") == {"onnx": "system.Model"}
+    assert out_types("quantize") == {"deployed": "system.Model"}
+    assert out_types("validate-deployed")["results"] == "system.Artifact"
     assert out_types("benchmark")["metrics"] == "system.Metrics"
     assert out_types("promote") == {"report": "system.Markdown"}
     assert out_types("report") == {"html": "system.HTML"}
@@ -78,6 +83,26 @@ def test_cluster_platform_config_and_no_secret_values(tmp_path, monkeypatch):
     assert student["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert student["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert student["pvcMount"][0]["mountPath"] == "/data"
+    # a GPU cluster deploys TensorRT's Q/DQ graphs; the laptop ONNX Runtime's CPU INT8
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["quant_target"]["defaultValue"] == "tensorrt"
+    assert defaults["precision"]["defaultValue"] == "fp32"
+    _, laptop, _ = compiled(tmp_path / "laptop")
+    assert laptop["root"]["inputDefinitions"]["parameters"]["quant_target"]["defaultValue"] \
+        == "cpu"
+
+
+def test_pipeline_defaults_are_the_tools_own():
+    """The DAG's quantization defaults are the ones `gpunet quantize`/`promote` use."""
+    import inspect
+
+    from gpunet_core.inference.quantize import DEFAULT_CALIB_SAMPLES
+    from gpunet_core.mlops.registry import DEFAULT_MAX_QUANT_DROP
+    from pipelines.gpunet_training import gpunet_training
+
+    params = inspect.signature(gpunet_training.pipeline_func).parameters
+    assert params["max_quant_drop"].default == DEFAULT_MAX_QUANT_DROP
+    assert params["calib_samples"].default == DEFAULT_CALIB_SAMPLES
 
 
 def test_parameters_and_cron():
@@ -341,3 +366,58 @@ def assert_ui_view(uri: str, experiment: str, registered: str) -> None:
     assert {"system/cpu_utilization_percentage",
             "system/system_memory_usage_megabytes"} <= run_metrics
     assert {"val_top1", "bench_latency_ms_median"} <= run_metrics
+
+
+def blank_images(root, classes: int = 10, per_class: int = 4, size: int = 32):
+    """An ImageFolder of black images: a calibration set that sees no real activations."""
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_int8_dag_deploys_the_quantized_graph_and_the_gate_refuses_a_broken_one(tmp_path,
+                                                                               monkeypatch):
+    """precision=int8 under kfp.local: the registered version is the INT8 graph, measured; the
+    same run calibrated on blank images (every step before quantize from the cache) is refused
+    by the accuracy gate, its reason in the promotion report."""
+    import mlflow.artifacts
+    import onnx
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    work = tmp_path / "work"
+    # a model that learns something (no warmup), so a broken quantization shows
+    params = TINY_PIPELINE + ["enable_distill=false", "nproc_per_node=1", "warmup_epochs=0",
+                              "epochs=3", "precision=int8", "max_quant_drop=5"]
+    first, logs = run_local(work, params)
+    assert first["precision"] == "int8" and first["alias"] == "champion", first
+    assert first["fp32_top1"] > 30, "the FP32 model must be well above chance for this test"
+    assert first["top1"] >= first["fp32_top1"] - 5
+    assert "deployed int8 (FP32 top-1" in cli.format_summary(first)
+    mlc = MlflowClient(first["tracking_uri"])
+    version = mlc.get_model_version("gpunet", first["version"])
+    assert version.tags["precision"] == "int8" and version.tags["quant_target"] == "cpu"
+    assert float(version.tags["fp32_top1"]) == first["fp32_top1"]
+    # the registered onnx flavor is the INT8 graph that was validated and timed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first["tracking_uri"])
+    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                dst_path=str(tmp_path / "model"))
+    graph = onnx.load(str(os.path.join(local, Model.load(local).flavors["onnx"]["data"])))
+    assert any(n.op_type == "QLinearConv" for n in graph.graph.node)
+
+    blank = blank_images(tmp_path / "blank")
+    second, logs = run_local(work, params + [f"calib_data={blank}"])
+    assert second["version"] == "2" and second["alias"] == "challenger", second
+    assert second["fp32_top1"] == first["fp32_top1"]  # the same checkpoint, from the cache
+    assert second["fp32_top1"] - second["top1"] > 5
+    assert "max_quant_drop 5" in second["promotion"]
+    assert "why not champion: " in cli.format_summary(second)
+    assert "below its own FP32 top-1" in cli.format_summary(second)
+    reports = sorted((work / "kfp").glob("*/promote/report"), key=os.path.getmtime)
+    text = reports[-1].read_text()
+    assert "Deployed precision: int8 (target cpu)" in text and "max_quant_drop 5" in text

@@ -132,3 +132,39 @@ def test_with_kfps_plugin_run_every_step_logs_into_it(store, digits_tiny, tmp_pa
     assert mlc.get_model_version("gpunet-plugin", decision["version"]).source == \
         f"models:/{model.model_id}"
     assert {m.key for m in model.metrics} >= {"val_top1", "bench_latency_ms_median"}
+
+
+def test_a_quantized_champion_is_evaluated_through_the_graph_it_deploys(
+        store, digits_tiny, digits_small, tmp_path, monkeypatch):
+    from gpunet_core.inference.validate import validate_onnx
+    from gpunet_core.mlops import registry
+
+    uri, mlc = store
+    best, onnx, validation, bench = candidate(digits_tiny, tmp_path / "q", monkeypatch, uri)
+    int8 = tmp_path / "q" / "deployed.onnx"
+    steps.quantize(onnx, int8, calib_data=digits_tiny, precision="int8", target="cpu",
+                   calib_samples=16)
+    deployed = steps.validate_onnx(digits_tiny / "val", int8)
+    bench = steps.benchmark(int8, backend="onnxruntime", iterations=3)
+    name = "gpunet-int8"
+    decision = steps.promote(best, int8, validation, bench, model="gpunet_0", img_size=32,
+                             registered_model=name, deployed_validation=deployed,
+                             max_quant_drop=100.0)
+    version = mlc.get_model_version(name, decision["version"])
+    assert version.tags["precision"] == "int8" and version.tags["quant_target"] == "cpu"
+    assert float(version.tags["top1"]) == deployed["top1"]
+    assert float(version.tags["fp32_top1"]) == validation["top1"]
+    # on another validation set the champion is judged by its INT8 graph, not its checkpoint
+    on_b = registry.evaluate_version(name, decision["version"], digits_small / "val",
+                                     tracking_uri=uri)
+    assert on_b["precision"] == "int8" and on_b["runtime"] == "onnxruntime"
+    direct = validate_onnx(int8, digits_small / "val", workers=0, progress=False)
+    assert on_b["top1"] == direct["top1"] and on_b["onnx_sha256"] == direct["onnx_sha256"]
+    # an fp32 pass-through copies the export and says so
+    same = steps.quantize(onnx, tmp_path / "q" / "fp32.onnx", calib_data=digits_tiny)
+    assert same["precision"] == "fp32"
+    assert (tmp_path / "q" / "fp32.onnx").read_bytes() == onnx.read_bytes()
+    with pytest.raises(steps.StepError, match="precision must be one of fp32, fp16, int8"):
+        steps.quantize(onnx, tmp_path / "q" / "x.onnx", calib_data=digits_tiny,
+                       precision="int4")
+    assert not (tmp_path / "q" / "x.onnx").exists()

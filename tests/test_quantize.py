@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -127,3 +129,34 @@ def test_a_failed_conversion_leaves_no_output(digits_onnx, tmp_path, monkeypatch
         quantize_onnx(tmp_path / "in.onnx", out, calib_data=root, precision="int8",
                       target="cpu", calib_samples=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_triton_serves_each_quantized_graph_as_it_is(graphs, tmp_path):
+    from gpunet_core.inference.triton import export_triton
+    from gpunet_core.utils.errors import ExportError
+    from tests.test_triton import parse_pbtxt
+
+    repo = tmp_path / "repo"
+    fp16 = export_triton(graphs["fp16", "tensorrt"], repo, name="fp16",
+                         tensorrt_accelerator=True)
+    cfg = parse_pbtxt((repo / "fp16/config.pbtxt").read_text())
+    accel = cfg["optimization"][0]["execution_accelerators"][0]["gpu_execution_accelerator"]
+    assert accel[0]["parameters"] == [{"key": ["precision_mode"], "value": ["FP16"]}]
+    assert Path(fp16["model_file"]).read_bytes() == graphs["fp16", "tensorrt"].read_bytes()
+    # QLinearConv has CPU kernels only: a cpu-target graph is served by CPU instances
+    with pytest.raises(ExportError, match="quantized for --target cpu.*--kind cpu"):
+        export_triton(graphs["int8", "cpu"], repo, name="cpu_gpu")
+    export_triton(graphs["int8", "cpu"], repo, name="int8cpu", kind="cpu")
+    with pytest.raises(ExportError, match="--tensorrt-accelerator: .* int8 graph.*--plan"):
+        export_triton(graphs["int8", "tensorrt"], repo, name="qdq", tensorrt_accelerator=True)
+    export_triton(graphs["int8", "tensorrt"], repo, name="qdq")
+    for name in ("fp16", "int8cpu", "qdq"):  # Triton checks these against the model file
+        cfg = parse_pbtxt((repo / name / "config.pbtxt").read_text())
+        assert cfg["input"][0]["data_type"] == ["TYPE_FP32"]
+        assert cfg["output"][0]["data_type"] == ["TYPE_FP32"]
+        session = ort.InferenceSession(str(repo / name / "1/model.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].type == "tensor(float)"
+        assert session.get_outputs()[0].type == "tensor(float)"
+        assert session.get_inputs()[0].name == cfg["input"][0]["name"][0]
+    assert not (repo / "cpu_gpu").exists()

@@ -286,3 +286,28 @@ def test_training_tracker_skips_a_model_it_cannot_build(tmp_path, monkeypatch, c
     assert not MlflowClient(uri).search_logged_models([run.info.experiment_id])
     assert not (out / "mlflow_model_id").exists()
     assert "no MLflow model logged: building it from" in caplog.text
+
+
+def add_deployed(mlc, top1, fp32_top1, precision="int8", latency=1.0):
+    tags = {"top1": str(top1), "latency_ms": str(latency), registry.PRECISION_TAG: precision,
+            registry.FP32_TOP1_TAG: str(fp32_top1), registry.TARGET_TAG: "cpu"}
+    return str(mlc.create_model_version(NAME, "file:///nowhere/model", tags=tags).version)
+
+
+def test_a_quantized_candidate_is_judged_against_its_own_fp32_figure(mlflow_sqlite, capsys):
+    mlc = mlflow_sqlite
+    broken = add_deployed(mlc, 70.0, 71.0)  # an INT8 graph that lost a point
+    decision = registry.promote(NAME, broken)
+    assert not decision.promoted and decision.alias == registry.CHALLENGER
+    assert "int8 graph's top-1 70.00 is 1.00 points below its own FP32 top-1 71.00" \
+        in decision.reason and "max_quant_drop 0.5" in decision.reason
+    assert decision.candidate["quant_drop"] == 1.0
+    assert "Deployed precision: int8 (target cpu)" in decision.markdown()
+    # a looser gate can be asked for; within the allowed drop a candidate qualifies
+    assert registry.promote(NAME, broken, max_quant_drop=2.0).promoted
+    assert registry.promote(NAME, add_deployed(mlc, 70.8, 71.0)).promoted
+    # an FP32 version is never gated by it, even when its tags say otherwise
+    fp32 = add_deployed(mlc, 80.0, 90.0, precision="fp32")
+    assert registry.promote(NAME, fp32).promoted
+    assert cli_main(["promote", NAME, "--version", fp32, "--max-quant-drop", "-1"]) == 2
+    assert "--max-quant-drop must be >= 0" in capsys.readouterr().err

@@ -92,8 +92,9 @@ def test_repository_layout_and_config_fields(exports, tmp_path, capsys):
                                         "max_queue_delay_microseconds": [250]}]
     assert cfg["instance_group"] == [{"count": [2], "kind": ["KIND_GPU"]}]
     accel = cfg["optimization"][0]["execution_accelerators"][0]["gpu_execution_accelerator"]
+    # the precision is the graph's: an FP32 export is never served as FP16 behind its back
     assert accel == [{"name": ["tensorrt"],
-                      "parameters": [{"key": ["precision_mode"], "value": ["FP16"]}]}]
+                      "parameters": [{"key": ["precision_mode"], "value": ["FP32"]}]}]
     assert set(cfg) == {"name", "platform", "max_batch_size", "input", "output",
                         "dynamic_batching", "instance_group", "optimization"}
 

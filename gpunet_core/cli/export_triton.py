@@ -11,11 +11,13 @@ from gpunet_core.inference.triton import export_triton
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "export-triton", help="lay out an export as a Triton model repository entry",
-        description="Copy a `gpunet export-onnx` file (or a TensorRT plan built from it) to "
+        description="Copy a `gpunet export-onnx` file or a `gpunet quantize` graph (or a "
+                    "TensorRT plan built from either) to "
                     "REPO/NAME/VERSION/model.onnx|model.plan and write REPO/NAME/config.pbtxt "
                     "(inputs/outputs, max batch, dynamic batching, instance groups).")
     parser.add_argument("--onnx", required=True,
-                        help="GPUNet ONNX export (exported with --dynamic-batch for batching)")
+                        help="GPUNet ONNX export (exported with --dynamic-batch for batching), or "
+                             "its FP16/INT8 graph from gpunet quantize")
     parser.add_argument("--repository", "-r", required=True, help="model repository directory")
     parser.add_argument("--name", default=None, help="Triton model name (default: the model's)")
     parser.add_argument("--version", type=int, default=1, help="model version (default 1)")
@@ -33,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--max-queue-delay-us", type=int, default=100,
                         help="dynamic batching max queue delay, microseconds (default 100)")
     parser.add_argument("--tensorrt-accelerator", action="store_true",
-                        help="ONNX on GPU: enable ONNX Runtime's TensorRT accelerator (FP16)")
+                        help="ONNX on GPU: enable ONNX Runtime's TensorRT accelerator at the "
+                             "graph's precision (FP32 export, or FP16 from gpunet quantize)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
     return parser
 

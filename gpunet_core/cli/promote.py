@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--max-latency-increase-pct", type=float, default=None,
                         help="how much slower than the champion the candidate may be, checked "
                              "when both latencies were measured alike (latency_fingerprint)")
+    parser.add_argument("--max-quant-drop", type=float, default=registry.DEFAULT_MAX_QUANT_DROP,
+                        help="top-1 points an FP16/INT8 version may lose against its own FP32 "
+                             "figure (its fp32_top1 tag) (default "
+                             f"{registry.DEFAULT_MAX_QUANT_DROP:g})")
     parser.add_argument("--data", help="the candidate's validation set: a champion validated "
                                        "on another dataset is evaluated on it first (required "
                                        "then)")
@@ -42,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
         decision = registry.promote(args.name, args.version, min_top1=args.min_top1,
                                     max_latency_ms=args.max_latency_ms, margin=args.margin,
                                     max_latency_increase_pct=args.max_latency_increase_pct,
-                                    data=args.data)
+                                    max_quant_drop=args.max_quant_drop, data=args.data)
     print(decision.to_json() if args.json else decision.markdown())
     return 0

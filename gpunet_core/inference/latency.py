@@ -154,14 +154,15 @@ def fingerprint() -> dict[str, Any]:
 
 
 def latency_fingerprint(result: dict[str, Any]) -> str:
-    """16 hex digits naming how a benchmark result was measured: backend, precision, batch,
-    what was timed, and the hardware (CPU model and cores, GPU model). Two latencies are
-    comparable only when their fingerprints are equal; software versions and the host name
-    are left out (another node of the same kind measures the same)."""
+    """16 hex digits naming how a benchmark result was measured: backend, batch, what was
+    timed, and the hardware (CPU model and cores, GPU model). Two latencies are comparable
+    only when their fingerprints are equal; software versions and the host name are left out
+    (another node of the same kind measures the same). The graph's precision is not part of
+    it: an INT8 candidate's latency and an FP32 champion's, measured alike, are what a
+    deployment decision compares (the precision is the candidate's own ``precision``)."""
     fp = result.get("fingerprint") or {}
     gpu = fp.get("gpu") or {}
-    key = {"backend": result.get("backend"), "precision": result.get("precision"),
-           "batch": result.get("batch"), "latency_kind": result.get("latency_kind"),
+    key = {"backend": result.get("backend"), "batch": result.get("batch"), "latency_kind": result.get("latency_kind"),
            "cpu": fp.get("cpu"), "cpus": fp.get("cpu_affinity") or fp.get("cpu_count"),
            "gpu": gpu.get("name"), "gpus": gpu.get("count")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,6 +11,12 @@ FP32, ``[num_classes]``) without the batch axis, ``max_batch_size``, dynamic bat
 instance groups, read from the export's metadata (:func:`gpunet_core.inference.export.inspect_onnx`).
 NVIDIA's reference benchmarked GPUNet on Triton with max batch 64 and 2 GPU instances; those are
 the defaults here.
+
+A graph from ``gpunet quantize`` is served as it is, its precision its own (inputs and outputs
+stay FP32): an FP16 graph with ONNX Runtime's TensorRT accelerator gets ``precision_mode FP16``
+(an FP32 export ``FP32``: never a precision nobody validated); an INT8 graph for ``--target cpu``
+(QLinearConv, which ONNX Runtime runs on CPUs only) needs ``--kind cpu``; an INT8 Q/DQ graph for
+TensorRT is served as a TensorRT plan built from it (``--plan``), not through the accelerator.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def to_pbtxt(message: dict[str, Any], indent: int = 0) -> str:
 def triton_config(name: str, *, platform: str, input_name: str, output_name: str, img_size: int,
                   num_classes: int, max_batch_size: int, static_batch: int | None,
                   instances: int, kind: str, preferred_batch_sizes: list[int],
-                  max_queue_delay_us: int, tensorrt_accelerator: bool) -> dict[str, Any]:
+                  max_queue_delay_us: int, tensorrt_accelerator: bool,
+                  precision: str = "fp32") -> dict[str, Any]:
     batch_dims = [] if max_batch_size > 0 else [static_batch or 1]
     config: dict[str, Any] = {
         "name": name,
@@ -81,7 +88,7 @@ def triton_config(name: str, *, platform: str, input_name: str, output_name: str
     if tensorrt_accelerator:
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
             {"name": "tensorrt",
-             "parameters": {"key": "precision_mode", "value": "FP16"}}]}}
+             "parameters": {"key": "precision_mode", "value": precision.upper()}}]}}
     return config
 
 
@@ -111,6 +118,14 @@ def export_triton(onnx: str | Path, repository: str | Path, *, name: str | None 
         raise ExportError(
             f"{info.path} has a fixed batch of {info.batch}, so Triton cannot batch it: re-export "
             "with `gpunet export-onnx --dynamic-batch`, or pass --max-batch-size 0")
+    if info.precision == "int8" and info.target == "cpu" and kind == "gpu":
+        raise ExportError(f"{info.path} is an INT8 graph quantized for --target cpu "
+                          "(QLinearConv, CPU kernels only): serve it with --kind cpu, or "
+                          "quantize the export with `gpunet quantize --target tensorrt` for GPUs")
+    if tensorrt_accelerator and info.precision not in ("fp32", "fp16"):
+        raise ExportError(f"--tensorrt-accelerator: {info.path} is an {info.precision} graph; "
+                          "build a TensorRT plan from it (`gpunet benchmark --backend tensorrt "
+                          "--engine model.plan`) and pass it as --plan")
     preferred = [b for b in (preferred_batch_sizes or []) if b > 0]
     if any(b > max_batch_size for b in preferred):
         raise ExportError(f"preferred batch sizes {preferred} exceed --max-batch-size "
@@ -134,7 +149,8 @@ def export_triton(onnx: str | Path, repository: str | Path, *, name: str | None 
                            num_classes=info.num_classes, max_batch_size=max_batch_size,
                            static_batch=info.batch, instances=instances, kind=kind,
                            preferred_batch_sizes=preferred, max_queue_delay_us=max_queue_delay_us,
-                           tensorrt_accelerator=tensorrt_accelerator)
+                           tensorrt_accelerator=tensorrt_accelerator,
+                           precision=info.precision)
     copy_file(source, version_dir / filename)
     write_text(model_dir / "config.pbtxt", to_pbtxt(config) + "\n")
     return {"model_dir": str(model_dir), "model_file": str(version_dir / filename),

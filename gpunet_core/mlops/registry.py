@@ -18,8 +18,11 @@ Promotion uses MLflow 3 aliases (no deprecated stages): the candidate becomes ``
 when its top-1 reaches the minimum, its latency fits the budget and it beats the current champion
 by the margin; else it becomes ``challenger`` with the reason as a tag. The champion's top-1 is
 its figure *on the candidate's validation set*: unless both were validated on the same dataset
-(manifest checksum), the champion's registered model is evaluated on it first. Latencies are
-compared only when measured alike (backend, precision, hardware: ``latency_fingerprint``).
+(manifest checksum), the champion's registered model is evaluated on it first. The version's
+figures are those of the graph it deploys (its ``onnx`` flavor: the export or its FP16/INT8
+graph, ``precision`` tag); a quantized candidate more than ``max_quant_drop`` top-1 points below
+its own FP32 figure (``fp32_top1``) is refused. Latencies are compared only when measured alike
+(backend, batch, hardware: ``latency_fingerprint``), whatever the two graphs' precisions.
 Moving an alias is one registry call, so there is never a moment with two champions or none;
 the replaced champion keeps the ``previous-champion`` alias, which :func:`rollback` restores.
 """
@@ -64,6 +67,11 @@ IMG_SIZE_TAG = "gpunet.model_img_size"  # the resolution of its signature
 DATASET_TAG = "dataset_checksum"  # the manifest checksum of the validation set
 CLASSES_TAG = "classes_sha256"  # the class names the classifier predicts, in order
 LATENCY_FP_TAG = "latency_fingerprint"  # how latency_ms was measured
+PRECISION_TAG = "precision"  # of the deployed graph (the onnx flavor): fp32, fp16, int8
+TARGET_TAG = "quant_target"  # what a quantized graph was made for: tensorrt or cpu
+FP32_TOP1_TAG = "fp32_top1"  # the same checkpoint's FP32 top-1, for the quantization gate
+# top-1 points a quantized candidate may lose against its own FP32 export
+DEFAULT_MAX_QUANT_DROP = 0.5
 NOT_REGISTERED = "registered_model_meta"  # written into a model's files by registration
 
 
@@ -354,6 +362,12 @@ class Decision:
                          f"{_fmt(pc.get('top1_registered'))} | {_fmt(pc.get('latency_ms'))} |")
         else:
             lines.append("| champion before | none | | |")
+        cand = self.candidate
+        if cand.get("precision") and cand["precision"] != "fp32":
+            lines += ["", f"Deployed precision: {cand['precision']}"
+                      + (f" (target {cand['target']})" if cand.get("target") else "")
+                      + f"; its FP32 top-1 {_fmt(cand.get('fp32_top1'))} %, "
+                        f"drop {_fmt(cand.get('quant_drop'))} points."]
         cmp = self.comparison
         if cmp.get("dataset"):
             lines += ["", f"Validation set: `{cmp['dataset']}` (manifest checksum)."]
@@ -432,11 +446,39 @@ def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: i
     if not model_name or not img_size:
         raise RegistryError(f"{name} version {version} records no model name or resolution "
                             "('model' / 'img_size' tags): it cannot be evaluated")
+    precision = (entry.tags or {}).get(PRECISION_TAG, "fp32")
+    if precision != "fp32":  # judged by what it deploys: its quantized graph
+        return _evaluate_deployed_graph(name, entry, logged, data, batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = version_checkpoint(mlc, name, entry, logged, Path(tmp))
         model = load_inference_model(model_name, checkpoint)
     return validate(model, data, batch_size=batch_size, workers=0, img_size=int(img_size),
                     progress=False)
+
+
+def _evaluate_deployed_graph(name: str, entry, logged, data: str | Path,
+                             batch_size: int) -> dict[str, Any]:
+    """Validate the ``onnx`` flavor of registered version ``entry`` (LoggedModel ``logged``)
+    with ONNX Runtime."""
+    # the MLmodel reader, onnxruntime and the loader: only where a quantized champion is
+    # evaluated
+    from mlflow.models import Model
+
+    # (torch, onnxruntime)
+    from gpunet_core.inference.validate import validate_onnx
+
+    if logged is None:
+        raise RegistryError(f"{name} version {entry.version} has no LoggedModel: its deployed "
+                            "graph cannot be evaluated")
+    with tempfile.TemporaryDirectory() as tmp:
+        flavors = Model.load(str(_download(logged, Path(tmp), "MLmodel"))).flavors
+        if "onnx" not in flavors:
+            raise RegistryError(f"{name} version {entry.version} is tagged "
+                                f"{PRECISION_TAG}={entry.tags.get(PRECISION_TAG)} but its model "
+                                "has no onnx flavor to evaluate")
+        (Path(tmp) / "onnx").mkdir()
+        graph = _download(logged, Path(tmp) / "onnx", flavors["onnx"]["data"])
+        return validate_onnx(graph, data, batch_size=batch_size, workers=0, progress=False)
 
 
 def _champion_on_candidate_data(mlc, name: str, champion, candidate, data,
@@ -492,17 +534,22 @@ def _champion_on_candidate_data(mlc, name: str, champion, candidate, data,
 
 def promote(name: str, version: str, *, min_top1: float = 0.0,
             max_latency_ms: float | None = None, margin: float = 0.0,
-            max_latency_increase_pct: float | None = None, data: str | Path | None = None,
-            batch_size: int = 64, tracking_uri: str | None = None) -> Decision:
+            max_latency_increase_pct: float | None = None,
+            max_quant_drop: float | None = DEFAULT_MAX_QUANT_DROP,
+            data: str | Path | None = None, batch_size: int = 64,
+            tracking_uri: str | None = None) -> Decision:
     """Give ``version`` the ``champion`` alias if it qualifies, else ``challenger``.
 
     ``data``: the candidate's validation set, on which the champion is evaluated when the two
     were validated on different datasets (required then). ``max_latency_increase_pct``: how
     much slower than the champion the candidate may be, checked only when both latencies were
-    measured alike; None: not checked.
+    measured alike; None: not checked. ``max_quant_drop``: how many top-1 points an FP16/INT8
+    candidate may lose against its own FP32 figure (``fp32_top1`` tag); None: not checked.
     """
     from mlflow.exceptions import MlflowException
 
+    if max_quant_drop is not None and not max_quant_drop >= 0:
+        raise RegistryError(f"--max-quant-drop must be >= 0 top-1 points, got {max_quant_drop}")
     if data is not None and not str(data).startswith("s3://") and not Path(data).is_dir():
         raise RegistryError(f"--data {data}: no such directory; pass the candidate's validation "
                             "set (a prepared dataset's val/ folder)")
@@ -517,10 +564,15 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
         raise RegistryError(f"{name} version {version} has no 'top1' tag: register it with its "
                             "validation result first")
     cand_tags = candidate.tags or {}
+    precision = cand_tags.get(PRECISION_TAG) or "fp32"
+    fp32_top1 = _tag_float(candidate, FP32_TOP1_TAG)
     figures = {"top1": top1, "latency_ms": latency, "dataset": cand_tags.get(DATASET_TAG),
-               "latency_fingerprint": cand_tags.get(LATENCY_FP_TAG)}
+               "latency_fingerprint": cand_tags.get(LATENCY_FP_TAG), "precision": precision,
+               "target": cand_tags.get(TARGET_TAG), "fp32_top1": fp32_top1,
+               "quant_drop": None if fp32_top1 is None else round(fp32_top1 - top1, 4)}
     thresholds = {"min_top1": min_top1, "max_latency_ms": max_latency_ms, "margin": margin,
-                  "max_latency_increase_pct": max_latency_increase_pct}
+                  "max_latency_increase_pct": max_latency_increase_pct,
+                  "max_quant_drop": max_quant_drop}
     comparison: dict[str, Any] = {"dataset": figures["dataset"]}
     champion = _alias_version(mlc, name, CHAMPION)
     if champion is not None and str(champion.version) == str(version):
@@ -536,10 +588,17 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
             figures["latency_fingerprint"] == before["latency_fingerprint"]
         before["latency_comparable"] = same_fp
         comparison["latency"] = (
-            "measured alike (backend, precision, hardware): compared" if same_fp else
-            "not measured alike (another backend, precision or hardware): not compared, "
+            "measured alike (backend, batch, hardware): compared" if same_fp else
+            "not measured alike (another backend, batch or hardware): not compared, "
             "the budget alone applies")
     reasons = []
+    if (max_quant_drop is not None and precision != "fp32" and fp32_top1 is not None
+            and fp32_top1 - top1 > max_quant_drop):
+        reasons.append(
+            f"its {precision} graph's top-1 {top1:.2f} is {fp32_top1 - top1:.2f} points below "
+            f"its own FP32 top-1 {fp32_top1:.2f}, more than max_quant_drop {max_quant_drop:g}: "
+            "calibrate on representative training images (more of them), use another "
+            "precision, or raise max_quant_drop")
     if top1 < min_top1:
         reasons.append(f"top-1 {top1:.2f} is below the minimum {min_top1:.2f}")
     if max_latency_ms is not None and (latency is None or latency > max_latency_ms):
