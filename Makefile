@@ -119,7 +119,7 @@ schedule: setup ## scheduled retraining at $(KFP_HOST) on CRON="0 3 * * 1"
 	$(PY) -m pipelines schedule --host $(KFP_HOST) --cron "$(CRON)" --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
 
 # ---- benchmarks (issue 9) ---------------------------------------------------------------------
-# Full run (~15 min on a 2-core CPU): bench/results/<date>-<host>.json + BENCHMARKS.md.
+# Full run (~25 min on a 2-core CPU): bench/results/<date>-<host>.json + BENCHMARKS.md.
 # Smoke run: make bench BENCH_ARGS=--quick (writes bench/results/*-quick.json and quick.md).
 BENCH_ARGS ?=
 

@@ -10,6 +10,10 @@ Sections (each a function returning a JSON-able dict, run by :func:`run_all`):
   ImageNet-like size that the benchmark renders itself, per worker.
 - ``inference``: latency at batch 1 and 32, native resolution: PyTorch eager, ``torch.compile``,
   ONNX Runtime; TensorRT FP16 where a GPU is present; NVIDIA's published table beside it.
+- ``quantization``: ONNX Runtime batch-1 latency of FP32, INT8 (``gpunet quantize --target cpu``),
+  FP16 and the TensorRT-target INT8 Q/DQ graph, timed side by side (interleaved), per model at
+  native resolution; the CPU INT8 format variants; top-1 of each graph of a GPUNet-0 trained
+  in the bench on digits at 64 px, and the FP16 logit drift.
 - ``pipeline``: the ``make run`` DAG's wall time split into the steps' work and everything else:
   ``pipelines run-local`` times each task's process from the runner's side, each step logs its
   own work (:mod:`pipelines.timing`).
@@ -28,6 +32,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,14 +50,20 @@ from pipelines.timing import TimingError, pipeline_overhead
 _logger = logging.getLogger(__name__)
 
 PERF_SCHEMA = "gpunet.perf/1"
-SECTIONS = ("train", "data", "inference", "pipeline", "scaling")
+SECTIONS = ("train", "data", "inference", "quantization", "pipeline", "scaling")
 INFERENCE_BACKENDS = ("eager", "eager_fold", "eager_fold_cl", "compile", "onnxruntime",
                       "tensorrt")
 REPO = Path(__file__).resolve().parents[1]
 
 # Targets from the issue (benchmarks, never timed tests).
 TARGETS = {"train_vs_bare": 0.95, "data_wait_frac": 0.05, "ort_vs_eager_b1": 1.0,
-           "pipeline_overhead_frac": 0.10}
+           "pipeline_overhead_frac": 0.10,
+           # CPU INT8 (--target cpu) batch-1 latency / FP32's, in ONNX Runtime, side by side
+           "int8_cpu_vs_fp32_b1": 0.50,
+           # top-1 points lost by the CPU INT8 graph of the digits model (at most)
+           "int8_top1_drop_points": 0.5,
+           # max |FP16 logit - FP32 logit| on the digits validation split (at most)
+           "fp16_logits_max_abs_diff": 1e-2}
 
 
 @dataclass
@@ -93,17 +104,35 @@ class BenchConfig:
     work_dir: str | None = None
     pipeline_timings: list[dict[str, Any]] | None = None
     pipeline_runs: int = 3  # DAG runs; the median run's split is shown
+    quant_models: tuple[str, ...] = ("gpunet_0", "gpunet_1", "gpunet_p0")
+    quant_img_size: int | None = None  # None: each model's native resolution
+    quant_calib_samples: int = 64  # rendered photos calibrating the (random-weight) latency models
+    quant_time_budget_s: float = 20.0  # timed seconds per model, all its graphs together
+    quant_block: int = 5  # consecutive timed calls of one graph before the next graph's turn
+    quant_min_rounds: int = 3
+    quant_max_rounds: int = 40
+    quant_variants: tuple[str, ...] = ()  # CPU INT8 variants (keys of CPU_INT8_VARIANTS); () = all
+    quant_variant_model: str | None = "gpunet_0"  # None: no variant table
+    # the digits model whose graphs are validated: (img_size, epochs); None: no accuracy rows
+    quant_accuracy: tuple[int, int] | None = (64, 4)
+    quant_digits_per_class: int | None = None  # None: all 1,797 digits
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        base = dict(sections=tuple(x for x in SECTIONS if x != "scaling"), models=("gpunet_0",),
+        # sections: torchrun, and training a model to quantize, take too long for a smoke run
+        base = dict(sections=tuple(x for x in SECTIONS if x not in ("scaling", "quantization")),
+                    models=("gpunet_0",),
                     train_models=("gpunet_0",), train_img_size=32, train_small=None,
                     train_batch=4, train_steps=3, train_repeats=1, train_rounds=1, data_img_size=64, data_images=24,
                     data_batch=4, data_workers=(1,), data_backends=("pil",), batches=(1,),
                     inference_backends=("eager", "onnxruntime"), time_budget_s=0.2,
                     max_iterations=3, min_iterations=1, compile_batches=(), scaling_procs=(),
-                    max_call_s=30.0)  # sections: torchrun takes too long for a smoke run
+                    max_call_s=30.0, quant_models=("gpunet_0",), quant_img_size=64,
+                    quant_calib_samples=8, quant_time_budget_s=0.3, quant_block=2,
+                    quant_min_rounds=1, quant_max_rounds=3,
+                    quant_variants=("default", "qdq_s8"), quant_accuracy=(32, 1),
+                    quant_digits_per_class=10)
         base.update(overrides)
         return cls(**base)
 
@@ -549,6 +578,330 @@ def bench_inference(cfg: BenchConfig, work: Path) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "rows": rows}
 
 
+# --------------------------------------------------------------------------- quantization section
+
+
+# the graphs `gpunet quantize` writes, beside the FP32 export: (key, --precision, --target)
+QUANT_GRAPHS: tuple[tuple[str, str, str], ...] = (
+    ("int8_cpu", "int8", "cpu"), ("fp16", "fp16", "tensorrt"),
+    ("int8_tensorrt", "int8", "tensorrt"))
+
+# ONNX Runtime static INT8 settings compared for --target cpu (CpuInt8 fields; {} = its default)
+CPU_INT8_VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("default", "QOperator, u8 activations, per-channel s8 weights (the default)", {}),
+    ("qoperator_s8", "QOperator, s8 activations", {"activations": "s8"}),
+    ("qdq_u8", "QDQ, u8 activations", {"quant_format": "qdq"}),
+    ("qdq_s8", "QDQ, s8 activations", {"quant_format": "qdq", "activations": "s8"}),
+    ("per_tensor", "per-tensor weights (per_channel=False)", {"per_channel": False}),
+    ("reduce_range", "7-bit weights (reduce_range=True)", {"reduce_range": True}),
+    ("fp32_first_conv", "first conv left in FP32", {"exclude_first_conv": True}),
+    ("fp32_classifier", "classifier left in FP32", {"exclude_classifier": True}),
+)
+
+
+def interleaved_latency(calls: dict[str, Callable[[], Any]], cfg: BenchConfig
+                        ) -> dict[str, dict[str, Any]]:
+    """Latency of several graphs measured side by side: in each round every graph gets
+    ``cfg.quant_block`` timed calls in a row (plus one untimed, which pays for the caches the
+    previous graph evicted), in an order that rotates from round to round. Noise on a shared VM
+    lasts seconds, so it lands on every graph alike instead of on whichever ran during it.
+
+    Returns ``{name: latency stats + round_medians}``. Rounds run until
+    ``cfg.quant_time_budget_s`` is spent (at least ``quant_min_rounds``, at most
+    ``quant_max_rounds``): a clock, not a probe call, so a burst of load at the start cannot
+    leave a model with only a few rounds.
+    """
+    from gpunet_core.inference.latency import latency_stats
+
+    names = list(calls)
+    for name in names:  # two warm-up calls each
+        calls[name]()
+        calls[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    start, r = time.perf_counter(), 0
+    while r < cfg.quant_min_rounds or (r < cfg.quant_max_rounds and time.perf_counter() - start
+                                        < cfg.quant_time_budget_s):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            calls[name]()
+            block = []
+            for _ in range(cfg.quant_block):
+                t = time.perf_counter()
+                calls[name]()
+                block.append((time.perf_counter() - t) * 1000.0)
+            times[name] += block
+            medians[name].append(statistics.median(block))
+        r += 1
+    return {n: {**latency_stats(times[n]), "round_medians": medians[n], "rounds": r}
+            for n in names}
+
+
+def _quant_source(name: str, cfg: BenchConfig, work: Path) -> tuple[Path, int, int]:
+    """The FP32 export (dynamic batch) of a random-weight ``name`` at the bench's size:
+    (path, img_size, native img_size); the inference section's file when it made one."""
+    from gpunet_core.models.factory import create_model
+
+    model = create_model(name).eval()
+    native = int(model.pretrained_cfg["input_size"][-1])
+    img_size = cfg.quant_img_size or native
+    stem = name if img_size == native else f"{name}-{img_size}"
+    return _export(model, name, img_size, work / "onnx" / f"{stem}.onnx"), img_size, native
+
+
+def _quantized(src: Path, out_dir: Path, calib: Path, samples: int
+               ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """``gpunet quantize`` of ``src`` for each of :data:`QUANT_GRAPHS`: the graphs written
+    (the FP32 export as ``fp32``) and, per graph, its sidecar's parity or the error."""
+    from gpunet_core.inference.quantize import quantize_onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graphs, facts = {"fp32": src}, {}
+    for key, precision, target in QUANT_GRAPHS:
+        out = out_dir / f"{src.stem}-{key}.onnx"
+        _logger.info("quantization: %s %s --target %s", src.stem, precision, target)
+        try:
+            sidecar = quantize_onnx(src, out, calib_data=calib, precision=precision,
+                                    target=target, calib_samples=samples)
+        except Exception as exc:  # one tool failing must not lose the other graphs
+            _logger.warning("quantization of %s (%s) failed: %s", src.name, key, exc)
+            facts[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            continue
+        graphs[key] = out
+        facts[key] = {"parity_vs_fp32": sidecar["parity_vs_fp32"], "method": sidecar["method"],
+                      "calibration_images": sidecar["calibration"]["images"]}
+    return graphs, facts
+
+
+def _timed_graphs(graphs: dict[str, Path], img_size: int, cfg: BenchConfig, threads: int
+                  ) -> dict[str, Any]:
+    """Batch-1 ONNX Runtime latency of every graph, interleaved, same thread count, and each
+    graph's ratio to the ``fp32`` one: round by round (the two medians of adjacent blocks),
+    their median (``vs_fp32_paired``, the figure the target is judged on: paired, so load
+    lasting seconds cancels), and the ratio of the two medians over all rounds (``vs_fp32``)."""
+    from gpunet_core.inference.export import INPUT_NAME, fixed_input, onnxruntime_session
+
+    feed = {INPUT_NAME: fixed_input(1, img_size).numpy()}
+    sessions = {k: onnxruntime_session(p, None, threads) for k, p in graphs.items()}
+    calls = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+    latency = interleaved_latency(calls, cfg)
+    fp32 = latency["fp32"]
+    rounds = {k: _round_ratios(v, fp32) for k, v in latency.items() if k != "fp32"}
+    return {"latency_ms": latency,
+            "vs_fp32": {k: v["median"] / fp32["median"] for k, v in latency.items()
+                        if k != "fp32"},
+            "vs_fp32_rounds": rounds,
+            "vs_fp32_paired": {k: statistics.median(v) for k, v in rounds.items()}}
+
+
+def _round_ratios(stats: dict[str, Any], fp32: dict[str, Any]) -> list[float]:
+    """A graph's round medians over FP32's, round by round."""
+    return [a / b for a, b in zip(stats["round_medians"], fp32["round_medians"], strict=True)]
+
+
+def _quant_latency_row(name: str, cfg: BenchConfig, work: Path, calib: Path,
+                       threads: int) -> dict[str, Any]:
+    """One model: its FP32 export and the three ``gpunet quantize`` graphs, timed together."""
+    src, img_size, native = _quant_source(name, cfg, work)
+    graphs, facts = _quantized(src, work / "quant", calib, cfg.quant_calib_samples)
+    _logger.info("quantization: %s at %d px, %s side by side", name, img_size, ", ".join(graphs))
+    return {"model": name, "img_size": img_size, "native_img_size": native, "batch": 1,
+            **_timed_graphs(graphs, img_size, cfg, threads), "graphs": facts}
+
+
+def _stamp(path: Path, info: Any, **extra: Any) -> None:
+    """The export's ``gpunet`` metadata on a graph quantized outside ``quantize_onnx`` (so
+    ``validate_onnx`` reads its preprocessing)."""
+    import onnx
+
+    from gpunet_core.inference.export import set_metadata
+
+    proto = onnx.load(str(path))
+    set_metadata(proto, {**info.metadata, **extra})
+    onnx.save(proto, str(path))
+
+
+def _digits_model(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    """A GPUNet-0 trained by ``gpunet train`` (in-process) on digits at ``quant_accuracy``'s
+    size and epochs: AdamW, no warm-up, cosine decay, light augmentation (97.5 % after four
+    epochs at 64 px, about 70 s on two idle cores; two epochs with the step schedule left it at
+    70-86 %), no EMA (a 0.9998 EMA barely moves in 356 steps). The last epoch's weights, not
+    the best on the validation split the graphs are then measured on; exported to ONNX with a
+    dynamic batch."""
+    from gpunet_core.data.prepare import prepare_digits
+    from gpunet_core.inference.export import export_onnx
+    from gpunet_core.inference.validate import load_inference_model
+    from gpunet_core.training import loop as train
+    from gpunet_core.training.config import parse
+
+    img_size, epochs = cfg.quant_accuracy or (64, 4)
+    data = work / f"quant-digits-{img_size}-{cfg.quant_digits_per_class or 'all'}"
+    prepare_digits(data, img_size=img_size, per_class=cfg.quant_digits_per_class)
+    out = work / f"quant-train-{img_size}-{epochs}"
+    argv = [str(data), "--model", "gpunet_0", "--img-size", str(img_size), "-b", "16",
+            "--epochs", str(epochs), "-j", "1", "--opt", "adamw", "--lr", "0.002",
+            "--warmup-epochs", "0", "--sched", "cosine", "--aa", "", "--reprob", "0",
+            "--scale", "0.5", "1.0", "--output", str(out), "--log-interval", "1000000"]
+    _logger.info("quantization: training gpunet_0 on digits at %d px, %d epochs", img_size,
+                 epochs)
+    t0 = time.perf_counter()
+    result = train.train(parse(argv))
+    wall = time.perf_counter() - t0
+    ckpt = out / "last.pth.tar"
+    model = load_inference_model("gpunet_0", ckpt)
+    onnx_path = out / "gpunet_0-digits.onnx"
+    export_onnx(model, onnx_path, model_name="gpunet_0", img_size=img_size, dynamic_batch=True,
+                checkpoint=ckpt)
+    return {"data": data, "onnx": onnx_path, "img_size": img_size, "epochs": epochs,
+            "train": {"last_top1": result["last"]["top1"], "best_top1": result["best_top1"],
+                      "steps": result["steps"], "wall_s": wall,
+                      "command": "gpunet train " + " ".join(argv[1:])}}
+
+
+def _quant_accuracy(digits: dict[str, Any], cfg: BenchConfig, work: Path,
+                    threads: int) -> dict[str, Any]:
+    """Top-1 on the digits validation split of the FP32 export and of each ``gpunet quantize``
+    graph of it (calibrated on the train split, the command's default), in ONNX Runtime; the
+    drop in points against FP32; each graph's logits against FP32's on every validation image."""
+    from gpunet_core.inference.export import inspect_onnx
+    from gpunet_core.inference.quantize import calibration_images, compare_logits
+    from gpunet_core.inference.validate import validate_onnx
+
+    data, src = digits["data"], digits["onnx"]
+    graphs, facts = _quantized(src, work / "quant-digits", data, 256)
+    info = inspect_onnx(src)
+    val_images, _ = calibration_images(data / "val", info, samples=10**6)  # every val image
+    rows: dict[str, Any] = {}
+    for key, path in graphs.items():
+        _logger.info("quantization: validating the digits %s graph", key)
+        res = validate_onnx(path, data, batch_size=64, workers=0, threads=threads,
+                            progress=False)
+        rows[key] = {"top1": res["top1"], "images": res["images"], **facts.get(key, {})}
+        if key != "fp32":
+            rows[key].update(compare_logits(src, path, info, val_images))
+    rows.update({k: v for k, v in facts.items() if k not in rows})  # failed graphs
+    fp32 = rows["fp32"]["top1"]
+    for row in rows.values():
+        if "top1" in row:
+            row["drop_points"] = fp32 - row["top1"]
+    return {"model": "gpunet_0", "img_size": digits["img_size"], "epochs": digits["epochs"],
+            "dataset": str(data), "train": digits["train"], "graphs": rows}
+
+
+def _quant_variants(cfg: BenchConfig, work: Path, calib: Path, threads: int,
+                    digits: dict[str, Any] | None) -> dict[str, Any]:
+    """Each CPU INT8 variant of ``quant_variant_model`` timed side by side with its FP32
+    export; with the digits model, also each variant's top-1 drop on digits."""
+    from gpunet_core.inference.export import inspect_onnx
+    from gpunet_core.inference.quantize import CpuInt8, calibration_images, quantize_int8_cpu
+    from gpunet_core.inference.validate import validate_onnx
+
+    name = cfg.quant_variant_model or "gpunet_0"
+    keys = cfg.quant_variants or tuple(k for k, _, _ in CPU_INT8_VARIANTS)
+    chosen = [v for v in CPU_INT8_VARIANTS if v[0] in keys]
+    src, img_size, _ = _quant_source(name, cfg, work)
+    info = inspect_onnx(src)
+    images, _ = calibration_images(calib, info, samples=cfg.quant_calib_samples)
+    out_dir = work / "quant-variants"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graphs, rows = {"fp32": src}, []
+    for key, label, options in chosen:
+        _logger.info("quantization: %s CPU INT8 variant %s", name, key)
+        out = out_dir / f"{src.stem}-{key}.onnx"
+        row = {"variant": key, "label": label, "options": options}
+        try:
+            quantize_int8_cpu(src, out, info, images, CpuInt8(**options))
+            graphs[key] = out
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        rows.append(row)
+    timed = _timed_graphs(graphs, img_size, cfg, threads)
+    for row in rows:
+        if row["variant"] in graphs:
+            row["latency_ms"] = timed["latency_ms"][row["variant"]]
+            row["vs_fp32"] = timed["vs_fp32"][row["variant"]]
+            row["vs_fp32_paired"] = timed["vs_fp32_paired"][row["variant"]]
+    result: dict[str, Any] = {"model": name, "img_size": img_size, "batch": 1,
+                              "fp32_latency_ms": timed["latency_ms"]["fp32"], "rows": rows}
+    if digits is not None:
+        d_info = inspect_onnx(digits["onnx"])
+        d_images, _ = calibration_images(digits["data"], d_info, samples=256)
+        fp32 = validate_onnx(digits["onnx"], digits["data"], batch_size=64, workers=0,
+                             threads=threads, progress=False)["top1"]
+        result["digits_fp32_top1"] = fp32
+        for row in rows:
+            if "error" in row:
+                continue
+            out = out_dir / f"digits-{row['variant']}.onnx"
+            try:
+                quantize_int8_cpu(digits["onnx"], out, d_info, d_images,
+                                  CpuInt8(**row["options"]))
+                _stamp(out, d_info, precision="int8", target="cpu")
+                top1 = validate_onnx(out, digits["data"], batch_size=64, workers=0,
+                                     threads=threads, progress=False)["top1"]
+                row["digits_top1"], row["digits_drop_points"] = top1, fp32 - top1
+            except Exception as exc:
+                row["digits_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return result
+
+
+class _NoRootInfo(logging.Filter):
+    """ONNX Runtime's quantizer logs a line per adjusted bias scale (hundreds per model) with
+    ``logging.info`` on the root logger; this drops the root logger's own records below
+    WARNING (records of named loggers that propagate to the root are not filtered here)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def bench_quantization(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    """FP32 vs ``gpunet quantize``'s graphs in ONNX Runtime on this CPU: latency per model
+    (random weights, calibrated on rendered photos), the CPU INT8 variants, and the accuracy
+    of a digits model's graphs. A failing part is recorded; the others still run."""
+    quiet = _NoRootInfo()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return _bench_quantization(cfg, work)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _bench_quantization(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    threads = cfg.threads or torch.get_num_threads()
+    calib = make_jpeg_dataset(work / "quant-calib", images=cfg.quant_calib_samples, classes=2,
+                              seed=4) / "train"
+
+    def guarded(what: str, fn: Callable[[], dict[str, Any]], **ident: Any) -> dict[str, Any]:
+        try:
+            return fn()
+        except Exception as exc:
+            _logger.exception("quantization: %s failed", what)
+            return {**ident, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+    rows = [guarded(name, lambda n=name: _quant_latency_row(n, cfg, work, calib, threads),
+                    model=name) for name in cfg.quant_models]
+    digits = None
+    accuracy = None
+    if cfg.quant_accuracy:
+        holder: dict[str, Any] = {}
+
+        def trained() -> dict[str, Any]:
+            holder.update(_digits_model(cfg, work))
+            return _quant_accuracy(holder, cfg, work, threads)
+
+        accuracy = guarded("accuracy", trained)
+        digits = holder or None
+    variants = guarded("variants", lambda: _quant_variants(cfg, work, calib, threads, digits)) \
+        if cfg.quant_variant_model else None
+    return {"threads": threads, "batch": 1, "block": cfg.quant_block,
+            "runtime": "onnxruntime CPUExecutionProvider",
+            "calibration": {"latency_models": f"{cfg.quant_calib_samples} rendered 500x375 "
+                            "photos (make_jpeg_dataset, seed 4) through each model's eval "
+                            "transform", "digits": "up to 256 images of the digits train split, "
+                            "seed 0 (gpunet quantize's defaults)"},
+            "weights": "random (latency does not depend on weight values)",
+            "rows": rows, "variants": variants, "accuracy": accuracy}
+
+
 # --------------------------------------------------------------------------- pipeline section
 
 
@@ -736,7 +1089,8 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
                     sections[name] = bench_pipeline(cfg, work)
                 else:
                     fn = {"train": bench_train, "data": bench_data,
-                          "inference": bench_inference, "scaling": bench_scaling}[name]
+                          "inference": bench_inference, "quantization": bench_quantization,
+                          "scaling": bench_scaling}[name]
                     sections[name] = fn(cfg, work)
             except BenchmarkError:
                 raise
@@ -796,6 +1150,143 @@ def _cell_text(stats: dict[str, Any] | None) -> str:
     if "skipped" in stats:
         return "skip"
     return "error"
+
+
+QUANT_LABELS = {"fp32": "FP32 (the export)", "int8_cpu": "INT8 `--target cpu` (ORT QOperator)",
+                "fp16": "FP16 (ModelOpt AutoCast)",
+                "int8_tensorrt": "INT8 `--target tensorrt` (ModelOpt Q/DQ)"}
+
+
+def _paired(row: dict[str, Any]) -> dict[str, float]:
+    """A latency row's paired ratios to FP32 (computed from its rounds in a JSON written before
+    they were stored)."""
+    if "vs_fp32_paired" in row:
+        return row["vs_fp32_paired"]
+    rounds = row.get("vs_fp32_rounds") or {}
+    return {k: statistics.median(rounds[k]) if rounds.get(k) else v
+            for k, v in row["vs_fp32"].items()}
+
+
+def _at_most(value: float | None, target: float, text: str) -> str:
+    return "–" if value is None else f"{text} {'✅' if value <= target else '❌'}"
+
+
+def _error_text(entry: dict[str, Any]) -> str:
+    return f"error: {entry['error'][:120]}"
+
+
+def _quantization_markdown(q: dict[str, Any]) -> list[str]:
+    """The quantization section's tables: latency per model, CPU INT8 variants, accuracy."""
+    lines: list[str] = []
+    rows = q.get("rows") or []
+    rounds = " / ".join(str(r["latency_ms"]["fp32"]["rounds"]) for r in rows
+                        if "latency_ms" in r) or "–"
+    native = all(r.get("img_size") == r.get("native_img_size") for r in rows if "error" not in r)
+    lines += [f"Median ms at batch {q['batch']}, {q['threads']} ONNX Runtime threads, random "
+              "weights, each model at "
+              + ("its native resolution" if native else "the px column's size (not native)")
+              + ". A model's four graphs are timed side by side: rounds (per model here: "
+              f"{rounds}) in which every graph gets a block of {q.get('block', '–')} calls in "
+              "a row, the order rotating, so machine noise hits all four. Ratios to FP32: the "
+              "median of the rounds' ratios (each from adjacent blocks: paired, so load that "
+              "lasts seconds cancels), the rounds' spread and the ratio of the two medians "
+              "over all rounds beside it. INT8 `--target cpu` "
+              "is the graph for this runtime; target: ≤ 0.50 of FP32. FP16 and the Q/DQ graph "
+              "are for TensorRT; ONNX Runtime's x86 CPU provider has no fast FP16 path and runs "
+              "the symmetric Q/DQ graph without its fastest (u8 QOperator) kernels, so ~1.0x or "
+              "slower is expected here (information only). Calibration: "
+              f"{q['calibration']['latency_models']}.", "",
+              "| model | px | FP32 ms | INT8 cpu ms | INT8 cpu / FP32 (≤ 0.50) | rounds "
+              "min–max | ratio of the medians | FP16 ms | FP16 / FP32 | INT8 Q/DQ ms | "
+              "Q/DQ / FP32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | – | {_error_text(r)} |" + " – |" * 8)
+            continue
+        lat, vs = r["latency_ms"], _paired(r)
+        by_round = (r.get("vs_fp32_rounds") or {}).get("int8_cpu")
+        spread = f"{min(by_round):.2f}–{max(by_round):.2f}" if by_round else "–"
+
+        def ms(key: str, lat: dict[str, Any] = lat) -> str:
+            return _cell_text(lat.get(key)) if key in lat else "error"
+
+        lines.append(
+            f"| {r['model']} | {r['img_size']} | {ms('fp32')} | {ms('int8_cpu')} | "
+            f"{_ratio(vs.get('int8_cpu'), TARGETS['int8_cpu_vs_fp32_b1'], False)} | {spread} | "
+            f"{_ratio(r['vs_fp32'].get('int8_cpu'))} | "
+            f"{ms('fp16')} | {_ratio(vs.get('fp16'))} | {ms('int8_tensorrt')} | "
+            f"{_ratio(vs.get('int8_tensorrt'))} |")
+    failed = [f"{r['model']} {k}: {g['error']}" for r in rows for k, g in
+              (r.get("graphs") or {}).items() if "error" in g]
+    if failed:
+        lines += ["", "Not written: " + "; ".join(failed)]
+    lines.append("")
+
+    v = q.get("variants")
+    if v and "error" in v:
+        lines += [f"CPU INT8 variants: failed: {v['error']}", ""]
+    elif v:
+        has_acc = "digits_fp32_top1" in v
+        lines += [f"CPU INT8 variants (`CpuInt8`) of {v['model']} at {v['img_size']} px, batch "
+                  f"{v['batch']}, each timed side by side with FP32 "
+                  f"({_cell_text(v['fp32_latency_ms'])} ms)"
+                  + (f"; the same variant of the digits model below, top-1 points lost against "
+                     f"its FP32 {v['digits_fp32_top1']:.2f} %" if has_acc else "") + ".", "",
+                  "| variant | ms | vs FP32 (median of rounds) | ratio of the medians |"
+                  + (" digits top-1 drop (points) |" if has_acc else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if has_acc else "")]
+        for r in v["rows"]:
+            if "error" in r:
+                cells = [_error_text(r), "–", "–"]
+            else:
+                paired = r.get("vs_fp32_paired")
+                if paired is None and "round_medians" in r["latency_ms"]:
+                    paired = statistics.median(_round_ratios(r["latency_ms"],
+                                                             v["fp32_latency_ms"]))
+                cells = [_cell_text(r["latency_ms"]), _ratio(paired), _ratio(r["vs_fp32"])]
+            if has_acc:
+                cells.append(f"{r['digits_drop_points']:.2f}" if "digits_drop_points" in r
+                             else "error" if "digits_error" in r or "error" in r else "–")
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    a = q.get("accuracy")
+    if a and "error" in a:
+        lines += [f"Accuracy: failed: {a['error']}", ""]
+    elif a:
+        g = a["graphs"]
+        fp32 = g.get("fp32", {})
+        scale = next((x["logits_max_abs"] for x in g.values() if "logits_max_abs" in x), None)
+        calib = next((x["calibration_images"] for x in g.values() if "calibration_images" in x),
+                     "–")
+        lines += [f"Accuracy: a {a['model']} trained in the bench (`gpunet train`, {a['epochs']} "
+                  f"epochs at {a['img_size']} px, {a['train']['wall_s']:.0f} s), exported, "
+                  f"quantized by `gpunet quantize` ({calib} calibration images of the train "
+                  "split) "
+                  f"and validated in ONNX Runtime on the digits validation split "
+                  f"({fp32.get('images', '–')} images). Drop: points below FP32 (target for "
+                  "INT8 cpu: ≤ 0.5). Logit diff: max |graph - FP32| over every validation "
+                  f"image (FP32 logits reach {_fmt(scale, 2)}; target for FP16: ≤ 1e-2).", "",
+                  "| graph | top-1 % | drop (points) | max abs logit diff | top-1 agreement "
+                  "with FP32 |", "|---|---:|---:|---:|---:|"]
+        for key, row in g.items():
+            label = QUANT_LABELS.get(key, key)
+            if "error" in row:
+                lines.append(f"| {label} | {_error_text(row)} | – | – | – |")
+                continue
+            drop = row.get("drop_points")
+            drop_text = "–" if key == "fp32" else \
+                _at_most(drop, TARGETS["int8_top1_drop_points"], f"{drop:.2f}") \
+                if key == "int8_cpu" else f"{drop:.2f}"
+            diff = row.get("logits_max_abs_diff")
+            diff_text = "–" if diff is None else \
+                _at_most(diff, TARGETS["fp16_logits_max_abs_diff"], f"{diff:.2e}") \
+                if key == "fp16" else f"{diff:.2e}"
+            agree = row.get("top1_agreement")
+            lines.append(f"| {label} | {row['top1']:.2f} | {drop_text} | {diff_text} | "
+                         f"{'–' if agree is None else f'{100 * agree:.1f} %'} |")
+        lines.append("")
+    return lines
 
 
 def render_markdown(results: dict[str, Any], source: str | None = None,
@@ -914,6 +1405,14 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
                              f" | {ratio} | {pub['a100']} / {pub['v100']} |")
             lines.append("")
 
+    q = s.get("quantization")
+    if q:
+        lines += ["## Quantization (ONNX Runtime, CPU)", ""]
+        if "error" in q:
+            lines += [f"Failed: {q['error']}", ""]
+        else:
+            lines += _quantization_markdown(q)
+
     p = s.get("pipeline")
     if p:
         lines += ["## Pipeline overhead", ""]
@@ -1006,10 +1505,11 @@ def build_parser() -> Any:
         "overhead and scaling side by side; write bench/results/<date>-<host>.json and "
         "regenerate BENCHMARKS.md from it.")
     p.add_argument("--quick", action="store_true",
-                   help="seconds-long smoke run (tiny sizes, gpunet_0 only, no torchrun)")
+                   help="seconds-long smoke run (tiny sizes, gpunet_0 only, no torchrun, no "
+                        "quantization)")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
-                        "--quick: all but scaling)")
+                        "--quick: all but scaling and quantization)")
     p.add_argument("--models", default="", help="inference models (default: all 7)")
     p.add_argument("--train-models", default=None,
                    help="training comparison models (default gpunet_0,efficientnet_b0)")

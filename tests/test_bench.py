@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,128 @@ def test_pipeline_section_shows_the_median_of_its_runs(tmp_path, monkeypatch):
     assert len(set(workdirs)) == 3 and all("--no-cache" in c for c in cmds)
     text = perf.render_markdown({"sections": {"pipeline": {**res, "status": "measured"}}})
     assert "3 runs, everything else / total: 0.080 / 0.100 / 0.120" in text
+
+
+@pytest.mark.slow
+def test_quantization_section_at_smoke_sizes(tmp_path):
+    """The quantization section end to end at quick's sizes (not part of --quick's sections:
+    it trains a model): its rows and figures, never their speed."""
+    cfg = perf.BenchConfig.quick(sections=("quantization",), threads=2)
+    res = perf.bench_quantization(cfg, tmp_path)
+    assert res["threads"] == 2 and res["batch"] == 1 and res["block"] == cfg.quant_block
+
+    (row,) = res["rows"]
+    assert (row["model"], row["img_size"], row["native_img_size"]) == ("gpunet_0", 64, 320)
+    lat = row["latency_ms"]
+    assert list(lat) == ["fp32"] + [key for key, _, _ in perf.QUANT_GRAPHS]
+    rounds = lat["fp32"]["rounds"]
+    assert cfg.quant_min_rounds <= rounds <= cfg.quant_max_rounds
+    for stats in lat.values():
+        assert stats["median"] > 0 and stats["count"] == rounds * cfg.quant_block
+        assert len(stats["round_medians"]) == rounds
+    for key, _, _ in perf.QUANT_GRAPHS:
+        # the ratio is the two medians measured side by side
+        assert row["vs_fp32"][key] == pytest.approx(lat[key]["median"] / lat["fp32"]["median"])
+        assert row["vs_fp32_rounds"][key] == pytest.approx(
+            [a / b for a, b in zip(lat[key]["round_medians"], lat["fp32"]["round_medians"],
+                                   strict=True)])
+        assert row["vs_fp32_paired"][key] == pytest.approx(
+            statistics.median(row["vs_fp32_rounds"][key]))
+        assert "error" not in row["graphs"][key]
+        assert row["graphs"][key]["calibration_images"] == cfg.quant_calib_samples
+    assert row["graphs"]["int8_cpu"]["method"]["format"] == "qoperator"
+
+    v = res["variants"]
+    assert (v["model"], v["img_size"]) == ("gpunet_0", 64)
+    assert [r["variant"] for r in v["rows"]] == list(cfg.quant_variants)
+    fp32_ms = v["fp32_latency_ms"]["median"]
+    for r in v["rows"]:
+        assert "error" not in r and "digits_error" not in r, r
+        assert r["vs_fp32"] == pytest.approx(r["latency_ms"]["median"] / fp32_ms)
+        assert r["vs_fp32_paired"] > 0
+        assert 0 <= r["digits_top1"] <= 100
+        assert r["digits_drop_points"] == pytest.approx(v["digits_fp32_top1"] - r["digits_top1"])
+
+    a = res["accuracy"]
+    assert (a["model"], a["img_size"], a["epochs"]) == ("gpunet_0", 32, 1)
+    graphs = a["graphs"]
+    assert list(graphs) == ["fp32"] + [key for key, _, _ in perf.QUANT_GRAPHS]
+    val_images = graphs["fp32"]["images"]
+    assert val_images == 20  # 10 digits per class, a fifth of them held out
+    for key, g in graphs.items():
+        assert 0 <= g["top1"] <= 100 and g["images"] == val_images, key
+        assert g["drop_points"] == pytest.approx(graphs["fp32"]["top1"] - g["top1"])
+        if key != "fp32":
+            assert g["images"] == val_images and g["logits_max_abs_diff"] >= 0
+            assert g["calibration_images"] == 80  # the whole (small) train split
+    assert 0 <= a["train"]["last_top1"] <= 100 and "gpunet train" in a["train"]["command"]
+
+    text = perf.render_markdown({"sections": {"quantization": res}})
+    assert "## Quantization (ONNX Runtime, CPU)" in text
+    ratio = perf._ratio(row["vs_fp32_paired"]["int8_cpu"], perf.TARGETS["int8_cpu_vs_fp32_b1"],
+                        False)
+    assert f"| gpunet_0 | 64 | {lat['fp32']['median']:,.1f} | " \
+           f"{lat['int8_cpu']['median']:,.1f} | {ratio} |" in text
+    assert f"| FP16 (ModelOpt AutoCast) | {graphs['fp16']['top1']:.2f} |" in text
+
+
+def test_interleaved_latency_rotates_the_graphs_and_times_blocks(monkeypatch):
+    calls: list[str] = []
+    cfg = perf.BenchConfig(quant_block=2, quant_min_rounds=3, quant_max_rounds=3,
+                           quant_time_budget_s=0.0)
+    res = perf.interleaved_latency({n: (lambda n=n: calls.append(n)) for n in "abc"}, cfg)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # two warm-up calls each
+    rounds = [calls[6 + 9 * r: 6 + 9 * (r + 1)] for r in range(3)]
+    assert rounds == [list("aaabbbccc"), list("bbbcccaaa"), list("cccaaabbb")]
+    assert len(calls) == 6 + 27
+    assert all(s["count"] == 6 and s["rounds"] == 3 and len(s["round_medians"]) == 3
+               for s in res.values())
+    capped = perf.BenchConfig(quant_block=1, quant_min_rounds=1, quant_max_rounds=2,
+                              quant_time_budget_s=600.0)  # the budget ends no round here
+    res = perf.interleaved_latency({"a": lambda: None}, capped)
+    assert res["a"]["rounds"] == 2 and res["a"]["count"] == 2
+
+
+def test_quantization_markdown_marks_targets_and_errors():
+    stats = {"median": 10.0, "rounds": 4}
+    q = {"batch": 1, "threads": 2, "block": 5,
+         "calibration": {"latency_models": "64 photos"},
+         "rows": [{"model": "gpunet_0", "img_size": 320, "native_img_size": 320,
+                   "latency_ms": {"fp32": stats, "int8_cpu": {"median": 4.0},
+                                  "fp16": {"median": 10.1}},
+                   "vs_fp32": {"int8_cpu": 0.4, "fp16": 1.01},
+                   "vs_fp32_rounds": {"int8_cpu": [0.45, 0.38, 0.41]},
+                   "graphs": {"int8_tensorrt": {"error": "RuntimeError: no"}}},
+                  {"model": "gpunet_1", "error": "ExportError: boom"}],
+         "variants": {"model": "gpunet_0", "img_size": 320, "batch": 1,
+                      "fp32_latency_ms": stats, "digits_fp32_top1": 98.0,
+                      "rows": [{"variant": "qdq_s8", "label": "QDQ, s8 activations",
+                                "latency_ms": {"median": 11.0}, "vs_fp32": 1.1,
+                                "vs_fp32_paired": 1.12,
+                                "digits_top1": 97.5, "digits_drop_points": 0.5},
+                               {"variant": "per_tensor", "label": "per-tensor",
+                                "error": "ValueError: x"}]},
+         "accuracy": {"model": "gpunet_0", "img_size": 64, "epochs": 2,
+                      "train": {"wall_s": 25.0},
+                      "graphs": {"fp32": {"top1": 98.0, "images": 360, "drop_points": 0.0},
+                                 "int8_cpu": {"top1": 97.2, "drop_points": 0.8,
+                                              "logits_max_abs_diff": 0.3,
+                                              "logits_max_abs": 12.0, "top1_agreement": 0.99,
+                                              "calibration_images": 256},
+                                 "fp16": {"top1": 98.0, "drop_points": 0.0,
+                                          "logits_max_abs_diff": 0.02, "top1_agreement": 1.0},
+                                 "int8_tensorrt": {"error": "RuntimeError: no"}}}}
+    text = perf.render_markdown({"sections": {"quantization": q}})
+    assert "each model at its native resolution" in text and "(per model here: 4)" in text
+    # the target is judged on the median of the rounds' ratios (0.41), not the medians' (0.40)
+    assert ("| gpunet_0 | 320 | 10.0 | 4.0 | 0.41 ✅ | 0.38–0.45 | 0.40 | 10.1 | 1.01 | error "
+            "| – |" in text)
+    assert "| gpunet_1 | – | error: ExportError: boom |" in text
+    assert "Not written: gpunet_0 int8_tensorrt: RuntimeError: no" in text
+    assert "| QDQ, s8 activations | 11.0 | 1.12 | 1.10 | 0.50 |" in text
+    assert "| per-tensor | error: ValueError: x | – | – | error |" in text
+    assert "| INT8 `--target cpu` (ORT QOperator) | 97.20 | 0.80 ❌ | 3.00e-01 | 99.0 % |" in text
+    assert "| FP16 (ModelOpt AutoCast) | 98.00 | 0.00 | 2.00e-02 ❌ | 100.0 % |" in text
+    assert "256 calibration images" in text and "FP32 logits reach 12.00" in text
+    failed = perf.render_markdown({"sections": {"quantization": {"error": "OSError: disk"}}})
+    assert "## Quantization (ONNX Runtime, CPU)\n\nFailed: OSError: disk" in failed
