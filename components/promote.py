@@ -36,6 +36,9 @@ def promote(dataset: Input[Dataset], checkpoint: Input[Model], deployed: Input[M
                              max_latency_ms=max_latency_ms, margin=margin,
                              max_latency_increase_pct=max_latency_increase_pct,
                              max_quant_drop=max_quant_drop,
+                             teacher={k: checkpoint.metadata[k] for k in ("teacher",
+                                                                          "teacher_top1")
+                                      if k in checkpoint.metadata},
                              data=os.path.join(dataset.path, "val"),
                              experiment=mlflow_experiment, kfp_run_id=kfp_run_id,
                              scheduled_time=scheduled_time)

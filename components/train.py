@@ -63,6 +63,9 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
                          settings=pod_settings, task="student", job_key=checkpoint.uri)
     checkpoint.metadata.update({"model": model_name, "img_size": img_size,
                                 "distilled": use_teacher})
+    if use_teacher:  # what it learnt from, for the registry and the run's summary
+        checkpoint.metadata.update({"teacher": teacher_name,
+                                    "teacher_top1": teacher.metadata.get("top1", -1.0)})
     for key in ("train_loss", "top1", "top5", "eval_loss", "img_per_sec"):
         if key in result:
             metrics.log_metric(key, float(result[key]))

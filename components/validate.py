@@ -1,23 +1,23 @@
-"""validate: accuracy of the trained checkpoint (gpunet_core.steps.validate), and of the graph
-that is deployed (gpunet_core.steps.validate_onnx)."""
+"""validate / validate_deployed: accuracy of the FP32 export and of the graph that is deployed,
+in ONNX Runtime (gpunet_core.steps.validate_onnx)."""
 
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components._images import BENCH_IMAGE, CPU_IMAGE, component
+from components._images import BENCH_IMAGE, component
 
 
-@component(CPU_IMAGE)
-def validate(dataset: Input[Dataset], checkpoint: Input[Model], model_name: str, img_size: int,
-             metrics: Output[Metrics],
+@component(BENCH_IMAGE)
+def validate(dataset: Input[Dataset], onnx: Input[Model], metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], results: Output[Artifact]) -> float:
+    """The FP32 export in ONNX Runtime: the same counts as the PyTorch checkpoint through the
+    same eval transform (tests/test_validate_onnx.py), in a fraction of the time (no per-shape
+    kernel warm-up), and what a quantized graph is judged against."""
     import os
 
     from gpunet_core import steps
-    from gpunet_core.utils.files import BEST_CHECKPOINT
 
-    out = steps.validate(os.path.join(dataset.path, "val"),
-                         os.path.join(checkpoint.path, BEST_CHECKPOINT), model=model_name,
-                         img_size=img_size, results_file=results.path)
+    out = steps.validate_onnx(os.path.join(dataset.path, "val"), onnx.path,
+                              results_file=results.path, prefix="val_")
     for key in ("top1", "top5", "loss", "images_per_second"):
         metrics.log_metric(key, float(out[key]))
     confusion.log_confusion_matrix(out["classes"], out["confusion_matrix"])

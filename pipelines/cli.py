@@ -20,14 +20,28 @@ import re
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gpunet_core.mlops import images
-from gpunet_core.mlops.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ui_url
+from gpunet_core.mlops.mlflow_client import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    ui_url,
+    unreachable,
+    unreachable_error,
+)
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import sha256_file
+from gpunet_core.utils.files import (
+    atomic_path,
+    check_output_dir,
+    check_output_file,
+    remove_new_dirs_on_error,
+    sha256_file,
+)
 
 _logger = logging.getLogger("pipelines")
 
@@ -156,12 +170,36 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
             raise bad("optimizer", "not a timm optimizer name; e.g. adamw, sgd or rmsproptf") \
                 from None
     merged = {**(defaults or {}), **params}
+    for warning in warmup_warnings(params, merged):
+        print(f"pipelines: warning: {warning}", file=sys.stderr)
     if merged.get("enable_distill") and "img_size" in merged and "teacher_img_size" in merged \
             and merged["teacher_img_size"] < merged["img_size"]:
         raise PipelineError(f"--param teacher_img_size={merged['teacher_img_size']} is smaller "
                             f"than img_size={merged['img_size']}: the student sees a downsample "
                             "of the teacher's batch; raise teacher_img_size or pass "
                             "enable_distill=false")
+
+
+def warmup_warnings(params: dict[str, Any], merged: dict[str, Any]) -> list[str]:
+    """A training step no longer than its warm-up is legal but never trains at ``lr`` (the
+    learning rate only climbs towards it): one warning per such step whose ``epochs`` /
+    ``teacher_epochs`` or ``warmup_epochs`` the user set (``merged``: with the defaults).
+    ``warmup_epochs=-1`` never warns: the training step then drops the recipe's (or preset's)
+    warm-up from a run no longer than it (:func:`gpunet_core.steps.train_config`)."""
+    warmup = merged.get("warmup_epochs", -1)
+    if warmup <= 0:
+        return []
+    out = []
+    for name, who in (("epochs", "the student"), ("teacher_epochs", "the teacher")):
+        if name not in merged or not {name, "warmup_epochs"} & set(params) or \
+                (who == "the teacher" and not merged.get("enable_distill")):
+            continue
+        if merged[name] <= warmup:
+            out.append(f"{name}={merged[name]} is not longer than warmup_epochs={warmup}: "
+                       f"{who} never leaves warm-up, so its learning rate never reaches "
+                       f"lr={merged.get('lr')}; pass fewer warmup_epochs (-1: none for a run "
+                       f"this short) or more {name}")
+    return out
 
 
 # --------------------------------------------------------------------------- cron
@@ -218,8 +256,12 @@ def to_kfp_cron(expression: str) -> str:
 
 
 def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: bool = False,
-                     dataset_pvc: str = "") -> Path:
+                     dataset_pvc: str = "", parents: bool = True) -> Path:
+    """Compile the DAG to ``output``; ``parents``: a missing folder is created (the command
+    line's ``compile`` wants it to exist, as every file output)."""
     check_gpus_per_node(gpus_per_node)
+    output = Path(output)
+    check_output_file(output, "--output", error=PipelineError, parents=parents)
     from kfp import compiler
 
     from pipelines.gpunet_training import Platform, build_pipeline
@@ -227,19 +269,18 @@ def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: boo
     platform = Platform.for_cluster(gpus_per_node) if cluster or gpus_per_node else Platform()
     if dataset_pvc:
         platform.dataset_pvc = dataset_pvc
-    output = Path(output)
-    tmp = output.with_name(f".{output.stem}.tmp.yaml")  # the compiler insists on .yaml
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        compiler.Compiler().compile(build_pipeline(platform), str(tmp))
-        os.replace(tmp, output)
-    except OSError as exc:
+        with atomic_path(output) as tmp:
+            as_yaml = tmp.with_name(f"{tmp.name}.yaml")  # the compiler insists on .yaml
+            try:
+                compiler.Compiler().compile(build_pipeline(platform), str(as_yaml))
+                os.replace(as_yaml, tmp)
+            finally:
+                as_yaml.unlink(missing_ok=True)
+    except OSError as exc:  # e.g. the disk filled up, or the folder went away meanwhile
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(output) else ""
-        raise PipelineError(f"cannot write {output}: {exc.strerror or exc}{where}; choose "
-                            "another --output") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write --output {output}: {exc.strerror or exc}{where}; "
+                            "choose another --output") from None
     return output
 
 
@@ -249,23 +290,88 @@ def check_gpus_per_node(gpus_per_node: int) -> None:
                             f"{gpus_per_node}")
 
 
+HEALTHZ = "/apis/v2beta1/healthz"  # what kfp.Client asks first
+
+
+def _unreachable(host: str, reason: str) -> PipelineError:
+    return PipelineError(f"cannot reach the KFP API at {host} ({reason}): check --host (the "
+                         "KFP API URL, e.g. http://localhost:8080) and that the server runs")
+
+
+def _kfp_reason(exc: BaseException) -> str:
+    """One line of what the KFP server answered (or why it did not)."""
+    status = getattr(exc, "status", None)
+    if status:
+        detail = ""
+        try:
+            body = json.loads(getattr(exc, "body", None) or "{}")
+            detail = str(body.get("error") or body.get("message") or "") \
+                if isinstance(body, dict) else ""
+        except ValueError:
+            pass
+        return f"HTTP {status} {getattr(exc, 'reason', '') or ''}".strip() + \
+            (f": {detail.splitlines()[0]}" if detail else "")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_reachable(host: str, token: str | None) -> None:
+    """One plain request to KFP's health endpoint, so that a wrong --host fails at once and
+    says which way (kfp.Client retries a 404 for 25 s, then reports a timeout)."""
+    url = host if host.startswith("http") else f"https://{host}"  # as kfp.Client does
+    request = urllib.request.Request(url.rstrip("/") + HEALTHZ, headers={
+        "Authorization": f"Bearer {token}"} if token else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # as kfp: no proxy
+    try:
+        opener.open(request, timeout=15).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise PipelineError(f"no KFP API at {host}: it answered HTTP 404 (not found) for "
+                                f"{HEALTHZ}; check --host (the KFP API URL, e.g. "
+                                "http://localhost:8080)") from None
+        # anything else (a login redirect, 401/403): kfp.Client, with its auth, has a say
+    except (urllib.error.URLError, OSError) as exc:
+        reason = unreachable(exc)
+        if reason:
+            raise _unreachable(host, reason) from None
+        # e.g. a certificate this probe does not trust: kfp.Client, with its settings, decides
+
+
 def kfp_client(host: str, token: str | None = None):
+    # kfp: 0.5 s, only for the commands that talk to a server
     import kfp
 
+    token = token or os.environ.get("KFP_TOKEN")
+    _check_reachable(host, token)
     try:
-        return kfp.Client(host=host, existing_token=token or os.environ.get("KFP_TOKEN"))
+        return kfp.Client(host=host, existing_token=token)
     except Exception as exc:
-        raise PipelineError(f"cannot reach the KFP API at {host}: {str(exc).splitlines()[0]}") from None
+        reason = unreachable(exc)
+        if reason:
+            raise _unreachable(host, reason) from None
+        raise PipelineError(f"the KFP API at {host} refused the connection: "
+                            f"{_kfp_reason(exc)}; check --host and --token") from None
 
 
 def _call(what: str, host: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a KFP client call; a failure says whether the server was not
+    reached, or what it answered (not found, refused...)."""
     try:
         return fn(*args, **kwargs)
     except GpunetError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{what} failed at {host}: {first}") from None
+        reason = unreachable(exc)
+        if reason:
+            raise _unreachable(host, reason) from None
+        if isinstance(exc, ValueError) and "no experiment is found" in str(exc).lower():
+            name = kwargs.get("experiment_name", "")
+            raise PipelineError(f"{what} failed at {host}: experiment {name!r} not found; "
+                                "check --experiment (submit and schedule create it)") from None
+        answer = _kfp_reason(exc)
+        if getattr(exc, "status", None) == 404:
+            answer += " (not found: check --host and the names given)"
+        raise PipelineError(f"{what} failed at {host}: {answer}") from None
 
 
 def submit(host: str, params: dict[str, Any], *, experiment: str = "gpunet",
@@ -415,6 +521,7 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     from pipelines.gpunet_training import gpunet_training
     from pipelines.timing import TaskClock, pipeline_overhead
 
+    check_output_dir(workdir, "--workdir", error=PipelineError)
     preflight(params)
 
     workdir = Path(workdir).resolve()
@@ -431,6 +538,9 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
                                   if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite")
                                   else None, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception as exc:
+        reason = unreachable(exc)
+        if reason:
+            raise unreachable_error(os.environ["MLFLOW_TRACKING_URI"], reason) from None
         raise PipelineError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']} is not usable: "
                             f"{str(exc).splitlines()[0]}") from None
     local.init(runner=local.SubprocessRunner(use_venv=False),
@@ -457,6 +567,8 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             "precision": tags.get(registry.PRECISION_TAG, "fp32"),
             "fp32_top1": float(tags.get(registry.FP32_TOP1_TAG, "nan")),
             "promotion": tags.get("promotion", ""),
+            "teacher": tags.get("teacher"),
+            "teacher_top1": float(tags.get("teacher_top1", "nan")),
             "latency_ms": float(tags.get("latency_ms", "nan")),
             "latency_backend": tags.get("latency_backend"),
             "seconds": round(elapsed, 1),
@@ -481,6 +593,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)"
         + (f", deployed {s['precision']} (FP32 top-1 {s['fp32_top1']:.2f} %)"
            if s.get("precision", "fp32") != "fp32" else ""),
+        *([f"  distilled from {s['teacher']} (teacher top-1 {s['teacher_top1']:.2f} %)"]
+          if s.get("teacher") else []),
         f"  registry: alias '{s['alias']}'; champion is v{s['champion_version']}; the candidate "
         f"is LoggedModel {s.get('model_uri')}",
         *([f"  why not champion: {s['promotion'].split(':', 1)[1].strip()}"]
@@ -507,14 +621,16 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
         p.add_argument("--experiment", default="gpunet", help="KFP experiment")
 
     p = sub.add_parser("compile", help="compile the DAG to KFP IR YAML")
-    p.add_argument("--output", "-o", default="gpunet_training.yaml")
+    p.add_argument("--output", "-o", default="gpunet_training.yaml",
+                   help="the YAML file to write (its folder must exist)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per training pod; > 0 also adds shm, node placement, secrets")
     p.add_argument("--cluster", action="store_true", help="add secrets/config even without GPUs")
     p.add_argument("--dataset-pvc", default="", help="mount this PVC at /data in data steps")
     p = sub.add_parser("run-local", help="run the whole DAG here (kfp.local)")
     params(p)
-    p.add_argument("--workdir", default="runs/local", help="outputs, MLflow db and artifacts")
+    p.add_argument("--workdir", default="runs/local",
+                   help="outputs, MLflow db and artifacts (created if missing)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-cache", action="store_true",
                    help="run every step even when an earlier run in --workdir has its result")
@@ -542,10 +658,13 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.action == "compile":
         path = compile_pipeline(args.output, gpus_per_node=args.gpus_per_node,
-                                cluster=args.cluster, dataset_pvc=args.dataset_pvc)
+                                cluster=args.cluster, dataset_pvc=args.dataset_pvc,
+                                parents=False)
         print(f"wrote {path}")
     elif args.action == "run-local":
-        summary = run_local(parse_params(args.param), args.workdir, cache=not args.no_cache)
+        params = parse_params(args.param)
+        with remove_new_dirs_on_error(args.workdir):  # a failed check leaves no empty folder
+            summary = run_local(params, args.workdir, cache=not args.no_cache)
         print(json.dumps(summary) if args.json else format_summary(summary))
     elif args.action == "submit":
         print(json.dumps(submit(args.host, parse_params(args.param), experiment=args.experiment,

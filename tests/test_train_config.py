@@ -30,7 +30,8 @@ from gpunet_core.training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = json.loads((REPO / "tests" / "data" / "train_settings_c1cfe40.json").read_text())
-ADDED_SINCE = {"mlflow_run_id", "system_metrics_interval"}  # issue 18
+ADDED_SINCE = {"mlflow_run_id", "system_metrics_interval",  # issue 18
+               "hflip"}  # issue 20
 DEFAULTS = TrainConfig(data="d")
 
 # one value unlike the default for each field, plus the settings it needs
@@ -71,6 +72,7 @@ NON_DEFAULT: dict[str, tuple[object, dict[str, object]]] = {
     "aa": ("", {}),
     "scale": ((0.5, 0.75), {}),
     "reprob": (0.0, {}),
+    "hflip": (0.0, {}),
     "remode": ("const", {}),
     "enable_distill": (True, {"teacher": "resnet10t"}),
     "teacher": ("resnet10t", {}),
@@ -237,15 +239,21 @@ def test_pipeline_step_config():
     cfg = steps.train_config("data", Path("out"), augment="light", model="gpunet_1", epochs=2,
                              batch_size=8, img_size=32, lr=None, opt=None, kfp_run_id="run-1")
     assert (cfg.data, cfg.output, cfg.auto_resume, cfg.workers) == ("data", "out", True, 1)
-    assert (cfg.aa, cfg.reprob, cfg.scale, cfg.lr, cfg.opt) == ("", 0.0, (0.5, 1.0), 0.06,
+    assert (cfg.aa, cfg.reprob, cfg.scale, cfg.lr, cfg.opt) == ("", 0.0, (0.8, 1.0), 0.06,
                                                                 "rmsproptf")
+    assert (cfg.hflip, cfg.smoothing) == (0.0, 0.0)  # digits are not mirror-symmetric
     assert cfg.run_tag == ("kfp_run_id=run-1",)
+    # the recipe's 3 warmup epochs would outlast this 2-epoch run: none
     assert to_argv(cfg) == ["data", "--model", "gpunet_1", "--img-size", "32", "--batch-size",
-                            "8", "--epochs", "2", "--workers", "1", "--aa", "", "--scale", "0.5",
-                            "1.0", "--reprob", "0.0", "--output", "out", "--auto-resume",
+                            "8", "--epochs", "2", "--warmup-epochs", "0", "--smoothing", "0.0",
+                            "--workers", "1", "--aa", "", "--scale", "0.8", "1.0", "--reprob",
+                            "0.0", "--hflip", "0.0", "--output", "out", "--auto-resume",
                             "--run-tag", "kfp_run_id=run-1"]
     recipe = steps.train_config("data", "out", preset="gpunet_p0")
     assert (recipe.aa, recipe.batch_size, recipe.workers) == ("rand-m9-mstd0.5", 256, 1)
+    assert (recipe.warmup_epochs, recipe.epochs, recipe.hflip) == (3, 450, 0.5)  # NVIDIA's
+    # an explicit warmup is kept, even one as long as the run
+    assert steps.train_config("data", "out", epochs=2, warmup_epochs=2).warmup_epochs == 2
     assert sorted(steps.AUGMENT) == ["light", "recipe"]
     with pytest.raises(steps.StepError, match=r"augment must be one of \['light', 'recipe'\]"):
         steps.train_config("data", "out", augment="heavy")

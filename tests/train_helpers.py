@@ -56,7 +56,8 @@ def worker_pids(parent: int) -> list[int]:
 
 
 # the make-run DAG at its smallest: still teacher + 2 torchrun workers, one epoch each
-TINY_PIPELINE = ["dataset_per_class=20", "epochs=1", "teacher_epochs=1", "bench_iterations=10"]
+TINY_PIPELINE = ["dataset_per_class=20", "dataset_img_size=32", "epochs=1", "teacher_epochs=1",
+                 "teacher_img_size=32", "bench_iterations=10"]
 
 
 def run_pipeline(workdir, params: list[str], **extra_env: str

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from gpunet_core.inference.latency import BACKENDS, PRECISIONS, run_benchmark
-from gpunet_core.utils.files import write_json
+from gpunet_core.utils.files import check_output_file, write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,11 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="where to save the TensorRT engine (default: beside the ONNX file)")
     parser.add_argument("--workspace-mib", type=int, default=1024,
                         help="TensorRT workspace memory-pool limit in MiB (default 1024)")
-    parser.add_argument("--results-file", "-o", default=None, help="write the result JSON here")
+    parser.add_argument("--results-file", "--output", "-o", default=None,
+                        help="write the result JSON here (its folder must exist)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.results_file:
+        check_output_file(args.results_file, "-o/--results-file")
+    if args.engine:
+        check_output_file(args.engine, "--engine")
     result = run_benchmark(args.onnx, backend=args.backend, precision=args.precision,
                            batch=args.batch, iterations=args.iterations,
                            warmup_ms=args.warmup_ms, threads=args.threads,

@@ -10,6 +10,7 @@ from gpunet_core.inference.export import (
     DEFAULT_EXPORTER,
     DEFAULT_OPSET,
     OPSETS,
+    check_export_output,
     check_options,
     export_onnx,
     sidecar_path,
@@ -23,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "run onnx.checker, compare ONNX Runtime with PyTorch on a fixed input (fails "
                     "above 1e-4 + 1e-4 * max|logit|) and write a sidecar JSON beside the file.")
     add_model_args(parser)
-    parser.add_argument("--output", "-o", required=True, help="output .onnx path")
+    parser.add_argument("--output", "-o", required=True,
+                        help="output .onnx path (its folder must exist); the sidecar JSON is "
+                             "written beside it as <output>.json")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the input (default 1)")
     parser.add_argument("--dynamic-batch", action="store_true",
                         help="make the batch axis dynamic (checked at batch 1 and 4)")
@@ -41,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     check_options(batch=args.batch, opset=args.opset, exporter=args.exporter,
                   img_size=args.img_size, tolerance=args.tolerance)  # before loading anything
+    check_export_output(args.output)
     model = model_from_args(args)
     sidecar = export_onnx(model, args.output, model_name=args.model, img_size=args.img_size,
                           batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset,

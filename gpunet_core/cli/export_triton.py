@@ -6,6 +6,7 @@ import argparse
 import json
 
 from gpunet_core.inference.triton import export_triton
+from gpunet_core.utils.files import check_output_dir, remove_new_dirs_on_error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--onnx", required=True,
                         help="GPUNet ONNX export (exported with --dynamic-batch for batching), or "
                              "its FP16/INT8 graph from gpunet quantize")
-    parser.add_argument("--repository", "-r", required=True, help="model repository directory")
+    parser.add_argument("--repository", "-r", required=True,
+                        help="model repository directory (created if missing)")
     parser.add_argument("--name", default=None, help="Triton model name (default: the model's)")
     parser.add_argument("--version", type=int, default=1, help="model version (default 1)")
     parser.add_argument("--plan", default=None,
@@ -42,12 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = export_triton(args.onnx, args.repository, name=args.name, version=args.version,
-                           plan=args.plan, max_batch_size=args.max_batch_size,
-                           instances=args.instances, kind=args.kind,
-                           preferred_batch_sizes=args.preferred_batch_size,
-                           max_queue_delay_us=args.max_queue_delay_us,
-                           tensorrt_accelerator=args.tensorrt_accelerator,
-                           overwrite=args.overwrite)
+    check_output_dir(args.repository, "-r/--repository")  # before reading the model
+    with remove_new_dirs_on_error(args.repository):
+        result = export_triton(args.onnx, args.repository, name=args.name,
+                               version=args.version, plan=args.plan,
+                               max_batch_size=args.max_batch_size, instances=args.instances,
+                               kind=args.kind, preferred_batch_sizes=args.preferred_batch_size,
+                               max_queue_delay_us=args.max_queue_delay_us,
+                               tensorrt_accelerator=args.tensorrt_accelerator,
+                               overwrite=args.overwrite)
     print(json.dumps({k: result[k] for k in ("model_dir", "model_file")}, indent=2))
     return 0

@@ -7,11 +7,13 @@ import json
 import os
 
 from gpunet_core.data import prepare as datasets
+from gpunet_core.utils.files import check_output_dir, remove_new_dirs_on_error
 
 
 def _common(parser: argparse.ArgumentParser, *, bad_fraction: bool = True) -> None:
     parser.add_argument("--out", required=True, metavar="DIR|s3://BUCKET/PREFIX",
-                        help="output dataset location (local directory or S3 prefix)")
+                        help="output dataset location (local directory, created if missing, "
+                             "or S3 prefix)")
     parser.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
                         help="worker processes for decode/verify (default: %(default)s)")
     if bad_fraction:
@@ -68,6 +70,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")  # before any source is read
+    if args.work_dir:
+        check_output_dir(args.work_dir, "--work-dir")
+    with remove_new_dirs_on_error(args.out, args.work_dir):
+        summary = _prepare(args)
+    if args.json:
+        print(json.dumps(summary.manifest, indent=2))
+    else:
+        print(summary.describe())
+        for item in summary.manifest["skipped"]:
+            print(f"  quarantined {item['path']}: {item['reason']}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> datasets.PrepareSummary:
     common = {"jobs": args.jobs, "s3_endpoint": args.s3_endpoint, "work_dir": args.work_dir,
               "progress": not args.no_progress}
     if args.source == "imagenet":
@@ -81,10 +98,4 @@ def run(args: argparse.Namespace) -> int:
         summary = datasets.prepare_digits(args.out, img_size=args.img_size, per_class=args.per_class,
                                           val_fraction=args.val_fraction, seed=args.seed,
                                           **common)
-    if args.json:
-        print(json.dumps(summary.manifest, indent=2))
-    else:
-        print(summary.describe())
-        for item in summary.manifest["skipped"]:
-            print(f"  quarantined {item['path']}: {item['reason']}")
-    return 0
+    return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gpunet_core.mlops import registry
+from gpunet_core.mlops.mlflow_client import reaching
 from gpunet_core.utils.errors import GpunetError
 
 
@@ -38,14 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rollback:
-        decision = registry.rollback(args.name)
-    else:
-        if not args.version:
-            raise GpunetError("--version is required (or pass --rollback)")
-        decision = registry.promote(args.name, args.version, min_top1=args.min_top1,
-                                    max_latency_ms=args.max_latency_ms, margin=args.margin,
-                                    max_latency_increase_pct=args.max_latency_increase_pct,
-                                    max_quant_drop=args.max_quant_drop, data=args.data)
+    if not args.rollback and not args.version:
+        raise GpunetError("--version is required (or pass --rollback)")
+    with reaching():  # a server that does not answer says so, wherever it stops answering
+        if args.rollback:
+            decision = registry.rollback(args.name)
+        else:
+            decision = registry.promote(args.name, args.version, min_top1=args.min_top1,
+                                        max_latency_ms=args.max_latency_ms, margin=args.margin,
+                                        max_latency_increase_pct=args.max_latency_increase_pct,
+                                        max_quant_drop=args.max_quant_drop, data=args.data)
     print(decision.to_json() if args.json else decision.markdown())
     return 0

@@ -8,7 +8,7 @@ import json
 
 from gpunet_core.cli._model_args import add_model_args, model_from_args
 from gpunet_core.utils.errors import GpunetError
-from gpunet_core.utils.files import write_json
+from gpunet_core.utils.files import check_output_file, write_json
 
 # flags of the PyTorch path that mean nothing for an ONNX file: (attribute, flag, its unset value)
 _TORCH_ONLY = (("checkpoint", "--checkpoint", None), ("trust_checkpoint", "--trust-checkpoint",
@@ -47,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                        "available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="--onnx: ONNX Runtime intra-op threads (default: the runtime's)")
-    parser.add_argument("--results-file", default=None, help="write the full results as JSON")
+    parser.add_argument("--results-file", default=None,
+                        help="write the full results as JSON to this file (its folder must "
+                             "exist)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -72,6 +74,8 @@ def check_mode(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_mode(args)
+    if args.results_file:
+        check_output_file(args.results_file, "--results-file")
     # torch: only when the command runs (`gpunet --help` imports every subcommand)
     from gpunet_core.data.cache import local_dataset
     from gpunet_core.inference.validate import check_options, validate, validate_onnx

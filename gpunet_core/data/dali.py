@@ -146,11 +146,11 @@ class DaliLoader:
 
     def __init__(self, root: str | Path, cfg: AugmentConfig | EvalConfig, *, train: bool,
                  batch_size: int, workers: int, shard_id: int = 0, num_shards: int = 1,
-                 seed: int = 0, device: str = "auto"):
+                 seed: int = 0, device: str = "auto", classes: list[str] | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.device = _resolve_device(device)
-        folder = open_image_folder(root)
+        folder = open_image_folder(root, classes=classes)
         root = Path(root)
         files = [Path(p).relative_to(root).as_posix() for p, _ in folder.samples]
         labels = [int(t) for _, t in folder.samples]

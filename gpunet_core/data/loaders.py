@@ -65,12 +65,14 @@ def _check_batch(batch_size: int) -> None:
 
 def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 256,
                       workers: int = 4, backend: str = "pil", dali_device: str = "auto",
-                      rank: int = 0, world_size: int = 1):
+                      rank: int = 0, world_size: int = 1, classes: list[str] | None = None):
     """Ordered (unshuffled) evaluation loader over ``root``: every image exactly once.
 
     Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` with ``S = cfg.img_size``.
     With ``world_size > 1`` each rank gets a disjoint share (no padding, so sums over ranks
-    count every image once).
+    count every image once). ``classes``: the class list (index order) to label by, e.g. the
+    training split's, so that a validation split lacking a class keeps its indices (default:
+    the dataset's manifest, else ``root``'s own sub-directories).
     """
     _check_batch(batch_size)
     if not 0 <= rank < world_size:
@@ -80,8 +82,9 @@ def build_eval_loader(root: str | Path, cfg: EvalConfig, *, batch_size: int = 25
         from gpunet_core.data.dali import DaliLoader
 
         return DaliLoader(root, cfg, train=False, batch_size=batch_size, workers=workers,
-                          shard_id=rank, num_shards=world_size, device=dali_device)
-    dataset = open_image_folder(root, eval_transform(cfg))
+                          shard_id=rank, num_shards=world_size, device=dali_device,
+                          classes=classes)
+    dataset = open_image_folder(root, eval_transform(cfg), classes=classes)
     if world_size > 1:
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(

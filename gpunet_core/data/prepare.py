@@ -37,7 +37,7 @@ from tqdm import tqdm
 from gpunet_core.data.folder import IMAGE_EXTENSIONS
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import DataError
-from gpunet_core.utils.files import MANIFEST_FILE, write_bytes
+from gpunet_core.utils.files import MANIFEST_FILE, check_output_dir, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,9 @@ def _prepare(out: str | Path, source: dict[str, Any], classes: list[str],
     if not 0.0 <= max_bad_fraction < 1.0:
         raise DataError(f"--max-bad-fraction must be in [0, 1), got {max_bad_fraction}")
     remote = storage.is_s3_uri(out)
+    # an s3:// dataset is staged locally first (--work-dir, by default in the cache)
+    check_output_dir(_staging_dir(out, work_dir) if remote else out,
+                     "--work-dir" if remote else "--out", error=DataError)
     source = {**source, "fingerprint": _fingerprint(source)}
     existing = read_manifest(out, s3_endpoint=s3_endpoint)
     if existing is not None:

@@ -41,7 +41,7 @@ import numpy as np
 from gpunet_core.inference.tensorrt import nvidia_driver_present
 from gpunet_core.models.spec import check_img_size
 from gpunet_core.utils.errors import ExportError, GpunetError
-from gpunet_core.utils.files import sha256_file, write_json
+from gpunet_core.utils.files import check_output_file, sha256_file, write_json
 from gpunet_core.utils.storage import fetch_file
 
 if TYPE_CHECKING:  # torch loads on use: inspecting or timing an export does not need it
@@ -224,6 +224,13 @@ def check_options(*, batch: int, opset: int, exporter: str, img_size: int | None
                           "out for the default 1e-4 + 1e-4 * max|logit|")
 
 
+def check_export_output(output: str | Path, *, parents: bool = False) -> None:
+    """The export and its sidecar JSON (:func:`sidecar_path`) can be written (``parents``:
+    their folder may be missing, and is created; the command line wants it to exist)."""
+    check_output_file(output, "--output", error=ExportError, parents=parents)
+    check_output_file(sidecar_path(output), "--output", error=ExportError, parents=True)
+
+
 def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
                 img_size: int | None = None, batch: int = 1, dynamic_batch: bool = False,
                 opset: int = DEFAULT_OPSET, checkpoint: str | Path | None = None,
@@ -242,8 +249,9 @@ def export_onnx(model: nn.Module, output: str | Path, *, model_name: str,
     img_size = int(cfg.get("input_size", (3, 224, 224))[-1] if img_size is None else img_size)
     check_options(batch=batch, opset=opset, exporter=exporter, img_size=img_size,
                   tolerance=tolerance)
-    model = model.eval()
     output = Path(output)
+    check_export_output(output, parents=True)
+    model = model.eval()
     output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "model": model_name,

@@ -26,7 +26,13 @@ from typing import Any
 
 from gpunet_core.inference.export import inspect_onnx
 from gpunet_core.utils.errors import ExportError
-from gpunet_core.utils.files import copy_file, write_text
+from gpunet_core.utils.files import (
+    check_output_dir,
+    check_output_file,
+    copy_file,
+    remove_new_dirs_on_error,
+    write_text,
+)
 
 
 class Enum(str):
@@ -142,6 +148,12 @@ def export_triton(onnx: str | Path, repository: str | Path, *, name: str | None 
                                   else ("onnxruntime_onnx", info.path, "model.onnx"))
     model_dir = Path(repository) / name
     version_dir = model_dir / str(version)
+    check_output_dir(repository, "-r/--repository", error=ExportError)
+    check_output_dir(version_dir, "-r/--repository", error=ExportError)
+    check_output_file(model_dir / "config.pbtxt", "-r/--repository", error=ExportError,
+                      parents=True)
+    check_output_file(version_dir / filename, "-r/--repository", error=ExportError,
+                      parents=True)
     if version_dir.exists() and any(version_dir.iterdir()) and not overwrite:
         raise ExportError(f"{version_dir} already exists; pass a new --version or --overwrite")
     config = triton_config(name, platform=platform, input_name=info.input_name,
@@ -151,7 +163,8 @@ def export_triton(onnx: str | Path, repository: str | Path, *, name: str | None 
                            preferred_batch_sizes=preferred, max_queue_delay_us=max_queue_delay_us,
                            tensorrt_accelerator=tensorrt_accelerator,
                            precision=info.precision)
-    copy_file(source, version_dir / filename)
-    write_text(model_dir / "config.pbtxt", to_pbtxt(config) + "\n")
+    with remove_new_dirs_on_error(version_dir):
+        copy_file(source, version_dir / filename)
+        write_text(model_dir / "config.pbtxt", to_pbtxt(config) + "\n")
     return {"model_dir": str(model_dir), "model_file": str(version_dir / filename),
             "config": config}

@@ -39,7 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from gpunet_core.mlops.mlflow_client import client, fluent_tracking_uri
+from gpunet_core.mlops.mlflow_client import (
+    client,
+    fluent_tracking_uri,
+    not_found,
+    raise_if_unreachable,
+    server_uri,
+)
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import BEST_CHECKPOINT, sha256_file
 
@@ -162,7 +168,8 @@ def trained_model(mlc, run, sha: str, img_size: int, model_id: str | None = None
     if model_id:
         try:
             model = mlc.get_logged_model(model_id)
-        except MlflowException:
+        except MlflowException as exc:
+            raise_if_unreachable(exc, mlc)
             model = None
         if model is not None and matches(model):
             return model
@@ -315,7 +322,8 @@ def register(run_id: str, checkpoint: str | Path, onnx_path: str | Path, *, mode
             mlc.log_outputs(run_id, [LoggedModelOutput(target.model_id, step=0)])
     try:
         mlc.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        raise_if_unreachable(exc, mlc)
         mlc.create_registered_model(name, description="GPUNet models trained by gpunet-pipeline")
     version = mlc.create_model_version(name, f"models:/{target.model_id}", run_id=run_id,
                                        tags={k: str(v) for k, v in tags.items()},
@@ -388,7 +396,8 @@ def _alias_version(mlc, name: str, alias: str):
 
     try:
         return mlc.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as exc:
+        raise_if_unreachable(exc, mlc)
         return None
 
 
@@ -557,6 +566,10 @@ def promote(name: str, version: str, *, min_top1: float = 0.0,
     try:
         candidate = mlc.get_model_version(name, str(version))
     except MlflowException as exc:
+        raise_if_unreachable(exc, mlc)
+        if not not_found(exc):  # it answered, with something else than "no such version"
+            raise RegistryError(f"MLflow at {server_uri(mlc)} could not look up {name!r} "
+                                f"version {version}: {str(exc).splitlines()[0]}") from None
         raise RegistryError(f"registered model {name!r} has no version {version}: "
                             f"{str(exc).splitlines()[0]}") from None
     top1, latency = _tag_float(candidate, "top1"), _tag_float(candidate, "latency_ms")

@@ -24,6 +24,7 @@ from gpunet_core.models.spec import check_img_size
 from gpunet_core.training.presets import PRESETS, load_preset
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
+from gpunet_core.utils.files import check_output_dir
 
 
 class TrainError(GpunetError):
@@ -150,6 +151,9 @@ class TrainConfig:
                                        parse=float, metavar=("MIN", "MAX"),
                                        help="random-resized-crop area range")
     reprob: float = _flag(0.2, "--reprob", group=_DATA, parse=float, help="random erasing prob")
+    hflip: float = _flag(0.5, "--hflip", group=_DATA, parse=float,
+                         help="horizontal flip probability (0 for mirror-sensitive classes "
+                              "such as digits or text)")
     remode: str = _flag("pixel", "--remode", group=_DATA, help="random erasing mode")
     # ---- distillation
     enable_distill: bool = _flag(False, "--enable-distill", group=_DISTILL, kind="bool",
@@ -168,7 +172,7 @@ class TrainConfig:
     kd_temperature: float = _flag(1.0, "--kd-temperature", group=_DISTILL, parse=float)
     # ---- outputs
     output: str = _flag("runs/train", "--output", group=_OUTPUTS,
-                        help="output directory (or s3:// prefix)")
+                        help="output directory, created if missing (or s3:// prefix)")
     resume: str | None = _flag(None, "--resume", group=_OUTPUTS,
                                help="resume from this checkpoint")
     auto_resume: bool = _flag(False, "--auto-resume", group=_OUTPUTS, kind="toggle",
@@ -322,6 +326,18 @@ def _check(cfg: TrainConfig) -> None:
         raise TrainError("use either --resume PATH or --auto-resume, not both")
 
 
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that are legal but most likely not meant, each as a message naming its flags
+    (``gpunet train`` logs them and goes on)."""
+    out = []
+    if cfg.warmup_epochs > 0 and cfg.epochs <= cfg.warmup_epochs:
+        out.append(f"--epochs {cfg.epochs} is not longer than --warmup-epochs "
+                   f"{cfg.warmup_epochs}: the run never leaves warm-up, so the learning rate "
+                   f"never reaches --lr {cfg.lr:g}; lower --warmup-epochs (0: none) or raise "
+                   "--epochs")
+    return out
+
+
 def check_runtime(cfg: TrainConfig) -> None:
     """The checks that need torch/timm or the network, run before any data, model or output
     work: values that would otherwise surface as a timm traceback or a late S3 failure."""
@@ -345,6 +361,8 @@ def check_runtime(cfg: TrainConfig) -> None:
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         raise TrainError(f"--sched {cfg.sched!r} is not usable ({exc}); use a timm scheduler "
                          "name such as step (NVIDIA's), cosine or multistep") from None
+    # a local output folder that cannot be made (below a file, not writable, itself a file)
+    check_output_dir(cfg.output, "--output", error=TrainError)
     # S3 data, output and checkpoints: a wrong bucket, refused credentials or an unreachable
     # endpoint fail now with one line, not after a download, a model build or the first epoch
     remote = {}

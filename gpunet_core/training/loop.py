@@ -39,7 +39,7 @@ from gpunet_core.inference.validate import autocast_context
 from gpunet_core.mlops.tracking import RunTracker, start_system_metrics
 from gpunet_core.models.checkpoint import load_checkpoint
 from gpunet_core.models.factory import count_parameters, create_any_model
-from gpunet_core.training.config import TrainConfig, TrainError, check_runtime
+from gpunet_core.training.config import TrainConfig, TrainError, check_runtime, config_warnings
 from gpunet_core.training.distill import build_teacher, kd_loss
 from gpunet_core.training.distributed import (
     DistEnv,
@@ -71,6 +71,7 @@ from gpunet_core.utils.files import (
     LAST_CHECKPOINT,
     RESULT_FILE,
     SUMMARY_FILE,
+    remove_new_dirs_on_error,
     write_json,
 )
 
@@ -218,25 +219,81 @@ def evaluate(model: nn.Module, loader, env: DistEnv, amp: bool, channels_last: b
             "top5": 100 * totals[2].item() / n}
 
 
+# a warning when the last incomplete batch, dropped every epoch, is more than this share of a
+# process's training images
+DROPPED_SHARE_WARNING = 0.25
+
+
+def check_splits(train_set, val_set, train_root: Path, val_root: Path) -> None:
+    """A training split with images of at least 2 classes, and a validation split without
+    classes the training split lacks (TrainError naming them)."""
+    present = sorted({train_set.classes[t] for t in set(train_set.targets)})
+    if len(present) < 2:
+        raise TrainError(f"the training split {train_root} has images of one class only "
+                         f"({', '.join(present)}): a classifier needs at least 2 classes; add "
+                         "a folder of images for each other class (train/<class>/<images>)")
+    extra = sorted({val_set.classes[t] for t in set(val_set.targets)} - set(present))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise TrainError(f"the validation split {val_root} has class(es) {shown} that the "
+                         f"training split {train_root} lacks: the model cannot learn them; add "
+                         "training images of them, or remove them from the validation split")
+
+
+def check_batch_size(images: int, batch_size: int, world_size: int,
+                     train_root: Path) -> str | None:
+    """TrainError when an epoch would have no step: each of ``world_size`` processes reads
+    ``ceil(images / world_size)`` images (DistributedSampler pads to equal shares) in batches
+    of ``batch_size``, the last incomplete one dropped. Returns a warning when that dropped
+    batch is a large share of the images (None otherwise)."""
+    per_process = -(-images // world_size)
+    processes = f"{world_size} processes" if world_size > 1 else "1 process"
+    if per_process < batch_size:
+        raise TrainError(f"batch size {batch_size} (-b, per process) is larger than the "
+                         f"training set: {train_root} has {images} images, {per_process} per "
+                         f"process over {processes}, and the last incomplete batch is dropped, "
+                         f"so an epoch would have no step; lower -b to at most {per_process}")
+    dropped = per_process % batch_size
+    if dropped > DROPPED_SHARE_WARNING * per_process:
+        return (f"-b {batch_size} leaves out {dropped} of the {per_process} training images of "
+                "each process every epoch (the last incomplete batch is dropped); a batch size "
+                f"that divides {per_process} (or a smaller one) uses them all")
+    return None
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the whole training job; returns the final summary (rank 0's view)."""
+    """Run the whole training job; returns the final summary (rank 0's view). A run that
+    fails leaves no output folder behind that it created and did not fill."""
+    check_runtime(cfg)
+    env = setup_distributed()
+    if env.is_main:
+        for warning in config_warnings(cfg):
+            _logger.warning("%s", warning)
+    seed_everything(cfg.seed + env.rank)
+    output = output_dir(cfg.output)  # created once the arguments, data and models check out
+    with remove_new_dirs_on_error(output):
+        return _train(cfg, env, output)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, output: Path) -> dict[str, Any]:
     import timm.optim
     import timm.scheduler
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.utils import ModelEmaV3, NativeScaler
 
-    check_runtime(cfg)
-    env = setup_distributed()
-    seed_everything(cfg.seed + env.rank)
-    output = output_dir(cfg.output)  # created once the arguments, data and models check out
-
-    # ---- data (class count checked before any model work); an s3:// dataset is read from its
-    # verified per-node cache copy: every rank asks, one per node downloads, the others wait
+    # ---- data (classes and batch size checked before any model work); an s3:// dataset is
+    # read from its verified per-node cache copy: every rank asks, one per node downloads, the
+    # others wait
     data_root = local_dataset(cfg.data, progress=env.is_main and sys.stderr.isatty())
     if env.is_main and storage.is_s3_uri(cfg.data):
         _logger.info("dataset %s: local copy at %s", cfg.data, data_root)
     train_root, val_root = data_root / "train", data_root / "val"
-    classes = loaders.open_image_folder(train_root).classes
+    train_set = loaders.open_image_folder(train_root)
+    classes = train_set.classes
+    check_splits(train_set, loaders.open_image_folder(val_root), train_root, val_root)
+    warning = check_batch_size(len(train_set), cfg.batch_size, env.world_size, train_root)
+    if warning and env.is_main:
+        _logger.warning("%s", warning)
     num_classes = cfg.num_classes or len(classes)
     if num_classes != len(classes):
         raise TrainError(f"--num-classes {num_classes} but {train_root} has {len(classes)} classes "
@@ -263,7 +320,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # ---- loaders
     augment = loaders.AugmentConfig.for_model(model, img_size=loader_size,
                                               auto_augment=cfg.aa or None, reprob=cfg.reprob,
-                                              remode=cfg.remode, scale=cfg.scale)
+                                              remode=cfg.remode, scale=cfg.scale,
+                                              hflip=cfg.hflip)
     backend = loaders.resolve_backend(cfg.data_backend)
     if env.is_main and cfg.data_backend == "auto":
         _logger.info("data backend: %s", backend)
@@ -272,7 +330,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_loader = loaders.build_train_loader(train_root, augment, batch_size=cfg.batch_size,
                                               seed=cfg.seed, **shard)
     eval_cfg = loaders.EvalConfig.for_model(model, img_size=img_size, crop_pct=crop_pct)
-    val_loader = loaders.build_eval_loader(val_root, eval_cfg, batch_size=cfg.batch_size, **shard)
+    # the validation images labelled by the training split's class indices
+    val_loader = loaders.build_eval_loader(val_root, eval_cfg, batch_size=cfg.batch_size,
+                                           classes=classes, **shard)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainError(f"batch size {cfg.batch_size} x {env.world_size} processes is larger "
@@ -338,7 +398,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         teacher_cfg = loaders.EvalConfig.for_model(teacher, img_size=loader_size,
                                                    crop_pct=crop_pct)
         teacher_loader = loaders.build_eval_loader(val_root, teacher_cfg,
-                                                   batch_size=cfg.batch_size, **shard)
+                                                   batch_size=cfg.batch_size, classes=classes,
+                                                   **shard)
         metrics = evaluate(teacher, teacher_loader, env, False, False, eval_criterion)
         if env.is_main:
             _logger.info("teacher %s: top1 %.2f top5 %.2f", cfg.teacher, metrics["top1"],

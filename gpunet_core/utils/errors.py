@@ -44,3 +44,8 @@ class ExportError(GpunetError):
 
 class BenchmarkError(GpunetError):
     """A latency benchmark cannot run (missing backend, GPU, binary) or produced no result."""
+
+
+class OutputPathError(GpunetError):
+    """An output path that cannot be written: its folder is missing, is a file or is not
+    writable, or the path is a file where a folder is wanted (or the other way round)."""

@@ -1,7 +1,9 @@
-"""Files: schema and file names, atomic writes and checksums (no torch needed)."""
+"""Files: schema and file names, output-path checks, atomic writes and checksums (no torch
+needed)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from gpunet_core.utils.errors import OutputPathError
 
 RESULTS_SCHEMA = "gpunet.validate/1"
 BENCH_SCHEMA = "gpunet.bench/1"
@@ -93,3 +97,136 @@ def write_json(results: dict[str, Any], path: str | Path) -> Path:
         json.dump(results, fh, indent=2)
         fh.write("\n")
     return Path(path)
+
+
+# --------------------------------------------------------------------------- output paths
+#
+# The rule every command follows for the paths it writes, checked before any work:
+#
+# * a folder output (``train --output``, ``prepare --out``, ``report -o``, ``export-triton -r``,
+#   ``run-local --workdir``) may exist (as a writable folder) or not: missing folders along
+#   its path are created, as by ``mkdir -p``;
+# * a file output (``validate --results-file``, ``bench -o``, ``export-onnx -o``,
+#   ``compile -o``) goes into a folder that exists, as with a shell redirection: a missing
+#   folder is most often a typo, and creating it would put the result where nobody looks. An
+#   existing file is replaced (atomically, :func:`atomic_path`);
+# * either way it is an error when a folder on the path is a file, when the folder that would
+#   hold the output (or the deepest existing one, for folders to create) is not writable, or
+#   when the path itself is a file where a folder is wanted or a folder where a file is;
+# * a command that fails afterwards removes the folders it created, when they are still
+#   empty (:func:`remove_new_dirs_on_error`).
+#
+# "Not writable" is what the system says when a file is actually created there (a probe
+# file, removed at once), not only the permission bits: root passes every permission check
+# but still cannot create files on a read-only mount or in /sys.
+
+
+def _is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _deepest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (as a folder, a file or a link)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def _not_writable(folder: Path) -> str | None:
+    """Why no file can be created in the existing folder ``folder``; None when one can."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gpunet-write-check.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _what(path: Path) -> str:
+    return "a broken symbolic link" if path.is_symlink() and not path.exists() else "a file"
+
+
+def check_output_dir(path: str | Path, flag: str, *,
+                     error: type[Exception] = OutputPathError) -> Path | None:
+    """Check that the folder output ``path`` (given as ``flag``) can be written, before any
+    work: it is a writable folder, or a path whose missing folders can be created (see the
+    rule above). Raises ``error`` with one line naming the path and the flag to change;
+    returns the path (None for an ``s3://`` or other URI, which is not checked here)."""
+    if _is_uri(path):
+        return None
+    path = Path(path)
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise error(f"cannot write {flag} {path}: it is {_what(path)}, not a folder; "
+                        f"remove it or choose another {flag}")
+        why = _not_writable(path)
+        if why:
+            raise error(f"cannot write {flag} {path}: no file can be created in it ({why}); "
+                        f"choose another {flag}")
+        return path
+    base = _deepest_existing(path.parent)
+    if not base.is_dir():
+        raise error(f"cannot write {flag} {path}: {base} is {_what(base)}, not a folder; "
+                    f"choose another {flag} or move {base} away")
+    why = _not_writable(base)
+    if why:
+        raise error(f"cannot write {flag} {path}: no folder can be created in {base} ({why}); "
+                    f"choose another {flag} in a writable place")
+    return path
+
+
+def check_output_file(path: str | Path, flag: str, *, error: type[Exception] = OutputPathError,
+                      parents: bool = False) -> Path | None:
+    """Check that the file output ``path`` (given as ``flag``) can be written, before any
+    work: it is not a folder, and the folder holding it exists and is writable (see the rule
+    above). ``parents``: a missing folder is fine and will be created, for a file inside a
+    folder output (``report -o``) and for library callers such as pipeline steps, whose output
+    paths the orchestrator chooses. Raises ``error`` with one line naming the path and the flag
+    to change; returns the path (None for a URI)."""
+    if _is_uri(path):
+        return None
+    path = Path(path)
+    if path.is_dir():
+        fix = (f"move it away or choose another {flag}" if parents else
+               f"name a file inside it or choose another {flag}")
+        raise error(f"cannot write {flag} {path}: it is a folder, not a file; {fix}")
+    parent = path.parent
+    base = _deepest_existing(parent)
+    if not base.is_dir():
+        raise error(f"cannot write {flag} {path}: {base} is {_what(base)}, not a folder; "
+                    f"choose another {flag} or move {base} away")
+    if base != parent and not parents:
+        raise error(f"cannot write {flag} {path}: its folder {parent} does not exist; create "
+                    f"it (mkdir -p {parent}) or choose another {flag}")
+    why = _not_writable(base)
+    if why:
+        raise error(f"cannot write {flag} {path}: no file can be created in {base} ({why}); "
+                    f"choose another {flag} in a writable place")
+    return path
+
+
+@contextmanager
+def remove_new_dirs_on_error(*paths: str | Path | None) -> Iterator[None]:
+    """When the block raises, remove the folders among ``paths`` and their ancestors that did
+    not exist when it began and are empty now, deepest first: a command that fails leaves no
+    empty folder behind. Folders holding anything are kept (the resumable staging of
+    ``prepare``, a run's checkpoints); URIs and None are ignored."""
+    new: set[Path] = set()
+    for raw in paths:
+        if raw is None or _is_uri(raw):
+            continue
+        for candidate in (Path(raw), *Path(raw).parents):
+            if os.path.lexists(candidate):
+                break
+            new.add(candidate)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty, not a folder, or gone
+                folder.rmdir()
+        raise

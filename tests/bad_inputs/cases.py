@@ -10,13 +10,22 @@ A :class:`Case` is one bad input handed to one entry point:
 Placeholders in arguments: ``{in}`` the broken inputs of :mod:`tests.bad_inputs.inputs`,
 ``{out}`` the case's own empty directory (also the working directory and the cache home),
 ``{digits}`` the prepared ``digits_small`` dataset, ``{port}`` a closed 127.0.0.1 port,
-``{repo}`` the repository root.
+``{server}`` the URL of a 127.0.0.1 server that answers but has nothing (MLflow's and KFP's
+"not found"; KFP's health check passes), ``{repo}`` the repository root.
 
 Every case must fail with exit code 2, print no traceback, and name what is wrong and how to
 fix it (``expect``: fragments that must all appear in the message). Output promises:
 ``outputs`` must not exist afterwards; ``existing`` files are written before the run and must
-be byte-for-byte and mtime unchanged; no other file may appear under ``{out}`` except below a
-``leaves`` path (the resumable staging of ``prepare``), and no temp file may appear anywhere.
+be byte-for-byte and mtime unchanged (a path below one makes its folders: ``{out}/x/keep``
+turns ``{out}/x`` into a folder that exists where a file is wanted); no other file, and no
+empty folder, may appear under ``{out}`` except below a ``leaves`` path (the resumable staging
+of ``prepare``), and no temp file may appear anywhere.
+
+Output paths: a folder output (``train --output``, ``prepare --out``, ``report -o``,
+``export-triton -r``, ``run-local --workdir``) is created with its missing parents, and
+removed again when the command fails; a file output (``validate --results-file``, ``bench
+-o``, ``export-onnx -o``, ``compile -o``) needs its folder to exist. :data:`UNWRITABLE` is a
+folder that not even root can create files in.
 """
 
 from __future__ import annotations
@@ -55,6 +64,16 @@ WRONG_ENDPOINT = {**NO_CREDENTIALS, "AWS_ACCESS_KEY_ID": "gpunet-bad-inputs",
                   "AWS_SECRET_ACCESS_KEY": "gpunet-bad-inputs",
                   "AWS_ENDPOINT_URL": "http://127.0.0.1:{port}"}
 NO_MLFLOW = {"MLFLOW_TRACKING_URI": None}
+# MLflow at a closed port, or at a server that has nothing; one HTTP try, no retries
+QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+MLFLOW_DOWN = {**QUICK, "MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}
+MLFLOW_EMPTY = {**QUICK, "MLFLOW_TRACKING_URI": "{server}"}
+UNREACHABLE = ("cannot reach MLflow at http://127.0.0.1:{port}", "connection refused",
+               "start the tracking server", "MLFLOW_TRACKING_URI")
+KFP_UNREACHABLE = ("cannot reach the KFP API at http://127.0.0.1:{port}", "connection refused",
+                   "check --host")
+# sysfs: root passes every permission check there, yet no file can be created in it
+UNWRITABLE = "/sys"
 
 RUN = "{out}/run"
 TRAIN_OUTPUTS = tuple(f"{RUN}/{name}" for name in ("last.pth.tar", "model_best.pth.tar",
@@ -83,6 +102,69 @@ def pipelines(id: str, argv: tuple[str, ...], expect: tuple[str, ...], **kw: Any
 def step(id: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
          expect: tuple[str, ...], **kw: Any) -> Case:
     return Case(id, "step", expect=expect, step=name, args=args, kwargs=kwargs, **kw)
+
+
+# --------------------------------------------------------------------------- output paths
+# Each command that writes, with the path it is given: (entry, argv for that path, its flag).
+# The rest of each command line is valid, or fails only after the output check (run-local:
+# a missing dataset, found by its preflight, which runs after the --workdir check).
+FILE_OUTPUTS = {
+    "validate": ("gpunet", lambda p: (*VALIDATE[:-1], p, "--model", "gpunet_0"),
+                 "--results-file"),
+    "bench": ("gpunet", lambda p: ("bench", "--onnx", "{in}/corrupt.onnx", "-o", p),
+              "-o/--results-file"),
+    "export": ("gpunet", lambda p: ("export-onnx", "--model", "gpunet_0", "-o", p),
+               "--output"),
+    "compile": ("pipelines", lambda p: ("compile", "-o", p), "--output"),
+}
+FOLDER_OUTPUTS = {
+    "train": ("gpunet", lambda p: ("train", "{digits}", "--output", p, *TRAIN[4:]), "--output"),
+    "prepare": ("gpunet", lambda p: ("prepare", "digits", "--per-class", "2", "--out", p,
+                                     "-j", "1", "--no-progress"), "--out"),
+    "report": ("gpunet", lambda p: ("report", "{in}/bad_result.json", "-o", p),
+               "-o/--output-dir"),
+    "triton": ("gpunet", lambda p: ("export-triton", "--onnx", "{in}/corrupt.onnx", "-r", p),
+               "-r/--repository"),
+    "run-local": ("pipelines", lambda p: ("run-local", "--workdir", p, "--param",
+                                          "dataset_source={in}/no_dataset"), "--workdir"),
+}
+
+
+def output_path_cases() -> list[Case]:
+    """Per file output: its folder missing, a file, not writable; the path a folder. Per
+    folder output: a parent that is a file, not writable; the path a file."""
+    cases = []
+    for name, (entry, argv, flag) in FILE_OUTPUTS.items():
+        cases += [
+            Case(f"{name}-output-folder-missing", entry, argv("{out}/nodir/result.out"),
+                 (f"cannot write {flag} {{out}}/nodir/result.out",
+                  "its folder {out}/nodir does not exist", "mkdir -p {out}/nodir",
+                  f"choose another {flag}"), outputs=("{out}/nodir",)),
+            Case(f"{name}-output-below-a-file", entry, argv("{out}/taken/result.out"),
+                 (f"cannot write {flag} {{out}}/taken/result.out",
+                  "{out}/taken is a file, not a folder", f"choose another {flag}"),
+                 existing=("{out}/taken",)),
+            Case(f"{name}-output-is-a-folder", entry, argv("{out}/result.out"),
+                 (f"cannot write {flag} {{out}}/result.out", "it is a folder, not a file",
+                  f"choose another {flag}"), existing=("{out}/result.out/keep",)),
+            Case(f"{name}-output-not-writable", entry, argv(f"{UNWRITABLE}/gpunet-result.out"),
+                 (f"cannot write {flag} {UNWRITABLE}/gpunet-result.out",
+                  f"no file can be created in {UNWRITABLE}", f"choose another {flag}")),
+        ]
+    for name, (entry, argv, flag) in FOLDER_OUTPUTS.items():
+        cases += [
+            Case(f"{name}-output-below-a-file", entry, argv("{out}/taken/sub/dir"),
+                 (f"cannot write {flag} {{out}}/taken/sub/dir",
+                  "{out}/taken is a file, not a folder", f"choose another {flag}"),
+                 existing=("{out}/taken",)),
+            Case(f"{name}-output-is-a-file", entry, argv("{out}/dir"),
+                 (f"cannot write {flag} {{out}}/dir", "it is a file, not a folder",
+                  f"remove it or choose another {flag}"), existing=("{out}/dir",)),
+            Case(f"{name}-output-not-writable", entry, argv(f"{UNWRITABLE}/gpunet/dir"),
+                 (f"cannot write {flag} {UNWRITABLE}/gpunet/dir",
+                  f"no folder can be created in {UNWRITABLE}", f"choose another {flag}")),
+        ]
+    return cases
 
 
 CASES: list[Case] = [
@@ -141,9 +223,10 @@ CASES: list[Case] = [
            (*TRAIN, "--model", "gpunet_1", "--initial-checkpoint", "{in}/g0_10.pth"),
            ("does not fit this model (gpunet_1)", "pass --model gpunet_0"),
            outputs=TRAIN_OUTPUTS),
+    # the output folder is made before the checkpoint is read, and removed again
     gpunet("train-resume-from-plain-weights", (*TRAIN, "--resume", "{in}/linear.pth"),
            ("cannot resume from", "linear.pth", "use --initial-checkpoint"),
-           outputs=TRAIN_OUTPUTS),
+           outputs=(RUN,)),
     gpunet("train-missing-dataset", ("train", "{in}/no_dataset", "--output", RUN),
            ("dataset directory not found", "no_dataset/train"), outputs=(RUN,)),
     gpunet("train-batch-larger-than-dataset", (*TRAIN, "-b", "100000"),
@@ -331,9 +414,6 @@ CASES: list[Case] = [
     pipelines("compile-negative-gpus",
               ("compile", "-o", "{out}/pipeline.yaml", "--gpus-per-node", "-1"),
               ("--gpus-per-node must be >= 0", "got -1"), outputs=("{out}/pipeline.yaml",)),
-    pipelines("compile-output-below-a-file", ("compile", "-o", "{out}/taken/pipeline.yaml"),
-              ("cannot write", "taken/pipeline.yaml", "choose another --output"),
-              existing=("{out}/taken",)),
 
     # ------------------------------------------------------------ steps, as components call them
     step("step-prepare-unknown-source", "prepare_dataset", ("imagenet21k", "{out}/dataset"),
@@ -373,4 +453,91 @@ CASES: list[Case] = [
           {"latency_ms": {"median": 1.0}}),
          {"model": "gpunet_0", "img_size": 32, "registered_model": "gpunet"},
          ("promotion needs MLflow", "set MLFLOW_TRACKING_URI"), env=NO_MLFLOW),
+
+    # ------------------------------------------------------------ output paths, beyond the table
+    gpunet("export-sidecar-is-a-folder", (*EXPORT, "--model", "gpunet_0"),
+           ("cannot write --output {out}/model.onnx.json", "it is a folder, not a file"),
+           existing=("{out}/model.onnx.json/keep",), outputs=("{out}/model.onnx",)),
+    gpunet("export-output-below-a-file-deeper",
+           ("export-onnx", "--model", "gpunet_0", "-o", "{out}/taken/a/b/model.onnx"),
+           ("{out}/taken is a file, not a folder", "choose another --output"),
+           existing=("{out}/taken",), subprocess=True),
+    gpunet("report-file-inside-is-a-folder",
+           ("report", "{in}/bad_result.json", "-o", "{out}/report"),
+           ("cannot write -o/--output-dir {out}/report/report.md", "it is a folder",
+            "move it away or choose another -o/--output-dir"),
+           existing=("{out}/report/report.md/keep",)),
+    gpunet("prepare-work-dir-is-a-file",
+           ("prepare", "digits", "--out", f"{BUCKET}/ds", "--work-dir", "{out}/stage",
+            "--no-progress"),
+           ("cannot write --work-dir {out}/stage", "it is a file, not a folder"),
+           existing=("{out}/stage",), env=NO_CREDENTIALS),
+    # missing parents of a folder output are made, and removed again when the command fails
+    gpunet("train-new-output-folders-removed-after-a-failed-resume",
+           ("train", "{digits}", "--output", "{out}/a/b/run", *TRAIN[4:], "--resume",
+            "{in}/linear.pth"), ("cannot resume from", "linear.pth"), outputs=("{out}/a",)),
+    gpunet("train-new-output-folders-removed-after-a-bad-checkpoint",
+           ("train", "{digits}", "--output", "{out}/a/run", *TRAIN[4:],
+            "--initial-checkpoint", "{in}/truncated.pth"),
+           ("cannot read checkpoint", "truncated.pth"), outputs=("{out}/a",)),
+    gpunet("prepare-new-output-folders-removed-after-a-bad-source",
+           ("prepare", "folder", "{in}/folder_flat", "--out", "{out}/a/b/ds", "-j", "1",
+            "--no-progress"), ("has no train/ or val/ directory",), outputs=("{out}/a",)),
+    gpunet("report-new-output-folders-removed-after-a-bad-result",
+           ("report", "{in}/bad_result.json", "-o", "{out}/a/b/report"),
+           ("cannot read result file",), outputs=("{out}/a",)),
+    gpunet("triton-new-repository-removed-after-a-bad-model",
+           ("export-triton", "--onnx", "{in}/corrupt.onnx", "-r", "{out}/a/repo"),
+           ("corrupt.onnx",), outputs=("{out}/a",)),
+    pipelines("run-local-new-workdir-removed-when-mlflow-is-down",
+              ("run-local", "--workdir", "{out}/a/work"), UNREACHABLE, outputs=("{out}/a",),
+              env=MLFLOW_DOWN),
+
+    # ------------------------------------------------------------ MLflow, KFP: down or not found
+    gpunet("promote-mlflow-down", ("promote", "gpunet", "--version", "1"), UNREACHABLE,
+           env=MLFLOW_DOWN),
+    gpunet("promote-rollback-mlflow-down", ("promote", "gpunet", "--rollback"), UNREACHABLE,
+           env=MLFLOW_DOWN),
+    gpunet("promote-version-not-found", ("promote", "gpunet", "--version", "7"),
+           ("registered model 'gpunet' has no version 7",), env=MLFLOW_EMPTY),
+    gpunet("promote-rollback-nothing-to-roll-back", ("promote", "gpunet", "--rollback"),
+           ("registered model 'gpunet' has no 'previous-champion' alias",
+            "nothing to roll back to"), env=MLFLOW_EMPTY),
+    pipelines("list-runs-kfp-down", ("list-runs", *SERVER), KFP_UNREACHABLE),
+    pipelines("submit-kfp-down", ("submit", *SERVER), KFP_UNREACHABLE),
+    pipelines("schedule-kfp-down", ("schedule", *SERVER, "--cron", "0 3 * * *"),
+              KFP_UNREACHABLE),
+    pipelines("list-runs-experiment-not-found",
+              ("list-runs", "--host", "{server}", "--experiment", "nope"),
+              ("looking up the experiment failed at {server}", "experiment 'nope' not found",
+               "check --experiment")),
+    pipelines("list-runs-not-found", ("list-runs", "--host", "{server}", "--experiment", ""),
+              ("listing runs failed at {server}", "HTTP 404", "not found")),
+    pipelines("submit-host-is-not-kfp", ("submit", "--host", "{server}/mlflow"),
+              ("no KFP API at {server}/mlflow", "HTTP 404", "check --host")),
+
+    # ------------------------------------------------------------ degenerate datasets
+    gpunet("train-one-class", ("train", "{in}/one_class", *TRAIN[2:]),
+           ("training split", "one_class/train has images of one class only (a)",
+            "needs at least 2 classes"), outputs=(RUN,)),
+    gpunet("train-one-class-by-manifest", ("train", "{in}/one_class_manifest", *TRAIN[2:]),
+           ("one_class_manifest/train has images of one class only (a)",
+            "needs at least 2 classes"), outputs=(RUN,)),
+    gpunet("train-val-class-missing-from-train", ("train", "{in}/val_extra_class", *TRAIN[2:]),
+           ("val_extra_class/val has class(es) c that the training split", "lacks",
+            "add training images of them"), outputs=(RUN,)),
+    gpunet("train-val-class-missing-by-manifest",
+           ("train", "{in}/val_extra_manifest", *TRAIN[2:]),
+           ("val_extra_manifest/val has class(es) c that", "remove them from the validation"),
+           outputs=(RUN,)),
+    gpunet("train-val-classes-missing-many", ("train", "{in}/val_many_extra", *TRAIN[2:]),
+           ("has class(es) x0, x1, x2, x3, x4 and 2 more that the training split",),
+           outputs=(RUN,)),
+    gpunet("train-batch-larger-than-tiny-dataset", ("train", "{in}/tiny", *TRAIN[2:]),
+           ("batch size 8", "larger than the training set", "has 4 images",
+            "lower -b to at most 4"), outputs=(RUN,)),
+    gpunet("train-batch-one-more-than-dataset", ("train", "{in}/tiny", *TRAIN[2:], "-b", "5"),
+           ("batch size 5", "the last incomplete batch is dropped", "lower -b to at most 4"),
+           outputs=(RUN,)),
+    *output_path_cases(),
 ]

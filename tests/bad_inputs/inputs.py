@@ -91,6 +91,38 @@ def _images(root: Path) -> None:
     (flat / "x.jpg").write_bytes(good)
 
 
+def _image_folder(root: Path, splits: dict[str, dict[str, int]], seed: int,
+                  classes: list[str] | None = None) -> None:
+    """``root/<split>/<class>/<n images>``; ``classes``: a manifest.json naming them (as
+    ``gpunet prepare`` writes one, class indices from it)."""
+    for split, counts in splits.items():
+        for cls, n in counts.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                seed += 1
+                (folder / f"{cls}{i}.jpg").write_bytes(jpeg_bytes(seed))
+    if classes is not None:
+        (root / "manifest.json").write_text(json.dumps({"classes": classes}))
+
+
+def _degenerate_datasets(root: Path) -> None:
+    """Datasets that are well-formed but cannot train a classifier as asked."""
+    two = {"a": 3, "b": 3}
+    _image_folder(root / "one_class", {"train": {"a": 4}, "val": {"a": 2}}, 200)
+    # the manifest knows two classes, but the training split holds images of one
+    _image_folder(root / "one_class_manifest", {"train": {"a": 4}, "val": {"a": 1, "b": 1}},
+                  210, classes=["a", "b"])
+    _image_folder(root / "val_extra_class", {"train": two, "val": {"a": 1, "b": 1, "c": 1}},
+                  220)
+    _image_folder(root / "val_extra_manifest", {"train": two, "val": {"a": 1, "c": 1}}, 230,
+                  classes=["a", "b", "c"])
+    _image_folder(root / "val_many_extra", {"train": two, "val": {
+        **{"a": 1, "b": 1}, **{f"x{i}": 1 for i in range(7)}}}, 240)
+    # 4 training images: smaller than the smallest batch of the corpus' train command (-b 8)
+    _image_folder(root / "tiny", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, 260)
+
+
 def _archives(root: Path) -> None:
     class_tars = {f"{w}.tar": _tar({f"{w}_{i}.JPEG": jpeg_bytes(10 * k + i) for i in range(3)})
                   for k, w in enumerate(WNIDS)}
@@ -112,6 +144,7 @@ def build(root: Path) -> Path:
     _specs(root)
     _checkpoints(root)
     _images(root)
+    _degenerate_datasets(root)
     _archives(root)
     (root / "corrupt.onnx").write_bytes(b"\x08\x07\x12\x0bnot really onnx" + bytes(range(256)))
     (root / "bad_result.json").write_text('{"schema": "gpunet.validate/1", "top1": ')

@@ -1,4 +1,5 @@
-"""Run every case of :mod:`tests.bad_inputs.cases` and check its four promises.
+"""Run every case of :mod:`tests.bad_inputs.cases` and check its promises (a clear message,
+exit code 2, no traceback, no new files or empty folders).
 
 Most cases run in-process (``gpunet_core.cli.main`` / ``pipelines.cli.main`` / a step function)
 so the corpus stays fast; the few marked ``subprocess`` run as ``python -m gpunet_core`` /
@@ -9,13 +10,16 @@ in-process cases instead of adding their start-up time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import pytest
 
 from gpunet_core.utils.errors import GpunetError
 from tests.bad_inputs import inputs
-from tests.bad_inputs.cases import CASES, Case
+from tests.bad_inputs.cases import CASES, FILE_OUTPUTS, FOLDER_OUTPUTS, Case
 
 REPO = Path(__file__).resolve().parents[2]
 TRACEBACK = "Traceback (most recent call last)"
@@ -61,6 +65,48 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+class _NotFound(BaseHTTPRequestHandler):
+    """Answers, but has nothing: KFP's health check passes, KFP's experiment list is empty,
+    every other request gets 404 with MLflow's RESOURCE_DOES_NOT_EXIST (and KFP's) error."""
+
+    def _answer(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/apis/v2beta1/healthz":
+            status, body = 200, {"multi_user": False}
+        elif path == "/apis/v2beta1/experiments" and self.command == "GET":
+            status, body = 200, {}
+        else:
+            message = f"{path} not found"
+            status, body = 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": message,
+                                 "error": message, "code": 5}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        self._answer()
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def answering_server():
+    """``http://127.0.0.1:PORT`` of a server that answers "not found" (see :class:`_NotFound`)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
 def substitute(value: Any, ctx: dict[str, str]) -> Any:
     if isinstance(value, str):
         for key, repl in ctx.items():
@@ -73,9 +119,10 @@ def substitute(value: Any, ctx: dict[str, str]) -> Any:
     return value
 
 
-def context(out: Path, inputs_dir: Path, port: int, digits: Path | None) -> dict[str, str]:
+def context(out: Path, inputs_dir: Path, port: int, digits: Path | None,
+            server: str = "") -> dict[str, str]:
     return {"in": str(inputs_dir), "out": str(out), "port": str(port), "repo": str(REPO),
-            "digits": str(digits) if digits else "{digits}"}
+            "server": server, "digits": str(digits) if digits else "{digits}"}
 
 
 def uses_digits(case: Case) -> bool:
@@ -105,13 +152,13 @@ def write_existing(case: Case, ctx: dict[str, str]) -> dict[Path, tuple[bytes, i
 
 
 @pytest.fixture(scope="session")
-def launched(bad_inputs_dir, closed_port, tmp_path_factory):
+def launched(bad_inputs_dir, closed_port, answering_server, tmp_path_factory):
     """Start every subprocess case at once; each test collects its own process."""
     started: dict[str, tuple[subprocess.Popen, dict[str, str], dict]] = {}
     for case in (c for c in CASES if c.subprocess):
         assert not uses_digits(case), "subprocess cases start before digits_small exists"
         out = tmp_path_factory.mktemp(case.id)
-        ctx = context(out, bad_inputs_dir, closed_port, None)
+        ctx = context(out, bad_inputs_dir, closed_port, None, answering_server)
         state = write_existing(case, ctx)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         for key, value in case_env(case, ctx).items():
@@ -219,14 +266,19 @@ def check(case: Case, ctx: dict[str, str], outcome: Outcome,
     new = sorted(str(p) for p in files_under(out) - set(existing)
                  if not any(p.is_relative_to(leaf) for leaf in leaves))
     assert not new, f"files appeared although the command failed: {new[:10]}{shown}"
+    # (5) no empty folder left behind (the folders of pre-existing files were there before)
+    before = {parent for path in existing for parent in path.parents}
+    empty = sorted(str(p) for p in out.rglob("*") if p.is_dir() and not any(p.iterdir())
+                   and p not in before and not any(p.is_relative_to(leaf) for leaf in leaves))
+    assert not empty, f"empty folders left behind: {empty[:10]}{shown}"
     for root in (out, Path(ctx["in"])):
         stray = sorted(str(p) for pattern in TEMP_PATTERNS for p in root.rglob(pattern))
         assert not stray, f"temp files left behind: {stray}"
 
 
 @pytest.mark.parametrize("case", ORDERED, ids=[c.id for c in ORDERED])
-def test_bad_input(case, request, launched, bad_inputs_dir, closed_port, tmp_path,
-                   monkeypatch, capfd, caplog):
+def test_bad_input(case, request, launched, bad_inputs_dir, closed_port, answering_server,
+                   tmp_path, monkeypatch, capfd, caplog):
     if case.subprocess:
         proc, ctx, existing = launched[case.id]
         check(case, ctx, collect(proc), existing)
@@ -234,7 +286,7 @@ def test_bad_input(case, request, launched, bad_inputs_dir, closed_port, tmp_pat
     digits = request.getfixturevalue("digits_small") if uses_digits(case) else None
     out = tmp_path / "out"
     out.mkdir()
-    ctx = context(out, bad_inputs_dir, closed_port, digits)
+    ctx = context(out, bad_inputs_dir, closed_port, digits, answering_server)
     existing = write_existing(case, ctx)
     set_env(monkeypatch, case_env(case, ctx))
     monkeypatch.chdir(out)
@@ -250,7 +302,18 @@ def test_the_corpus_is_broad():
     assert entries == {"gpunet", "pipelines", "step"}
     commands = {c.argv[0] for c in CASES if c.entry != "step"}
     assert {"spec", "train", "validate", "export-onnx", "prepare", "schedule", "run-local",
-            "compile"} <= commands
+            "compile", "bench", "report", "export-triton", "promote", "submit",
+            "list-runs"} <= commands
+    # every command that writes, with each way its output path can be wrong
+    ids = set(ids)
+    for name in FILE_OUTPUTS:
+        for kind in ("folder-missing", "below-a-file", "is-a-folder", "not-writable"):
+            assert f"{name}-output-{kind}" in ids
+    for name in FOLDER_OUTPUTS:
+        for kind in ("below-a-file", "is-a-file", "not-writable"):
+            assert f"{name}-output-{kind}" in ids
+    assert {c.argv[0] for c in CASES if "removed" in c.id} >= {
+        "train", "prepare", "report", "export-triton", "run-local"}
     assert 3 <= sum(c.subprocess for c in CASES) <= 5
     assert {c.entry for c in CASES if c.subprocess} == {"gpunet", "pipelines"}
     for c in CASES:
@@ -283,6 +346,8 @@ def test_the_checks_catch_each_broken_promise(tmp_path):
         (lambda: (out / ".result.json.x1.tmp").write_text("{"),
          lambda: (out / ".result.json.x1.tmp").unlink()),
         (lambda: (out / "other.txt").write_text("?"), lambda: (out / "other.txt").unlink()),
+        (lambda: (out / "empty" / "run").mkdir(parents=True),
+         lambda: ((out / "empty" / "run").rmdir(), (out / "empty").rmdir())),
         (lambda: (out / "old.json").write_text("new"), lambda: None),
     ]:
         make_mess()
