@@ -928,25 +928,39 @@ def bench_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # its own sqlite
-    runs = []
+
+    def run_dag(name: str, *extra: str) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "pipelines", "run-local", "--no-cache", "--json",
+               "--workdir", str(work / name)]
+        for param in (*PIPELINE_PARAMS, *extra):
+            cmd += ["--param", param]
+        return _run_json(cmd, "local pipeline run", env=env)
+
+    runs, summaries = [], []
     for r in range(max(cfg.pipeline_runs, 1)):
         _logger.info("pipeline: make run's DAG under kfp.local (run %d/%d)", r + 1,
                      cfg.pipeline_runs)
-        cmd = [sys.executable, "-m", "pipelines", "run-local", "--no-cache", "--json",
-               "--workdir", str(work / f"pipeline-{r}")]
-        for param in PIPELINE_PARAMS:
-            cmd += ["--param", param]
-        summary = _run_json(cmd, "local pipeline run", env=env)
+        summary = run_dag(f"pipeline-{r}")
         if "error" in summary:
             return summary
         if not summary.get("overhead"):
             return {"error": "the local pipeline run timed no task (all from the cache?)"}
         runs.append(summary["overhead"])
+        summaries.append(summary)
     runs.sort(key=lambda o: o["overhead_frac"])
     median = runs[len(runs) // 2]  # whole runs: the split shown is one run's
+    _logger.info("pipeline: the same DAG without the teacher (the distillation gain)")
+    alone = run_dag("pipeline-no-teacher", "enable_distill=false")
+    top1 = sorted(s["top1"] for s in summaries)[len(summaries) // 2]
+    distill = {"student_top1": top1, "teacher_top1": summaries[0].get("teacher_top1"),
+               "without_teacher_top1": alone.get("top1"), "error": alone.get("error"),
+               "without_teacher_wall_s": (alone.get("overhead") or {}).get("total_wall_s")}
+    if alone.get("top1") is not None:
+        distill["gain_points"] = top1 - alone["top1"]
     return {**median, "params": list(PIPELINE_PARAMS),
             "runs": [{k: o[k] for k in ("total_wall_s", "compute_s", "overhead_s",
                                          "overhead_frac")} for o in runs],
+            "top1_runs": [s["top1"] for s in summaries], "distillation": distill,
             "noop_floor": kfp_task_floor(len(median["steps"]), work / "noop")}
 
 
@@ -1438,6 +1452,16 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
                       "|---|---:|---:|---:|"]
             lines += [f"| {st['name']} | {st['wall_s']:.1f} | {st['compute_s']:.1f} | "
                       f"{st['overhead_s']:.1f} |" for st in p["steps"]]
+            d = p.get("distillation") or {}
+            if d.get("gain_points") is not None:
+                lines += ["", f"Distillation (the same DAG, `enable_distill=false` once): the "
+                          f"student reaches {d['student_top1']:.2f} % top-1 with the teacher "
+                          f"({_fmt(d.get('teacher_top1'), 2)} %), "
+                          f"{d['without_teacher_top1']:.2f} % without it: "
+                          f"{d['gain_points']:+.2f} points (runs without the teacher take "
+                          f"{_fmt(d.get('without_teacher_wall_s'))} s)."]
+            elif d.get("error"):
+                lines += ["", f"Distillation gain not measured: {d['error']}"]
             floor = p.get("noop_floor") or {}
             if floor.get("total_s"):
                 lines += ["", f"Floor: a chain of {floor['tasks']} *empty* KFP components under "

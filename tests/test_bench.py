@@ -108,6 +108,13 @@ def test_pipeline_overhead_split():
     assert "| step | task process s | work s | overhead s |" in text
     assert "| a | 4.0 | 3.0 | 1.0 |" in text and "imports s" not in text
     assert "chain of 2 *empty* KFP components under kfp.local takes 0.6 s (0.30 s" in text
+    assert "Distillation" not in text  # not measured: nothing claimed
+    res["distillation"] = {"student_top1": 96.11, "teacher_top1": 97.22,
+                           "without_teacher_top1": 92.22, "gain_points": 96.11 - 92.22,
+                           "without_teacher_wall_s": 90.0}
+    text = perf.render_markdown({"sections": {"pipeline": res}})
+    assert "the student reaches 96.11 % top-1 with the teacher (97.22 %), 92.22 % without " \
+           "it: +3.89 points" in text
     with pytest.raises(TimingError, match="compute_s"):
         perf.pipeline_overhead([{"name": "a", "wall_s": 1, "compute_s": 2}])
     with pytest.raises(TimingError, match="numeric"):

@@ -267,9 +267,9 @@ def test_s3_problems_fail_fast_with_one_line(s3_env, tmp_path, monkeypatch, case
     out = tmp_path / "run"
     if command == "train":
         args = ["train", data, "--output", str(out), "--epochs", "1", *FAST]
-    else:
+    else:  # (the results file's folder exists: the S3 problem is the one to report)
         args = ["validate", data, "--model", "gpunet_0", "--device", "cpu", "--results-file",
-                str(out / "val.json")]
+                str(tmp_path / "val.json")]
     started = time.monotonic()
     result = run(gpunet_cmd(*args), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -277,5 +277,5 @@ def test_s3_problems_fail_fast_with_one_line(s3_env, tmp_path, monkeypatch, case
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"gpunet {command}: error: open bucket {data}: {message}"), last
     assert "Traceback" not in result.stderr
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "val.json").exists()
     assert not (Path(os.environ["GPUNET_CACHE_DIR"]) / "datasets").exists()

@@ -1,7 +1,8 @@
 """A pipeline run whose step after training fails, then re-run: finished work is not redone.
 
-Caching is on for every deterministic step and off for promotion, in the compiled spec a cluster
-runs and under ``kfp.local`` (``enable_caching=True``, ``cache_root=<workdir>/kfp-cache``).
+Caching is on for every deterministic step and off for promotion and the report (both read the
+registry as it is), in the compiled spec a cluster runs and under ``kfp.local``
+(``enable_caching=True``, ``cache_root=<workdir>/kfp-cache``).
 Inside a step, ``prepare`` skips verified data and ``train`` resumes from its last checkpoint
 (tests/test_datasets.py, tests/faults/test_worker_kill.py).
 """
@@ -34,6 +35,7 @@ def test_compiled_spec_caches_everything_but_promotion(tmp_path):
     caching = {name: task.get("cachingOptions", {}).get("enableCache", False)
                for name, task in tasks.items()}
     assert caching.pop("promote") is False
+    assert caching.pop("report") is False  # it reads the registry as it is now
     assert all(caching.values()), caching
     # no per-run value reaches a cached step: its cache key would never match again
     for name, task in tasks.items():
@@ -116,7 +118,7 @@ def test_failed_run_resumes_from_cache_then_registers_and_promotes(tmp_path, mon
     # teacher task, disabled, ran no step); the run's overhead is the rest
     overhead = second["overhead"]
     assert {st["name"] for st in overhead["steps"]} == {
-        "train-teacher", "train(gpunet_0)", "validate(gpunet_0)", "export_onnx(gpunet_0)",
-        "benchmark", "promote(gpunet_0)", "write_html_report"}
+        "train-teacher", "train(gpunet_0)", "export_onnx(gpunet_0)", "validate_onnx",
+        "quantize", "benchmark", "promote(gpunet_0)", "write_html_report"}
     assert 0 < overhead["compute_s"] < overhead["total_wall_s"]
     assert overhead["total_wall_s"] == pytest.approx(second["seconds"], abs=0.1)
