@@ -267,8 +267,11 @@ def test_pipeline_section_shows_the_median_of_its_runs(tmp_path, monkeypatch):
 
     def run_json(cmd, what, env=None):
         cmds.append(cmd)
+        if "enable_distill=false" in cmd:  # the run without the teacher
+            return {"top1": 92.0, "overhead": {"total_wall_s": 80.0}}
         frac = next(fracs)
-        return {"overhead": {"total_wall_s": 100.0, "compute_s": 100 * (1 - frac),
+        return {"top1": 96.0 + frac, "teacher_top1": 97.0,
+                "overhead": {"total_wall_s": 100.0, "compute_s": 100 * (1 - frac),
                              "overhead_s": 100 * frac, "overhead_frac": frac,
                              "steps": [{"name": f"step-{frac}", "wall_s": 1.0, "compute_s": 1.0,
                                         "overhead_s": 0.0}]}}
@@ -279,9 +282,13 @@ def test_pipeline_section_shows_the_median_of_its_runs(tmp_path, monkeypatch):
     assert res["overhead_frac"] == 0.10 and res["steps"][0]["name"] == "step-0.1"
     assert [r["overhead_frac"] for r in res["runs"]] == [0.08, 0.10, 0.12]
     workdirs = [c[c.index("--workdir") + 1] for c in cmds]
-    assert len(set(workdirs)) == 3 and all("--no-cache" in c for c in cmds)
+    assert len(set(workdirs)) == 4 and all("--no-cache" in c for c in cmds)
+    # the distillation gain: the median run's student against the one without the teacher
+    assert res["distillation"]["gain_points"] == pytest.approx(96.10 - 92.0)
+    assert res["distillation"]["without_teacher_wall_s"] == 80.0
     text = perf.render_markdown({"sections": {"pipeline": {**res, "status": "measured"}}})
     assert "3 runs, everything else / total: 0.080 / 0.100 / 0.120" in text
+    assert "96.10 % top-1 with the teacher (97.00 %), 92.00 % without it: +4.10 points" in text
 
 
 @pytest.mark.slow
