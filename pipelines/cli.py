@@ -100,7 +100,6 @@ _AT_LEAST = {"epochs": 1, "teacher_epochs": 1, "batch_size": 1, "nodes": 1, "npr
              "bench_iterations": 1, "lr": 0.0, "kd_weight": 0.0, "min_top1": 0.0,
              "max_latency_ms": 0.0, "calib_samples": 1, "max_quant_drop": 0.0,
              "warmup_epochs": -1}  # -1: the recipe's warmup
-PRECISIONS = ("fp32", "fp16", "int8")  # the pipeline's `precision`: what is deployed
 
 
 def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
@@ -149,9 +148,12 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
 
         if params["augment"] not in AUGMENT:
             raise bad("augment", f"valid values are {', '.join(sorted(AUGMENT))}")
-    if "precision" in params and params["precision"] not in PRECISIONS:
-        raise bad("precision", f"valid values are {', '.join(PRECISIONS)} (fp32: the export "
-                               "itself)")
+    if "precision" in params:
+        from gpunet_core.steps import DEPLOY_PRECISIONS
+
+        if params["precision"] not in DEPLOY_PRECISIONS:
+            raise bad("precision", f"valid values are {', '.join(DEPLOY_PRECISIONS)} (fp32: "
+                                   "the export itself)")
     if "quant_target" in params and params["quant_target"] not in ("tensorrt", "cpu"):
         raise bad("quant_target", "valid values are tensorrt (Q/DQ for TensorRT 11) and cpu "
                                   "(ONNX Runtime's fastest x86 INT8)")

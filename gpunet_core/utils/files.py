@@ -150,6 +150,24 @@ def _what(path: Path) -> str:
     return "a broken symbolic link" if path.is_symlink() and not path.exists() else "a file"
 
 
+def _existing_folder(path: Path, flag: str, error: type[Exception]) -> Path:
+    """The nearest existing ancestor of ``path``'s parent, which must be a folder."""
+    base = _deepest_existing(path.parent)
+    if not base.is_dir():
+        raise error(f"cannot write {flag} {path}: {base} is {_what(base)}, not a folder; "
+                    f"choose another {flag} or move {base} away")
+    return base
+
+
+def _check_writable(base: Path, path: Path, flag: str, error: type[Exception],
+                    kind: str) -> None:
+    """Refuse ``path`` when no ``kind`` (file or folder) can be created in ``base``."""
+    why = _not_writable(base)
+    if why:
+        raise error(f"cannot write {flag} {path}: no {kind} can be created in {base} ({why}); "
+                    f"choose another {flag} in a writable place")
+
+
 def check_output_dir(path: str | Path, flag: str, *,
                      error: type[Exception] = OutputPathError) -> Path | None:
     """Check that the folder output ``path`` (given as ``flag``) can be written, before any
@@ -168,14 +186,7 @@ def check_output_dir(path: str | Path, flag: str, *,
             raise error(f"cannot write {flag} {path}: no file can be created in it ({why}); "
                         f"choose another {flag}")
         return path
-    base = _deepest_existing(path.parent)
-    if not base.is_dir():
-        raise error(f"cannot write {flag} {path}: {base} is {_what(base)}, not a folder; "
-                    f"choose another {flag} or move {base} away")
-    why = _not_writable(base)
-    if why:
-        raise error(f"cannot write {flag} {path}: no folder can be created in {base} ({why}); "
-                    f"choose another {flag} in a writable place")
+    _check_writable(_existing_folder(path, flag, error), path, flag, error, "folder")
     return path
 
 
@@ -195,17 +206,11 @@ def check_output_file(path: str | Path, flag: str, *, error: type[Exception] = O
                f"name a file inside it or choose another {flag}")
         raise error(f"cannot write {flag} {path}: it is a folder, not a file; {fix}")
     parent = path.parent
-    base = _deepest_existing(parent)
-    if not base.is_dir():
-        raise error(f"cannot write {flag} {path}: {base} is {_what(base)}, not a folder; "
-                    f"choose another {flag} or move {base} away")
+    base = _existing_folder(path, flag, error)
     if base != parent and not parents:
         raise error(f"cannot write {flag} {path}: its folder {parent} does not exist; create "
                     f"it (mkdir -p {parent}) or choose another {flag}")
-    why = _not_writable(base)
-    if why:
-        raise error(f"cannot write {flag} {path}: no file can be created in {base} ({why}); "
-                    f"choose another {flag} in a writable place")
+    _check_writable(base, path, flag, error, "file")
     return path
 
 
