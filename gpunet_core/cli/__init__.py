@@ -32,6 +32,7 @@ COMMANDS = {
     "bench": "bench",
     "report": "report",
     "export-triton": "export_triton",
+    "search": "search",
 }
 
 

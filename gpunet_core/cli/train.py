@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpunet_core.training.config import add_arguments, from_namespace
+from gpunet_core.training.config import add_arguments, from_namespace, with_model_name
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_namespace(args)  # bad values fail here, before torch is imported
+    cfg = with_model_name(cfg)  # a --model spec (path, s3://): checked and stored, by its name
     # torch: parsing, --help and flag errors cost no torch import
     from gpunet_core.training.loop import train
 

@@ -9,19 +9,29 @@ See ``ARCHITECTURE.md`` of NVIDIA's reference for the semantics the builder repr
 :func:`load_spec` validates a spec and raises :class:`~gpunet_core.utils.errors.SpecError` naming the
 entry index and field of the first problem. The seven shipped specs (:data:`MODEL_INFO`) are
 packaged with the library: :func:`spec_path`, :func:`spec_json`, :func:`shipped_spec`.
+
+Any other spec (an architecture search's, an edited one) is given by location, a ``.json`` path
+or an ``s3://`` URI (:func:`fetch_spec`), and goes by a name of its own (:func:`model_name`):
+``<file stem>-<8 hex of its content's SHA-256>``, valid where MLflow, ONNX metadata and Triton
+want a model name, and resolved (:func:`resolve_spec`) from the verified copy that
+:func:`model_name` keeps in the local spec store (:func:`spec_store`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError, SpecError, UnknownModelError
+from gpunet_core.utils.files import write_text
 
 LAYER_TYPES = ("data", "head", "head_large", "conv", "irb", "fused_irb", "tail")
 ACTIVATIONS = ("swish", "relu")
@@ -135,6 +145,11 @@ def _read(spec: str | Path | dict | list) -> tuple[Any, str]:
         raise _fail(source, None, None, "is a directory, not a JSON file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(source, None, None, f"cannot read file ({exc})") from None
+    return _parse(text, source), source
+
+
+def _parse(text: str, source: str) -> Any:
+    """The layer list of a spec file's text: the JSON list itself or ``{"layers": [...]}``."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -142,7 +157,7 @@ def _read(spec: str | Path | dict | list) -> tuple[Any, str]:
                     f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if isinstance(data, dict) and "layers" in data:
         data = data["layers"]
-    return data, source
+    return data
 
 
 def _check_int(source: str, i: int, entry: dict, field: str, *, minimum: int = 1) -> int:
@@ -264,7 +279,7 @@ def model_info(name: str) -> dict[str, Any]:
     if name not in MODEL_INFO:
         raise UnknownModelError(
             f"unknown model {name!r}: valid names are {', '.join(MODEL_INFO)} "
-            "(or pass the path of a GPUNet JSON spec)")
+            "(or pass a GPUNet JSON spec: its .json path or s3:// URI)")
     return MODEL_INFO[name]
 
 
@@ -288,13 +303,139 @@ def shipped_spec(name: str) -> ArchSpec:
 def resolve_spec(name_or_spec: str | Path | dict | list | ArchSpec) -> tuple[ArchSpec, str | None]:
     """Resolve a model name or spec to ``(ArchSpec, shipped name or None)``.
 
-    A string that is neither a shipped name nor a ``.json``/existing path is a mistyped name, so
-    the error lists the valid names instead of reporting a missing file.
+    Strings: a shipped name; an ``s3://`` URI of a JSON spec (:func:`fetch_spec`); a ``.json`` or
+    existing path; a custom spec's name (:func:`model_name`), from the local spec store. A string
+    that is none of these is a mistyped name, so the error lists the valid names instead of
+    reporting a missing file.
     """
     if isinstance(name_or_spec, str) and name_or_spec in MODEL_INFO:
         return shipped_spec(name_or_spec), name_or_spec
+    if isinstance(name_or_spec, str) and storage.is_s3_uri(name_or_spec):
+        return fetch_spec(name_or_spec), None
     if isinstance(name_or_spec, (str, Path)):
         text = str(name_or_spec)
         if not (text.endswith(".json") or Path(text).exists()):
+            if isinstance(name_or_spec, str) and is_custom_name(text):
+                return stored_spec(text), None
             model_info(text)  # raises the "unknown model" error listing valid names
     return load_spec(name_or_spec), None
+
+
+# --------------------------------------------------------------------------- custom specs
+
+# a custom spec's name: its label (file stem) and 8 hex digits of its content's SHA-256; only
+# letters, digits, '_' and '-', as MLflow's LoggedModel names and Triton's model names require
+_CUSTOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,48}-([0-9a-f]{8})")
+# a GPUNet spec is a few KB (the largest shipped one, GPUNet-2, 9 KB); far larger is not one
+MAX_SPEC_BYTES = 1 << 20
+SPECS_DIR = "specs"  # the spec store, under the cache folder
+
+
+def is_spec_location(value: str | Path) -> bool:
+    """Whether ``value`` gives a spec by location (an ``s3://`` URI, a ``.json`` or existing
+    path) rather than by name (shipped, custom, or another library's such as timm's)."""
+    if isinstance(value, Path):
+        return True
+    return bool(value) and value not in MODEL_INFO and (
+        storage.is_s3_uri(value) or value.endswith(".json") or Path(value).exists())
+
+
+def is_custom_name(name: str) -> bool:
+    """Whether ``name`` has the form of a custom spec's name (:func:`custom_name`)."""
+    return bool(_CUSTOM_NAME.fullmatch(name))
+
+
+def spec_digest(arch: ArchSpec) -> str:
+    """SHA-256 (hex) of the spec's canonical JSON: key order and layout do not count."""
+    canonical = json.dumps(arch.to_json(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def custom_name(arch: ArchSpec, label: str) -> str:
+    """``<label>-<8 hex of spec_digest>``, ``label`` reduced to letters, digits, '_' and '-'
+    (48 at most). A label that already ends with the spec's own digest is kept as it is, so the
+    stored copy of a spec (``<name>.json``) is known by the same name again."""
+    digest = spec_digest(arch)[:8]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_-")
+    if stem.endswith(f"-{digest}") and is_custom_name(stem):
+        return stem
+    return f"{stem[:48].rstrip('_-') or 'spec'}-{digest}"
+
+
+def spec_store() -> Path:
+    """The local spec store: ``<cache>/specs`` (``$GPUNET_CACHE_DIR``, ``~/.cache/gpunet``)."""
+    return storage.default_cache_dir() / SPECS_DIR
+
+
+def fetch_spec(location: str | Path) -> ArchSpec:
+    """Read and validate the JSON spec at ``location``: a path, or an ``s3://`` object (one
+    GET, no file written). Every problem is one line: a :class:`SpecError` for a missing
+    object or an invalid spec, a :class:`~gpunet_core.utils.errors.StorageError` for the store
+    (bucket, credentials, endpoint)."""
+    if not storage.is_s3_uri(location):
+        return load_spec(location)
+    uri = storage.parse_s3_uri(str(location))
+    if not uri.key or uri.key.endswith("/"):
+        raise _fail(str(uri), None, None, "an s3:// URI of a spec names one object",
+                    "Pass s3://bucket/path/spec.json")
+    client = storage.s3_client()
+    storage.check_bucket(uri, client)  # a wrong bucket, credentials or endpoint: said as such
+    if not storage.object_exists(uri, client):
+        raise _fail(str(uri), None, None, f"no such object in bucket {uri.bucket!r}",
+                    "Check the URI (the architecture search writes one .json object per spec)")
+    body = storage.with_retries("read", uri, lambda: client.get_object(
+        Bucket=uri.bucket, Key=uri.key)["Body"].read(MAX_SPEC_BYTES + 1))
+    if len(body) > MAX_SPEC_BYTES:
+        raise _fail(str(uri), None, None, f"larger than {MAX_SPEC_BYTES >> 20} MiB: not a GPUNet "
+                    "spec")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(str(uri), None, None, "not a UTF-8 text file") from None
+    return validate_spec(_parse(text, str(uri)), str(uri))
+
+
+def stored_spec(name: str) -> ArchSpec:
+    """The spec of custom name ``name`` from the local spec store, checked against the
+    digest in its name."""
+    path = spec_store() / f"{name}.json"
+    if not path.is_file():
+        raise UnknownModelError(
+            f"unknown model {name!r}: it names a custom GPUNet spec, and none of that name is "
+            f"in the spec store {spec_store()} of this machine; pass the spec itself (its "
+            f".json path or s3:// URI) instead")
+    arch = load_spec(path)
+    if not name.endswith(f"-{spec_digest(arch)[:8]}"):
+        raise SpecError(f"{path} does not hold spec {name}: its content's SHA-256 starts with "
+                        f"{spec_digest(arch)[:8]}; delete the file and pass the spec itself "
+                        "(its .json path or s3:// URI) again")
+    return arch
+
+
+def model_name(name_or_spec: str | Path, *, label: str | None = None) -> str:
+    """The name a model goes by (MLflow's run and LoggedModel, ONNX metadata, registry tags).
+
+    A model name (shipped, custom, another library's) is returned as it is: whether it exists
+    is for the factory to say, except that a custom name must be in the spec store. A spec
+    given by location (:func:`is_spec_location`) is read and validated (:func:`fetch_spec`: an
+    ``s3://`` object is fetched once, here), its verified copy is written to the spec store,
+    and its :func:`custom_name` (``label``, by default the file's stem) is returned: the name
+    every process using that store (torchrun's ranks, later steps) builds the model by.
+    """
+    if isinstance(name_or_spec, str) and not is_spec_location(name_or_spec):
+        if is_custom_name(name_or_spec) and name_or_spec not in MODEL_INFO:
+            stored_spec(name_or_spec)  # fails here, not in the middle of a run
+        return name_or_spec
+    arch = fetch_spec(name_or_spec)
+    stem = PurePosixPath(storage.parse_s3_uri(name_or_spec).key).stem \
+        if storage.is_s3_uri(name_or_spec) else Path(name_or_spec).stem
+    name = custom_name(arch, label or stem)
+    # atomically: ranks and steps sharing the store may write the same copy at once
+    write_text(spec_store() / f"{name}.json", json.dumps(arch.to_json(), indent=1) + "\n")
+    return name
+
+
+def stored_spec_path(name: str) -> Path:
+    """The verified stored copy of custom spec ``name`` (see :func:`stored_spec`)."""
+    stored_spec(name)
+    return spec_store() / f"{name}.json"
