@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml
 run: setup ## the whole pipeline locally (kfp.local) on the embedded digits dataset
 	$(PY) -m pipelines run-local --workdir $(RUN_DIR) $(RUN_ARGS)
 
+.PHONY: search
+SEARCH_ARGS ?=
+search: setup ## the search pipeline locally (kfp.local): search, train the chosen spec (docs/search.md)
+	$(PY) -m pipelines run-local --pipeline search --workdir $(RUN_DIR) $(SEARCH_ARGS)
+
 test: setup ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -18,6 +18,11 @@ Sections (each a function returning a JSON-able dict, run by :func:`run_all`):
   ``pipelines run-local`` times each task's process from the runner's side, each step logs its
   own work (:mod:`pipelines.timing`).
 - ``scaling``: ``gpunet train`` under ``torchrun`` with 1 and 2 processes, efficiency ratio.
+- ``search``: ``gpunet search`` on digits at 32 px with the ONNX Runtime CPU backend, the latency
+  budget being GPUNet-0's measured latency: the front against NVIDIA's seven GPUNets measured
+  and proxy-trained the same way (target: a front member beats the best of them within the
+  budget, or matches it at <= 0.8x its latency); candidates per minute with 1 and 2 workers;
+  and the accuracy proxy's rank correlation (Spearman) with a 4x longer training.
 
 :func:`render_markdown` turns a results dict into ``BENCHMARKS.md``.
 """
@@ -50,7 +55,7 @@ from pipelines.timing import TimingError, pipeline_overhead
 _logger = logging.getLogger(__name__)
 
 PERF_SCHEMA = "gpunet.perf/1"
-SECTIONS = ("train", "data", "inference", "quantization", "pipeline", "scaling")
+SECTIONS = ("train", "data", "inference", "quantization", "pipeline", "scaling", "search")
 INFERENCE_BACKENDS = ("eager", "eager_fold", "eager_fold_cl", "compile", "onnxruntime",
                       "tensorrt")
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +68,12 @@ TARGETS = {"train_vs_bare": 0.95, "data_wait_frac": 0.05, "ort_vs_eager_b1": 1.0
            # top-1 points lost by the CPU INT8 graph of the digits model (at most)
            "int8_top1_drop_points": 0.5,
            # max |FP16 logit - FP32 logit| on the digits validation split (at most)
-           "fp16_logits_max_abs_diff": 1e-2}
+           "fp16_logits_max_abs_diff": 1e-2,
+           # the search's front against the best published GPUNet within the same budget:
+           # higher proxy top-1, or at most this many points lower ...
+           "search_match_top1_points": 0.5,
+           # ... at no more than this fraction of its latency
+           "search_match_latency_frac": 0.8}
 
 
 @dataclass
@@ -116,12 +126,28 @@ class BenchConfig:
     # the digits model whose graphs are validated: (img_size, epochs); None: no accuracy rows
     quant_accuracy: tuple[int, int] | None = (64, 4)
     quant_digits_per_class: int | None = None  # None: all 1,797 digits
+    # search: digits at this size, ONNX Runtime CPU, budget = GPUNet-0's measured latency
+    search_img_size: int = 32
+    search_digits_per_class: int | None = None  # None: all 1,797 digits
+    search_trials: int = 40  # the study compared with the published GPUNets
+    search_references: bool = True  # measure and proxy-train NVIDIA's seven beside it
+    search_workers: tuple[int, ...] = (1, 2)  # throughput: one fresh study per worker count
+    search_throughput_trials: int = 8  # trials of each throughput study
+    search_iterations: int = 50  # timed runs per latency measurement (gpunet search's default)
+    search_proxy_epochs: int = 3  # the accuracy proxy (gpunet search's defaults)
+    search_proxy_images: int = 640
+    search_rank_archs: int = 6  # architectures trained both ways for the rank correlation (0: none)
+    search_rank_epochs_factor: int = 4  # the longer training: this many times the proxy's epochs,
+    search_rank_images: int = 1280  # on this many training images (0: all)
+    search_rank_draws: int = 48  # random samples drawn at most when the study has too few
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        # sections: torchrun, and training a model to quantize, take too long for a smoke run
-        base = dict(sections=tuple(x for x in SECTIONS if x not in ("scaling", "quantization")),
+        # sections: torchrun, training a model to quantize, and a search take too long for a
+        # smoke run (asked for by name, they run at the tiny sizes below)
+        base = dict(sections=tuple(x for x in SECTIONS
+                                   if x not in ("scaling", "quantization", "search")),
                     models=("gpunet_0",),
                     train_models=("gpunet_0",), train_img_size=32, train_small=None,
                     train_batch=4, train_steps=3, train_repeats=1, train_rounds=1, data_img_size=64, data_images=24,
@@ -132,7 +158,10 @@ class BenchConfig:
                     quant_calib_samples=8, quant_time_budget_s=0.3, quant_block=2,
                     quant_min_rounds=1, quant_max_rounds=3,
                     quant_variants=("default", "qdq_s8"), quant_accuracy=(32, 1),
-                    quant_digits_per_class=10)
+                    quant_digits_per_class=10, search_digits_per_class=20, search_trials=4,
+                    search_references=False, search_workers=(1,), search_throughput_trials=2,
+                    search_iterations=10, search_proxy_epochs=1, search_proxy_images=64,
+                    search_rank_archs=3, search_rank_epochs_factor=2, search_rank_draws=8)
         base.update(overrides)
         return cls(**base)
 
@@ -1055,6 +1084,356 @@ def bench_scaling(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     return result
 
 
+# --------------------------------------------------------------------------- search section
+
+
+def _search_data(cfg: BenchConfig, work: Path) -> Path:
+    """The digits dataset at the search's size, prepared in the bench's work dir."""
+    from gpunet_core.data.prepare import prepare_digits
+
+    data = work / f"search-digits-{cfg.search_img_size}-{cfg.search_digits_per_class or 'all'}"
+    prepare_digits(data, img_size=cfg.search_img_size, per_class=cfg.search_digits_per_class)
+    return data
+
+
+def _proxy_config(cfg: BenchConfig):
+    from gpunet_core.search.proxy import ProxyConfig
+
+    return ProxyConfig(epochs=cfg.search_proxy_epochs, train_images=cfg.search_proxy_images)
+
+
+def _search_config(cfg: BenchConfig, data: Path, out: Path, *, budget_ms: float, trials: int,
+                   workers: int, references: bool):
+    """What ``gpunet search DATA --out OUT --img-size N --budget-ms ... --trials ...
+    --workers ...`` would run (its defaults otherwise)."""
+    from gpunet_core.search.study import SearchConfig
+
+    return SearchConfig(data=str(data), out=str(out), budget_ms=budget_ms,
+                        backend="onnxruntime", trials=trials, workers=workers,
+                        resolutions=(cfg.search_img_size,), iterations=cfg.search_iterations,
+                        threads=cfg.threads, references=references, proxy=_proxy_config(cfg))
+
+
+def _budget_latency(cfg: BenchConfig, num_classes: int) -> dict[str, Any]:
+    """GPUNet-0's latency at the search's size, measured exactly as a candidate is
+    (``measure_latency``, the search's backend, iterations and threads); ``cache``: the
+    measurement under its key, for :func:`_seed_latency`."""
+    from gpunet_core.search.driver import reference_spec
+    from gpunet_core.search.measure import MemoryCache, measure_latency
+
+    cache = MemoryCache()
+    spec = reference_spec("gpunet_0", cfg.search_img_size, num_classes)
+    result = measure_latency(spec, backend="onnxruntime", iterations=cfg.search_iterations,
+                             threads=cfg.threads, cache=cache, name="gpunet_0")
+    return {"model": "gpunet_0", "img_size": cfg.search_img_size, "backend": "onnxruntime",
+            "latency_ms": result["latency_ms"], "p90_ms": result.get("p90_ms"),
+            "iterations": cfg.search_iterations, "cache": cache.entries}
+
+
+def _seed_latency(search_cfg, entries: dict[str, dict[str, Any]]) -> None:
+    """Put measured latencies into ``search_cfg``'s (new) study, where the search looks them
+    up: the search's GPUNet-0 reference row is then the budget's own measurement (a cache
+    hit), so GPUNet-0 sits exactly at the budget instead of one noisy re-measurement either
+    side of it."""
+    from gpunet_core.search import study as studies
+    from gpunet_core.search.space import load_space
+
+    cache = studies.StudyCache(studies.open_study(search_cfg, load_space(search_cfg.space)))
+    for key, value in entries.items():
+        cache.put(key, value)
+
+
+def _timed_search(search_cfg) -> dict[str, Any]:
+    """``driver.search`` (``gpunet search``) timed end to end, plus the span from its first
+    trial's start to its last trial's end (read back from the study)."""
+    import optuna
+
+    from gpunet_core.search.driver import search
+    from gpunet_core.search.study import quiet_optuna
+
+    t0 = time.perf_counter()
+    result = search(search_cfg, progress=False)
+    wall = time.perf_counter() - t0
+    quiet_optuna()
+    study = optuna.load_study(study_name=search_cfg.study_name, storage=search_cfg.storage_url)
+    ended = [t for t in study.get_trials(deepcopy=False)
+             if t.datetime_start is not None and t.datetime_complete is not None]
+    span = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)
+            ).total_seconds() if ended else None
+    return {"result": result, "wall_s": wall, "trials_span_s": span, "trials_ended": len(ended),
+            "in_budget": _in_budget(study)}
+
+
+def _in_budget(study) -> list[dict[str, Any]]:
+    """The study's candidates measured within its budget (trained to the end, or pruned after
+    an epoch), one per architecture: trial, spec and latency."""
+    from optuna.trial import TrialState
+
+    rows, seen = [], set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        a = t.user_attrs
+        if a.get("constraint", 1.0) > 0 or "skipped" in a or "spec" not in a \
+                or a.get("spec_hash") in seen:
+            continue
+        seen.add(a.get("spec_hash"))
+        rows.append({"trial": t.number, "spec": a["spec"], "latency_ms": a["latency_ms"],
+                     "pruned": t.state == TrialState.PRUNED})
+    return rows
+
+
+def _entry(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: row.get(k) for k in keys if k in row}
+
+
+FRONT_KEYS = ("trial", "proxy_top1", "latency_ms", "params", "gmacs", "spec_hash", "spec_path")
+REFERENCE_KEYS = ("name", "display", "proxy_top1", "latency_ms", "params", "gmacs",
+                  "within_budget", "skipped")
+
+
+def versus_published(result: dict[str, Any]) -> dict[str, Any]:
+    """The front (of a ``pareto.json``) against the best published GPUNet within the same
+    budget (by proxy top-1): the members beating it on top-1, those matching it (at most
+    :data:`TARGETS`' points lower) at no more than its fraction of its latency, and whether
+    the target holds (``None``: no published GPUNet was trained within the budget)."""
+    budget = result["budget_ms"]
+    front = [r for r in result["front"]
+             if r.get("proxy_top1") is not None and r["latency_ms"] <= budget]
+    refs = [r for r in result.get("references") or []
+            if r.get("proxy_top1") is not None and r.get("within_budget")]
+    best_front = max(front, key=lambda r: (r["proxy_top1"], -r["latency_ms"]), default=None)
+    best_ref = max(refs, key=lambda r: (r["proxy_top1"], -r["latency_ms"]), default=None)
+    out: dict[str, Any] = {
+        "budget_ms": budget, "best_front": None if best_front is None
+        else _entry(best_front, *FRONT_KEYS),
+        "best_published": None if best_ref is None else _entry(best_ref, *REFERENCE_KEYS),
+        "beating": [], "matching": [], "holds": None}
+    if best_ref is None:
+        out["why"] = ("no published GPUNet measured and trained within the budget "
+                      "(references off, or all over it)")
+        return out
+    points = TARGETS["search_match_top1_points"]
+    frac = TARGETS["search_match_latency_frac"]
+    out["beating"] = [r["trial"] for r in front if r["proxy_top1"] > best_ref["proxy_top1"]]
+    out["matching"] = [r["trial"] for r in front
+                       if r["proxy_top1"] >= best_ref["proxy_top1"] - points
+                       and r["latency_ms"] <= frac * best_ref["latency_ms"]]
+    out["holds"] = bool(out["beating"] or out["matching"])
+    if best_front is not None:
+        out["top1_gain_points"] = best_front["proxy_top1"] - best_ref["proxy_top1"]
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Spearman's rank correlation of ``a`` and ``b`` (ties: average ranks): scipy's when it
+    is installed, else the Pearson correlation of numpy ranks (no p-value). ``rho`` is None
+    when either side is constant (no ranking to compare)."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) != len(y) or len(x) < 2:
+        raise BenchmarkError(f"spearman needs two equal-length series of >= 2, got {len(x)} "
+                             f"and {len(y)}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": None, "p_value": None, "n": len(x), "method": "constant input",
+                "why": "one side is constant: nothing to rank"}
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        def ranks(v):
+            order = v.argsort(kind="mergesort")
+            r = np.empty(len(v))
+            r[order] = np.arange(1, len(v) + 1)
+            for value in np.unique(v):  # ties: the average of their ranks
+                tied = v == value
+                r[tied] = r[tied].mean()
+            return r
+
+        rx, ry = ranks(x), ranks(y)
+        return {"rho": float(np.corrcoef(rx, ry)[0, 1]), "p_value": None, "n": len(x),
+                "method": "numpy ranks (scipy not installed)"}
+    res = spearmanr(x, y)
+    return {"rho": float(res.statistic), "p_value": float(res.pvalue), "n": len(x),
+            "method": "scipy.stats.spearmanr"}
+
+
+def _spread(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """``k`` of ``items`` (sorted by latency) spread evenly over them, ends included."""
+    items = sorted(items, key=lambda r: r["latency_ms"])
+    if k <= 0 or not items:
+        return []
+    if k >= len(items):
+        return items
+    if k == 1:
+        return [items[len(items) // 2]]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def _rank_correlation(cfg: BenchConfig, data: Path, budget_ms: float,
+                      candidates: list[dict[str, Any]], front: set[int]) -> dict[str, Any]:
+    """``search_rank_archs`` architectures within the budget, each trained with the proxy's
+    settings and with ``search_rank_epochs_factor`` times its epochs on ``search_rank_images``
+    training images (0: all), both by ``train_proxy`` and scored on the validation split: the
+    proxy's Spearman rank correlation with the longer training.
+
+    The architectures: up to half from the search's front (trials in ``front``), the rest
+    from its other candidates within the budget (``candidates``: trained or pruned), both
+    spread over their latency range; when the study had too few, seeded uniform samples of the
+    space that fit the resolution and measure within the budget (at most
+    ``search_rank_draws`` drawn)."""
+    from dataclasses import replace
+
+    from gpunet_core.search import proxy as proxies
+    from gpunet_core.search.measure import MemoryCache, measure_latency, model_cost
+    from gpunet_core.search.space import RandomChooser, fits_resolution, load_space, spec_hash
+
+    short_cfg = _proxy_config(cfg)
+    long_cfg = replace(short_cfg, epochs=short_cfg.epochs * cfg.search_rank_epochs_factor,
+                       train_images=cfg.search_rank_images)
+    short_data = proxies.ProxyData.load(data, cfg.search_img_size, short_cfg)
+    long_data = proxies.ProxyData.load(data, cfg.search_img_size, long_cfg)
+    wanted = cfg.search_rank_archs
+    on_front = [c for c in candidates if c["trial"] in front]
+    picks = [{**c, "source": "front"} for c in _spread(on_front, wanted // 2)]
+    others = [c for c in candidates if c["trial"] not in front]
+    picks += [{**c, "source": "study (pruned)" if c.get("pruned") else "study"}
+              for c in _spread(others, wanted - len(picks))]
+    picks = [{"name": f"trial-{c['trial']}", "source": c["source"], "spec": c["spec"],
+              "latency_ms": c["latency_ms"]} for c in picks]
+    seen = {spec_hash(c["spec"]) for c in candidates}
+    space, cache = load_space(), MemoryCache()
+    seed, rejected = 0, {"does_not_fit": 0, "over_budget": 0}
+    while len(picks) < wanted and seed < cfg.search_rank_draws:
+        spec = space.sample(RandomChooser(seed), num_classes=short_data.num_classes,
+                            resolutions=[cfg.search_img_size])
+        seed += 1
+        if spec_hash(spec) in seen:
+            continue
+        seen.add(spec_hash(spec))
+        if fits_resolution(spec):
+            rejected["does_not_fit"] += 1
+            continue
+        latency = measure_latency(spec, backend="onnxruntime", iterations=cfg.search_iterations,
+                                  threads=cfg.threads, cache=cache, name=f"sample-{seed - 1}")
+        if latency["latency_ms"] > budget_ms:
+            rejected["over_budget"] += 1
+            continue
+        picks.append({"name": f"sample-{seed - 1}", "source": "random", "spec": spec,
+                      "latency_ms": latency["latency_ms"]})
+    rows = []
+    for pick in picks:
+        spec = pick.pop("spec")
+        _logger.info("search: rank correlation, training %s with the proxy's settings and "
+                     "%dx longer", pick["name"], cfg.search_rank_epochs_factor)
+        short = proxies.train_proxy(spec, short_data, short_cfg)
+        long = proxies.train_proxy(spec, long_data, long_cfg)
+        rows.append({**pick, "spec_hash": spec_hash(spec), **model_cost(spec),
+                     "proxy_top1": short["top1"], "long_top1": long["top1"],
+                     "proxy_s": short["seconds"], "long_s": long["seconds"]})
+    result: dict[str, Any] = {"proxy": asdict(short_cfg), "long": asdict(long_cfg),
+                              "train_images": {"proxy": len(short_data.train_y),
+                                               "long": len(long_data.train_y)},
+                              "val_images": len(short_data.val_y), "wanted": wanted,
+                              "study_candidates": len(candidates), "random_draws": seed,
+                              "rejected": rejected, "rows": rows}
+    if len(rows) >= 2:
+        result.update(spearman([r["proxy_top1"] for r in rows], [r["long_top1"] for r in rows]))
+    else:
+        result.update(rho=None, why=f"only {len(rows)} architecture(s) within the budget")
+    return result
+
+
+def _guarded(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except Exception as exc:  # one part failing must not lose the others' figures
+        _logger.exception("search: %s failed", what)
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+
+def bench_search(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    """``gpunet search`` on digits with the ONNX Runtime CPU backend, in three parts under one
+    budget (GPUNet-0's latency at the search's size, measured in this run):
+
+    - ``versus_published``: a ``search_trials`` study with NVIDIA's seven GPUNets measured and
+      proxy-trained the same way; its front against the best of them within the budget;
+    - ``throughput``: candidates evaluated per minute by a fresh ``search_throughput_trials``
+      study for each of ``search_workers``, and the ratio to the first;
+    - ``rank``: the proxy's Spearman rank correlation with a longer training.
+
+    A failing part is recorded; the others still run.
+    """
+    import shutil
+
+    from gpunet_core.search.driver import num_classes
+
+    data = _search_data(cfg, work)
+    root = work / "search"
+    shutil.rmtree(root, ignore_errors=True)  # a kept --work-dir: fresh studies, never resumed
+    classes = num_classes(str(data))
+    _logger.info("search: measuring GPUNet-0 at %d px (the budget)", cfg.search_img_size)
+    budget = _budget_latency(cfg, classes)
+    seeded = budget.pop("cache")
+    budget_ms = budget["latency_ms"]
+    proxy = _proxy_config(cfg)
+    out: dict[str, Any] = {
+        "dataset": {"name": "digits", "path": str(data), "img_size": cfg.search_img_size,
+                    "per_class": cfg.search_digits_per_class, "classes": classes},
+        "backend": "onnxruntime", "precision": "fp32", "batch": 1,
+        "iterations": cfg.search_iterations, "proxy": asdict(proxy), "budget": budget}
+
+    study: dict[str, Any] = {"candidates": [], "front": set()}  # for the rank correlation
+
+    def versus() -> dict[str, Any]:
+        search_cfg = _search_config(cfg, data, root / "versus-published", budget_ms=budget_ms,
+                                    trials=cfg.search_trials, workers=1,
+                                    references=cfg.search_references)
+        _seed_latency(search_cfg, seeded)
+        _logger.info("search: %d trials within %.3f ms%s", cfg.search_trials, budget_ms,
+                     ", with the seven published GPUNets" if cfg.search_references else "")
+        run = _timed_search(search_cfg)
+        result = run["result"]
+        study.update(candidates=run["in_budget"], front={r["trial"] for r in result["front"]})
+        return {"trials": cfg.search_trials, "with_references": cfg.search_references,
+                "out": search_cfg.out, "wall_s": run["wall_s"],
+                "trials_counted": result["trials_counted"],
+                "trained_in_budget": result["trained_in_budget"],
+                "fastest_in_space_ms": result.get("fastest_in_space_ms"),
+                "front": [_entry(r, *FRONT_KEYS) for r in result["front"]],
+                "references": [_entry(r, *REFERENCE_KEYS) for r in result["references"]],
+                **versus_published(result)}
+
+    def throughput() -> dict[str, Any]:
+        rows = []
+        for workers in cfg.search_workers:
+            search_cfg = _search_config(cfg, data, root / f"throughput-{workers}w",
+                                        budget_ms=budget_ms, trials=cfg.search_throughput_trials,
+                                        workers=workers, references=False)
+            _logger.info("search: throughput, %d trials with %d worker(s)",
+                         cfg.search_throughput_trials, workers)
+            run = _timed_search(search_cfg)
+            result, span = run["result"], run["trials_span_s"]
+            rows.append({"workers": workers, "trials_counted": result["trials_counted"],
+                         "trials_ended": run["trials_ended"],
+                         "trained_in_budget": result["trained_in_budget"],
+                         "wall_s": run["wall_s"], "trials_span_s": span,
+                         "per_min": 60.0 * result["trials_counted"] / run["wall_s"],
+                         "per_min_span": 60.0 * run["trials_ended"] / span if span else None})
+        base = rows[0] if rows else None
+        return {"trials": cfg.search_throughput_trials, "references": False, "rows": rows,
+                "ratio": {str(r["workers"]): r["per_min"] / base["per_min"]
+                          for r in rows[1:]} if base else {},
+                "ratio_span": {str(r["workers"]): r["per_min_span"] / base["per_min_span"]
+                               for r in rows[1:] if r["per_min_span"] and base["per_min_span"]}
+                if base else {}}
+
+    out["versus_published"] = _guarded("the search against the published GPUNets", versus)
+    out["throughput"] = _guarded("throughput", throughput) if cfg.search_workers else None
+    out["rank"] = _guarded("rank correlation", lambda: _rank_correlation(
+        cfg, data, budget_ms, study["candidates"], study["front"])) \
+        if cfg.search_rank_archs else None
+    return out
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -1104,7 +1483,7 @@ def run_all(cfg: BenchConfig) -> dict[str, Any]:
                 else:
                     fn = {"train": bench_train, "data": bench_data,
                           "inference": bench_inference, "quantization": bench_quantization,
-                          "scaling": bench_scaling}[name]
+                          "scaling": bench_scaling, "search": bench_search}[name]
                     sections[name] = fn(cfg, work)
             except BenchmarkError:
                 raise
@@ -1303,6 +1682,115 @@ def _quantization_markdown(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def _verdict(holds: bool | None) -> str:
+    return "not judged" if holds is None else "✅ met" if holds else "❌ not met"
+
+
+def _search_markdown(sr: dict[str, Any]) -> list[str]:
+    """The search section: the front against the published GPUNets, throughput by workers,
+    the proxy's rank correlation."""
+    b, px, proxy = sr["budget"], sr["dataset"]["img_size"], sr["proxy"]
+    images = "all" if not proxy["train_images"] else f"a fixed {proxy['train_images']}"
+    lines = [f"`gpunet search` on digits at {px} px ({sr['dataset'].get('per_class') or 'all'} "
+             f"per class), {sr['backend']} on this CPU, {sr['precision']}, batch {sr['batch']}: "
+             f"every candidate's latency measured (median of {sr['iterations']} runs), the "
+             f"accuracy proxy {_epochs(proxy['epochs'])} on {images} training images, top-1 on "
+             f"the validation split. Budget: GPUNet-0's latency at {px} px, measured in this "
+             f"run: {b['latency_ms']:.3f} ms (the search's own GPUNet-0 row is the same "
+             "measurement).", ""]
+    v = sr.get("versus_published")
+    if v and "error" in v:
+        lines += [f"Against the published GPUNets: failed: {v['error']}", ""]
+    elif v:
+        best, ref = v.get("best_front"), v.get("best_published")
+        target = (f"a front member above its top-1, or within "
+                  f"{TARGETS['search_match_top1_points']:g} points at ≤ "
+                  f"{TARGETS['search_match_latency_frac']:g}x its latency")
+        lines += [f"Against NVIDIA's GPUNets: a {v['trials']}-trial study (1 worker, "
+                  f"{v['wall_s']:.0f} s, {v['trained_in_budget']} candidates trained within the "
+                  "budget)" + (", the seven published GPUNets measured and proxy-trained the same "
+                               "way" if v.get("with_references") else ", no references") + ".",
+                  "",
+                  "- best front member within the budget: " + (
+                      f"trial {best['trial']}, {best['proxy_top1']:.2f} % at "
+                      f"{best['latency_ms']:.3f} ms" if best else "none"),
+                  "- best published GPUNet within the budget: " + (
+                      f"{ref['display']}, {ref['proxy_top1']:.2f} % at {ref['latency_ms']:.3f} ms"
+                      if ref else v.get("why", "none")),
+                  f"- target ({target}): **{_verdict(v.get('holds'))}**"
+                  + (f" (beating it: trials {v['beating'] or 'none'}; matching it faster: "
+                     f"trials {v['matching'] or 'none'})" if v.get("holds") is not None else ""),
+                  "", "| architecture | latency ms | proxy top-1 % | params M | GMACs | within "
+                  "budget |", "|---|---:|---:|---:|---:|---|"]
+        for r in v["front"]:
+            lines.append(f"| front: trial {r['trial']} | {r['latency_ms']:.3f} | "
+                         f"{r['proxy_top1']:.2f} | {_fmt((r.get('params') or 0) / 1e6, 2)} | "
+                         f"{_fmt(r.get('gmacs'), 3)} | yes |")
+        for r in v["references"]:
+            if r.get("proxy_top1") is None:
+                lines.append(f"| {r['display']} | – | – | – | – | "
+                             f"{r.get('skipped') or 'not measured'} |")
+                continue
+            lines.append(f"| {r['display']} (published) | {r['latency_ms']:.3f} | "
+                         f"{r['proxy_top1']:.2f} | {_fmt((r.get('params') or 0) / 1e6, 2)} | "
+                         f"{_fmt(r.get('gmacs'), 3)} | "
+                         f"{'yes' if r.get('within_budget') else 'no'} |")
+        lines.append("")
+    th = sr.get("throughput")
+    if th and "error" in th:
+        lines += [f"Search throughput: failed: {th['error']}", ""]
+    elif th and th["rows"]:
+        first = th["rows"][0]["workers"]
+        lines += [f"Search throughput: a fresh {th['trials']}-trial study per worker count "
+                  "(same budget, no references); candidates evaluated (measured, and trained "
+                  "when within the budget) per minute of the whole `gpunet search` run, and per "
+                  "minute from the first trial's start to the last one's end. Workers share "
+                  "this machine's cores, and a candidate measured while another trains reads "
+                  "slower (so more fall over the budget and are not trained: see that column).",
+                  "", f"| workers | trials | trained within budget | wall s | per min | vs "
+                  f"{first} | trials span s | per min (span) | vs {first} (span) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in th["rows"]:
+            key = str(r["workers"])
+            same = r["workers"] == first
+            lines.append(
+                f"| {r['workers']} | {r['trials_counted']} | {r['trained_in_budget']} | "
+                f"{r['wall_s']:.0f} | {r['per_min']:.2f} | "
+                f"{'1.00' if same else _ratio(th['ratio'].get(key))} | "
+                f"{_fmt(r.get('trials_span_s'), 0)} | {_fmt(r.get('per_min_span'), 2)} | "
+                f"{'1.00' if same else _ratio(th['ratio_span'].get(key))} |")
+        lines.append("")
+    rk = sr.get("rank")
+    if rk and "error" in rk:
+        lines += [f"Proxy rank correlation: failed: {rk['error']}", ""]
+    elif rk:
+        rho = rk.get("rho")
+        shown = "–" if rho is None else f"{rho:.2f}"
+        pval = f", p = {rk['p_value']:.3f}" if rk.get("p_value") is not None else ""
+        lines += [f"Proxy rank correlation: {len(rk['rows'])} architectures within the budget "
+                  "(up to half from the front, the rest the study's other candidates within it, "
+                  "both spread over their latency; seeded uniform samples of the space measured "
+                  "within the budget when the study had too few), "
+                  f"each trained by `train_proxy` with the proxy's settings "
+                  f"({_epochs(rk['proxy']['epochs'])}, {rk['train_images']['proxy']} images) and "
+                  f"longer ({_epochs(rk['long']['epochs'])}, {rk['train_images']['long']} images), "
+                  f"top-1 on the {rk['val_images']} validation images: **Spearman ρ = {shown}**"
+                  f"{pval}" + (f" ({rk['why']})" if rk.get("why") else
+                               f" ({rk.get('method')})") + ".", "",
+                  "| architecture | from | params M | proxy top-1 % | longer top-1 % | proxy s "
+                  "| longer s |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in rk["rows"]:
+            lines.append(f"| {r['name']} | {r['source']} | {_fmt(r['params'] / 1e6, 2)} | "
+                         f"{r['proxy_top1']:.2f} | {r['long_top1']:.2f} | {r['proxy_s']:.0f} | "
+                         f"{r['long_s']:.0f} |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(results: dict[str, Any], source: str | None = None,
                     notes: str = "") -> str:
     """``BENCHMARKS.md`` from a results dict (everything in it comes from the JSON)."""
@@ -1493,6 +1981,13 @@ def render_markdown(results: dict[str, Any], source: str | None = None,
                 lines.append(f"| {r['procs']} | {_fmt(r['img_per_sec'])} | {e} | "
                              f"{100 * r['data_wait_frac']:.1f} % |")
             lines.append("")
+    sr = s.get("search")
+    if sr:
+        lines += ["## Architecture search (ONNX Runtime, CPU)", ""]
+        if "error" in sr:
+            lines += [f"Failed: {sr['error']}", ""]
+        else:
+            lines += _search_markdown(sr)
     if notes:
         lines += [notes.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -1525,15 +2020,18 @@ def build_parser() -> Any:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="bench/run.py", description="Measure training, input pipeline, inference, pipeline "
-        "overhead and scaling side by side; write bench/results/<date>-<host>.json and "
+        prog="bench/run.py", description="Measure training, input pipeline, inference, "
+        "quantization, pipeline overhead, scaling and the architecture search side by side; write bench/results/<date>-<host>.json and "
         "regenerate BENCHMARKS.md from it.")
     p.add_argument("--quick", action="store_true",
                    help="seconds-long smoke run (tiny sizes, gpunet_0 only, no torchrun, no "
-                        "quantization)")
+                        "quantization, no search; named in --sections, those run tiny)")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
-                        "--quick: all but scaling and quantization)")
+                        "--quick: all but scaling, quantization and search)")
+    p.add_argument("--search-trials", type=int, default=None,
+                   help="trials of the search section's study against the published GPUNets "
+                        "(default 40; --quick: 4)")
     p.add_argument("--models", default="", help="inference models (default: all 7)")
     p.add_argument("--train-models", default=None,
                    help="training comparison models (default gpunet_0,efficientnet_b0)")
@@ -1588,7 +2086,7 @@ def config_from_args(args: Any) -> BenchConfig:
             else _csv(args.compile_models)
     if args.compile_batches is not None:
         overrides["compile_batches"] = _ints(args.compile_batches)
-    for key in ("time_budget_s", "max_call_s", "threads", "work_dir"):
+    for key in ("time_budget_s", "max_call_s", "threads", "work_dir", "search_trials"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.pipeline_timings:

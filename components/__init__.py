@@ -11,8 +11,10 @@ from components.prepare_dataset import prepare_dataset
 from components.promote import promote
 from components.quantize import quantize
 from components.report import report
+from components.search import search_front, search_setup, search_worker
 from components.train import train_student, train_teacher
 from components.validate import validate, validate_deployed
 
 __all__ = ["benchmark", "export_onnx", "prepare_dataset", "promote", "quantize", "report",
-           "train_student", "train_teacher", "validate", "validate_deployed"]
+           "search_front", "search_setup", "search_worker", "train_student", "train_teacher",
+           "validate", "validate_deployed"]

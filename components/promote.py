@@ -16,7 +16,8 @@ def promote(dataset: Input[Dataset], checkpoint: Input[Model], deployed: Input[M
     ``deployed_validation`` and ``bench``; ``validation``: the FP32 checkpoint's. ``dataset``:
     its validation split is where a champion validated on other data is evaluated before the
     comparison. ``scheduled_time``: a recurring run's scheduled time, tagged on the MLflow
-    run."""
+    run. ``model_name``: the architecture, unless ``checkpoint`` carries its own (a custom
+    spec the training step kept with it)."""
     import json
     import os
 
@@ -30,7 +31,8 @@ def promote(dataset: Input[Dataset], checkpoint: Input[Model], deployed: Input[M
     with open(bench.path) as fh:
         lat = json.load(fh)
     decision = steps.promote(os.path.join(checkpoint.path, BEST_CHECKPOINT), deployed.path,
-                             val, lat, model=model_name, img_size=img_size,
+                             val, lat, model=steps.trained_model(checkpoint.path, model_name),
+                             img_size=img_size,
                              registered_model=registered_model,
                              deployed_validation=deployed_val, min_top1=min_top1,
                              max_latency_ms=max_latency_ms, margin=margin,

@@ -1,6 +1,6 @@
 """train_teacher / train_student: torchrun training (gpunet_core.steps.train_config + train)."""
 
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components._images import TRAIN_IMAGE, component
 
@@ -23,7 +23,7 @@ def train_teacher(dataset: Input[Dataset], enabled: bool, model_name: str, epoch
                                  img_size=img_size, lr=lr, opt=optimizer or None,
                                  warmup_epochs=warmup_epochs if warmup_epochs >= 0 else None)
         result = steps.train(cfg, nproc_per_node=nproc_per_node)
-        checkpoint.metadata.update({"model": model_name, "img_size": img_size,
+        checkpoint.metadata.update({"model": cfg.model, "img_size": img_size,
                                     "top1": result.get("top1", 0.0)})
 
 
@@ -34,8 +34,13 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
                   teacher_name: str, teacher_img_size: int,
                   kd_weight: float, kd_temperature: float, mlflow_experiment: str,
                   image: str, pod_settings: str, checkpoint: Output[Model],
-                  metrics: Output[Metrics]):
+                  metrics: Output[Metrics], spec: Input[Artifact] = None):
     """The candidate GPUNet; distils from ``teacher`` when the teacher step was enabled.
+
+    ``model_name``: a shipped name or a GPUNet JSON spec (a ``.json`` path or ``s3://`` URI);
+    ``spec``, when given (an architecture search's output: the JSON at its path, its name in
+    ``metadata["name"]`` if set), overrides it. A spec trains by its custom name, and its
+    verified copy is kept in ``checkpoint``, where the later steps read the architecture.
 
     ``nodes > 1`` runs it as a Kubeflow Trainer ``TrainJob`` with ``pod_settings``
     (PodSettings JSON, compiled in from the pipeline's platform), keyed by the checkpoint
@@ -54,14 +59,15 @@ def train_student(dataset: Input[Dataset], teacher: Input[Model], model_name: st
                "kd_temperature": kd_temperature} if use_teacher and teacher_name else {}
     mlflow = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     cfg = steps.train_config(
-        dataset.path, checkpoint.path, augment=augment, model=model_name, preset=preset or None,
+        dataset.path, checkpoint.path, augment=augment, model=spec.path if spec else model_name,
+        model_label=spec.metadata.get("name") if spec else None, preset=preset or None,
         epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr or None,
         opt=optimizer or None, warmup_epochs=warmup_epochs if warmup_epochs >= 0 else None,
         mlflow=mlflow, experiment=mlflow_experiment if mlflow else None,
         **distill)
     result = steps.train(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
                          settings=pod_settings, task="student", job_key=checkpoint.uri)
-    checkpoint.metadata.update({"model": model_name, "img_size": img_size,
+    checkpoint.metadata.update({"model": cfg.model, "img_size": img_size,
                                 "distilled": use_teacher})
     if use_teacher:  # what it learnt from, for the registry and the run's summary
         checkpoint.metadata.update({"teacher": teacher_name,

@@ -11,6 +11,12 @@ MLflow: without KFP's MLflow plugin, training opens its own run (its id left in
 that run, linked to the model, and tags it with the pipeline run (``kfp_run_id``). With the
 plugin (``$MLFLOW_RUN_ID``, one nested run per task), every step logs into its own task's run
 instead and creates none; validation and benchmark figures then land in theirs too.
+
+Models: a step's ``model`` is a shipped name or a GPUNet JSON spec given by location (a ``.json``
+path or ``s3://`` URI), which :func:`train_config` reads, validates and stores once and trains
+by its custom name (:func:`gpunet_core.models.spec.model_name`). :func:`train` keeps that
+spec's verified copy beside the checkpoints, and the steps after training build the model from
+it (:func:`trained_model`): the checkpoint folder carries its architecture.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from gpunet_core.mlops.mlflow_client import client, ensure_experiment, plugin_run_id
-from gpunet_core.training.config import TrainConfig, to_argv
+from gpunet_core.models.spec import is_custom_name, model_name, stored_spec_path
+from gpunet_core.training.config import TrainConfig, to_argv, with_model_name
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import (
@@ -39,6 +46,7 @@ from gpunet_core.utils.files import (
     MODEL_ID_FILE,
     RESULT_FILE,
     RUN_ID_FILE,
+    copy_file,
     write_json,
 )
 from gpunet_core.utils.process import fast_exit
@@ -49,10 +57,12 @@ RUNS_ENV = "GPUNET_RUNS_URI"
 # train_config(augment=...): the flags each augmentation recipe sets. "light", for tiny
 # images and a few epochs (the laptop demo), measured on digits at 32 px, 2 epochs, 2 workers:
 # no RandAugment or erasing; no flips (a mirrored 2, 3 or 7 is no digit: 70 % -> 93 % top-1);
-# 0.8-1 crops and no label smoothing (both slow a 90-step run down: 92.8 % -> 96.4 % at 64 px)
+# 0.8-1 crops and no label smoothing (both slow a 90-step run down: 92.8 % -> 96.4 % at 64 px);
+# a cosine LR decay (the figures: gpunet_training's docstring)
 AUGMENT: dict[str, dict[str, Any]] = {
     "recipe": {},
-    "light": {"aa": "", "reprob": 0.0, "scale": (0.8, 1.0), "hflip": 0.0, "smoothing": 0.0}}
+    "light": {"aa": "", "reprob": 0.0, "scale": (0.8, 1.0), "hflip": 0.0, "smoothing": 0.0,
+              "sched": "cosine"}}
 
 
 class StepError(GpunetError):
@@ -224,9 +234,16 @@ def train(cfg: TrainConfig, *, nproc_per_node: int = 1, nodes: int = 1, image: s
     when the step is retried, so a retry re-attaches or resumes and never collides.
     """
     if nodes > 1:
-        return _train_on_cluster(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
-                                 namespace=namespace, settings=settings, task=task,
-                                 key=job_key or run_id_of(cfg))
+        result = _train_on_cluster(cfg, nodes=nodes, nproc_per_node=nproc_per_node, image=image,
+                                   namespace=namespace, settings=settings, task=task,
+                                   key=job_key or run_id_of(cfg))
+    else:
+        result = _train_here(cfg, nproc_per_node)
+    keep_spec(cfg)
+    return result
+
+
+def _train_here(cfg: TrainConfig, nproc_per_node: int) -> dict[str, Any]:
     args = to_argv(cfg)
     if nproc_per_node > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -241,6 +258,30 @@ def train(cfg: TrainConfig, *, nproc_per_node: int = 1, nodes: int = 1, image: s
         raise StepError(f"training failed (exit code {code}): "
                         f"{reason or 'no error message; see the log above'}")
     return train_result(cfg.output)
+
+
+def keep_spec(cfg: TrainConfig) -> None:
+    """A custom spec's verified copy beside the run's checkpoints, ``<name>.json``: what the
+    steps after training build the model from (:func:`trained_model`)."""
+    if not is_custom_name(cfg.model):
+        return
+    stored = stored_spec_path(cfg.model)
+    if storage.is_s3_uri(cfg.output):
+        storage.upload_file(stored, storage.parse_s3_uri(cfg.output).join(stored.name))
+    else:
+        copy_file(stored, Path(cfg.output) / stored.name)
+
+
+def trained_model(checkpoint_dir: str | Path, model: str) -> str:
+    """The model the training step's output folder ``checkpoint_dir`` holds, as the steps after
+    training pass it on: the path of the custom spec :func:`train` kept there
+    (``<name>.json``), else ``model`` (the pipeline's ``model_name``)."""
+    kept = sorted(p for p in Path(checkpoint_dir).glob("*.json") if is_custom_name(p.stem))
+    if len(kept) > 1:
+        raise StepError(f"{checkpoint_dir} holds {len(kept)} model specs "
+                        f"({', '.join(p.name for p in kept)}); a training step's output folder "
+                        "holds the one spec it trained")
+    return str(kept[0]) if kept else model
 
 
 def run_id_of(cfg: TrainConfig) -> str:
@@ -294,6 +335,10 @@ def cluster_config(cfg: TrainConfig, *, run_id: str, task: str) -> TrainConfig:
             _logger.info("publishing dataset %s to %s for the TrainJob's pods", data, dest)
             publish_dataset(data, dest, progress=False)
         changes["data"] = dest
+    if is_custom_name(cfg.model):  # the pods have no spec store: the spec goes in the argv
+        spec_uri = run.join("inputs", "model", f"{cfg.model}.json")
+        storage.upload_file(stored_spec_path(cfg.model), spec_uri)
+        changes["model"] = str(spec_uri)  # `gpunet train` knows it by the same name again
     for name in ("teacher_checkpoint", "initial_checkpoint", "resume"):
         local = getattr(cfg, name)
         if local and not storage.is_s3_uri(local):
@@ -348,7 +393,8 @@ def _train_on_cluster(cfg: TrainConfig, *, nodes: int, nproc_per_node: int, imag
 
 
 def train_config(data: str | Path, out: str | Path, *, augment: str = "recipe",
-                 kfp_run_id: str = "", workers: int = 1, **settings: Any) -> TrainConfig:
+                 kfp_run_id: str = "", workers: int = 1, model_label: str | None = None,
+                 **settings: Any) -> TrainConfig:
     """The :class:`~gpunet_core.training.config.TrainConfig` of a pipeline's training step.
 
     ``settings`` are TrainConfig fields (None: not given), layered as on the command line:
@@ -359,6 +405,10 @@ def train_config(data: str | Path, out: str | Path, *, augment: str = "recipe",
     demo. ``warmup_epochs=None`` (the pipeline's -1) takes the recipe's or preset's warmup,
     unless the run is no longer than it: then there is none, since a run that ends inside its
     warmup never trains at ``lr`` (NVIDIA's 3 warmup epochs are for 450-epoch runs).
+    ``model``: a shipped name or a GPUNet JSON spec (``.json`` path, ``s3://`` URI), read,
+    validated and stored here: the config trains it by its custom name (``model_label``, default
+    the file's stem, and 8 hex digits of its SHA-256; :func:`~gpunet_core.training.config.
+    with_model_name`).
     Checked here, so a bad value fails before any training process starts.
     """
     if augment not in AUGMENT:
@@ -367,6 +417,7 @@ def train_config(data: str | Path, out: str | Path, *, augment: str = "recipe",
     cfg = TrainConfig.resolve(**{"data": str(data), "output": str(out), "auto_resume": True,
                                  "workers": workers, "run_tag": tags, **AUGMENT[augment],
                                  **settings})
+    cfg = with_model_name(cfg, label=model_label)
     if settings.get("warmup_epochs") is None and cfg.warmup_epochs >= cfg.epochs:
         _logger.info("no LR warmup: the recipe's %d warmup epochs would last the whole "
                      "%d-epoch run", cfg.warmup_epochs, cfg.epochs)
@@ -417,6 +468,7 @@ def validate(data: str | Path, checkpoint: str | Path, *, model: str, img_size: 
     from gpunet_core.models.spec import check_img_size
 
     check_img_size(img_size)  # before the checkpoint is read
+    model = model_name(model)  # a spec (path, s3://): stored, and known by its name
     data = local_dataset(data, progress=False)  # s3://: its verified per-node copy, checked first
     net = load_inference_model(model, checkpoint)
     results = run_validate(net, data, batch_size=batch_size, workers=0, img_size=img_size,
@@ -437,6 +489,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, *, model: str,
 
     export.check_options(batch=1, opset=export.DEFAULT_OPSET, exporter=export.DEFAULT_EXPORTER,
                          img_size=img_size, tolerance=None)  # before the checkpoint is read
+    model = model_name(model)  # a spec (path, s3://): stored, and the export's name is its name
     net = load_inference_model(model, checkpoint)
     return export.export_onnx(net, output, model_name=model, img_size=img_size,
                               dynamic_batch=True, checkpoint=checkpoint)
@@ -537,6 +590,7 @@ def promote(checkpoint: str | Path, onnx: str | Path, validation: dict[str, Any]
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StepError("promotion needs MLflow: set MLFLOW_TRACKING_URI")
+    model = model_name(model)  # a spec (path, s3://): registered by its name (MLflow's rules)
     mlc = client()
     trained_by = training_run_id(checkpoint)
     run_id = plugin_run_id() or trained_by or pipeline_run_id(kfp_run_id, experiment)
@@ -624,3 +678,203 @@ def write_html_report(results: list[str | Path], out: str | Path, *, registered_
         _logger.info("report: MLFLOW_TRACKING_URI is unset, so the page shows this run's "
                      "results without the champion history of %s", registered_model)
     return report.write_html_report(results, out, history=history)
+
+
+# ============================================================================================
+# The gpunet_search DAG (pipelines/gpunet_search.py): search_setup -> search_worker, one task
+# per worker on the one shared study (dsl.ParallelFor) -> search_front -> the training chain on
+# the chosen spec. search_setup checks the request and builds the SearchConfig once; the other
+# steps rebuild it from the setup folder (SEARCH_SETUP_FILE). The storage URL is never written
+# there (it may hold a password): every task resolves it the same way (search_storage_url).
+# ============================================================================================
+
+SEARCH_SETUP_FILE = "setup.json"
+SEARCH_LOCAL_DB = "study.db"  # the default study where the tasks share a filesystem (kfp.local)
+SEARCH_PICKS = ("most_accurate", "fastest")  # search_front's rule for the spec to train
+
+
+def search_storage_url(storage: str, local_db: str | Path | None = None) -> str:
+    """The study's storage URL in a search task: ``storage`` (the pipeline's
+    ``study_storage``) when given, else ``$GPUNET_SEARCH_STORAGE`` (on a cluster: the Secret
+    ``gpunet-optuna``, manifests/README.md), else the sqlite file ``local_db`` where the tasks
+    share a filesystem (kfp.local: the setup task's folder), else an error."""
+    # the study module pulls in torch and optuna: only the search steps need them
+    from gpunet_core.search.study import STORAGE_ENV
+
+    url = storage or os.environ.get(STORAGE_ENV, "")
+    if url:
+        return url
+    if local_db:
+        return f"sqlite:///{Path(local_db).resolve()}"
+    raise StepError(f"the search tasks share no filesystem here, so the study needs a database: "
+                    f"set {STORAGE_ENV} (the Secret gpunet-optuna, manifests/README.md) or pass "
+                    "study_storage=postgresql+psycopg2://USER:PASS@HOST/DB")
+
+
+def read_search_setup(setup_dir: str | Path) -> dict[str, Any]:
+    """What :func:`search_setup` wrote into its folder (``setup.json``)."""
+    path = Path(setup_dir) / SEARCH_SETUP_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StepError(f"{path} is missing or unreadable ({exc}): pass the search-setup "
+                        "task's setup artifact") from None
+
+
+def search_config(setup: dict[str, Any], storage: str = "", *, data: str | Path | None = None):
+    """The :class:`~gpunet_core.search.study.SearchConfig` that :func:`search_setup` checked,
+    on the storage this task resolves (:func:`search_storage_url`); ``data``: this task's
+    path of the dataset (default: the setup task's). A task that resolves another storage
+    than the setup task did fails here, before it adds trials to a study of its own."""
+    # torch and optuna come with the search modules: only the search steps need them
+    from gpunet_core.search.proxy import ProxyConfig
+    from gpunet_core.search.study import SearchConfig, redact
+
+    fields = dict(setup["config"])
+    proxy = ProxyConfig(**fields.pop("proxy"))
+    for name in ("resolutions", "families"):
+        if fields.get(name) is not None:
+            fields[name] = tuple(fields[name])
+    if data is not None:
+        fields["data"] = str(data)
+    url = search_storage_url(storage, setup.get("local_db"))
+    if redact(url) != setup["storage"]:
+        raise StepError(f"this task's study storage is {redact(url)}, but search-setup created "
+                        f"the study in {setup['storage']}: give every search task the same "
+                        "study_storage (or the same gpunet-optuna Secret)")
+    return SearchConfig(**fields, out=setup["out"], storage=url, proxy=proxy)
+
+
+@timed("gpunet_core.search.driver", "optuna")
+def search_setup(data: str | Path, out: str | Path, *, budget_ms: float, storage: str = "",
+                 shared_storage: bool = False, study_name: str = "gpunet-search",
+                 backend: str = "onnxruntime", precision: str = "fp32", img_size: int = 32,
+                 trials: int = 20, workers: int = 1, proxy_epochs: int = 3,
+                 proxy_images: int = 640, proxy_batch_size: int = 64, references: bool = True,
+                 space: str = "", sampler: str = "tpe", seed: int = 0,
+                 iterations: int = 50) -> dict[str, Any]:
+    """Create (or resume) the study and check the request before any worker starts, as
+    ``gpunet search`` does: the settings (budget, backend, TensorRT where asked for,
+    precision, counts, proxy), the storage (opened here), the budget's floor (each family's
+    fastest spec measured: a budget below all of them is refused, and a study this step created
+    is removed again), then NVIDIA's seven GPUNets measured and proxy-trained once
+    (``references``; kept in the study, so a resumed search skips them).
+
+    Writes ``out/setup.json`` (:func:`read_search_setup`): the config the worker and front
+    steps rebuild, the redacted storage URL, the hardware the latencies are measured on, the
+    fastest spec per family and the references. ``storage``: the study's URL, else
+    ``$GPUNET_SEARCH_STORAGE``, else ``out/study.db``, unless ``shared_storage`` (the tasks
+    share no filesystem: a cluster), which refuses that sqlite default. Returns what it wrote
+    plus ``workers``, the worker indices ``0 .. workers-1``.
+    """
+    # torch and optuna come with the search modules: only the search steps need them
+    from gpunet_core.search import driver
+    from gpunet_core.search import study as studies
+    from gpunet_core.search.measure import hardware_key
+    from gpunet_core.search.proxy import ProxyConfig, ProxyData
+    from gpunet_core.search.space import load_space
+
+    cfg = studies.SearchConfig(
+        data=str(data), out=str(out), budget_ms=budget_ms, backend=backend, precision=precision,
+        trials=trials, workers=workers, study_name=study_name, resolutions=(img_size,),
+        space=space or None, sampler=sampler, seed=seed, iterations=iterations,
+        references=references,
+        proxy=ProxyConfig(epochs=proxy_epochs, train_images=proxy_images,
+                          batch_size=proxy_batch_size, seed=seed))
+    if not study_name:
+        raise StepError("study_name must not be empty")
+    search_space = load_space(cfg.space)
+    studies.check_config(cfg, search_space)
+    size = studies.proxy_resolution(cfg, search_space)
+    local_db = None if shared_storage else Path(out) / SEARCH_LOCAL_DB
+    cfg = dataclasses.replace(cfg, storage=search_storage_url(storage, local_db))
+    if local_db is not None and cfg.storage != f"sqlite:///{local_db.resolve()}":
+        local_db = None  # the study is elsewhere: the other tasks must not fall back to it
+    Path(out).mkdir(parents=True, exist_ok=True)
+    classes = driver.num_classes(cfg.data)
+    with driver.new_study_removed_on_error(cfg) as created:
+        study = studies.open_study(cfg, search_space)  # an unreachable storage fails here
+        fastest = studies.check_budget(cfg, search_space, study, classes)
+    _logger.info("%s study %s in %s: %d of %d trials there", "created" if created else "resuming",
+                 cfg.study_name, studies.redact(cfg.storage_url), studies.counted_trials(study),
+                 cfg.trials)
+    refs = driver.measure_references(cfg, study, ProxyData.load(cfg.data, size, cfg.proxy)) \
+        if cfg.references else []
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("storage", "out")}
+    setup = {"config": config, "out": str(out), "storage": studies.redact(cfg.storage_url),
+             "local_db": str(local_db) if local_db else None, "img_size": size,
+             "num_classes": classes, "hardware": hardware_key(cfg.backend, cfg.batch),
+             "fastest_in_space_ms": fastest, "references": refs, "created": created}
+    write_json(setup, Path(out) / SEARCH_SETUP_FILE)
+    return {**setup, "workers": list(range(cfg.workers))}
+
+
+@timed("gpunet_core.search.study", "optuna")
+def search_worker(data: str | Path, setup_dir: str | Path, *, worker: int,
+                  storage: str = "") -> dict[str, Any]:
+    """One worker of the study :func:`search_setup` made: trials until the study holds its
+    ``trials`` (:func:`~gpunet_core.search.study.run_worker`; any number run at once, each
+    trial's architecture sampled from all finished so far). Returns ``worker`` and
+    ``trials_run``, how many this worker ran."""
+    # torch and optuna come with the search modules: only the search steps need them
+    from gpunet_core.search.study import run_worker
+
+    cfg = search_config(read_search_setup(setup_dir), storage, data=data)
+
+    def progress(finished: int) -> None:
+        _logger.info("search worker %d: %d of %d trials finished in the study", worker,
+                     finished, cfg.trials)
+
+    ran = run_worker(cfg, worker, progress=progress)
+    return {"worker": worker, "trials_run": ran}
+
+
+def pick_from_front(front: list[dict[str, Any]], pick: str, budget_ms: float) -> dict[str, Any]:
+    """The front member to train: ``most_accurate`` (highest proxy top-1, then the faster)
+    or ``fastest`` (lowest latency, then the more accurate), within ``budget_ms``."""
+    if pick not in SEARCH_PICKS:
+        raise StepError(f"pick must be one of {', '.join(SEARCH_PICKS)}, got {pick!r}")
+    within = [r for r in front if r["latency_ms"] <= budget_ms]
+    if not within:
+        raise StepError(f"no trial within the {budget_ms:g} ms budget finished its proxy training, "
+                        "so there is no spec to train: run more trials, raise budget_ms or "
+                        "lower img_size (the study keeps its trials: rerun with the same "
+                        "study_storage and study_name to add to them)")
+    if pick == "fastest":
+        return min(within, key=lambda r: (r["latency_ms"], -r["proxy_top1"], r["trial"]))
+    return max(within, key=lambda r: (r["proxy_top1"], -r["latency_ms"], -r["trial"]))
+
+
+@timed("gpunet_core.search.results", "gpunet_core.search.study", "optuna")
+def search_front(setup_dir: str | Path, out: str | Path, spec_file: str | Path, *,
+                 storage: str = "", pick: str = "most_accurate") -> dict[str, Any]:
+    """The study's result after its workers: ``out/pareto.json``, ``out/specs/*.json`` and
+    ``out/pareto.png`` (:func:`~gpunet_core.search.results.write_results`, the same files as
+    ``gpunet search --out``), and the front member ``pick`` chooses (:func:`pick_from_front`)
+    copied to ``spec_file``. Returns pareto.json's content plus ``chosen`` (its front entry),
+    ``pick`` and ``name``, the label the chosen spec trains under."""
+    # torch, optuna and matplotlib come with the search modules: only the search steps need them
+    from gpunet_core.search import study as studies
+    from gpunet_core.search.results import write_results
+    from gpunet_core.search.space import load_space
+    from gpunet_core.utils.files import copy_file
+
+    if pick not in SEARCH_PICKS:  # before the study is read
+        raise StepError(f"pick must be one of {', '.join(SEARCH_PICKS)}, got {pick!r}")
+    setup = read_search_setup(setup_dir)
+    cfg = search_config(setup, storage)
+    study = studies.open_study(cfg, load_space(cfg.space))
+    summary = {"study": cfg.study_name, "storage": studies.redact(cfg.storage_url),
+               "data": str(cfg.data), "backend": cfg.backend, "precision": cfg.precision,
+               "batch": cfg.batch, "img_size": setup["img_size"], "budget_ms": cfg.budget_ms,
+               "hardware": setup["hardware"], "trials_counted": studies.counted_trials(study),
+               "fastest_in_space_ms": setup["fastest_in_space_ms"],
+               "proxy": dataclasses.asdict(cfg.proxy), "sampler": cfg.sampler}
+    result = write_results(out, study, summary, setup["references"])
+    chosen = pick_from_front(result["front"], pick, cfg.budget_ms)
+    copy_file(Path(out) / chosen["spec_path"], spec_file)
+    _logger.info("search front: %d of %d trials on it; %s: trial %d (%.3f ms, proxy top-1 "
+                 "%.2f %%)", len(result["front"]), result["trials_counted"], pick,
+                 chosen["trial"], chosen["latency_ms"], chosen["proxy_top1"])
+    return {**result, "chosen": chosen, "pick": pick,
+            "name": f"{cfg.study_name}-trial-{chosen['trial']:05d}"}

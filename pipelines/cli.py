@@ -3,6 +3,8 @@
 * ``compile``   the DAG to KFP IR YAML (``--gpus-per-node`` etc. add the cluster settings);
 * ``run-local`` the whole DAG on this machine with ``kfp.local.SubprocessRunner`` (MLflow in a
   local sqlite file unless ``MLFLOW_TRACKING_URI`` is set), then prints a summary;
+  ``compile`` and ``run-local`` take ``--pipeline search`` for ``gpunet_search`` (the
+  architecture search, then the same training chain on the spec it chose; docs/search.md);
 * ``submit``    a run to a KFP server (``kfp.Client.create_run_from_pipeline_package``);
 * ``schedule``  a recurring run (cron, 5 or 6 fields) for scheduled retraining, pinned to the
   pipeline version it uploads (named after the image tag and the package's hash);
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -55,19 +58,33 @@ class PipelineError(GpunetError):
 # --------------------------------------------------------------------------- parameters
 
 
-def pipeline_parameters() -> dict[str, Any]:
+# the DAGs by the name `--pipeline` takes: gpunet_training, and gpunet_search (its search, then
+# the same training chain on the spec it chose)
+PIPELINES = ("training", "search")
+
+
+def pipeline_builder(pipeline: str = "training"):
+    """The ``build_pipeline(platform)`` of the DAG ``pipeline`` (:data:`PIPELINES`)."""
+    if pipeline == "search":
+        from pipelines.gpunet_search import build_pipeline
+    elif pipeline == "training":
+        from pipelines.gpunet_training import build_pipeline
+    else:
+        raise PipelineError(f"unknown --pipeline {pipeline!r}: use {' or '.join(PIPELINES)}")
+    return build_pipeline
+
+
+def pipeline_parameters(pipeline: str = "training") -> dict[str, Any]:
     """The DAG's parameters and their defaults."""
     import inspect
 
-    from pipelines.gpunet_training import build_pipeline
-
-    fn = build_pipeline().pipeline_func
+    fn = pipeline_builder(pipeline)().pipeline_func
     return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
 
 
-def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_params(pairs: Sequence[str], pipeline: str = "training") -> dict[str, Any]:
     """``k=v`` pairs typed like the DAG's defaults; unknown names are an error."""
-    known = pipeline_parameters()
+    known = pipeline_parameters(pipeline)
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -92,6 +109,8 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
             raise PipelineError(f"--param {name}={raw!r}: expected a {type(default).__name__}") from None
         out[name] = value
     check_params(out, known)
+    if pipeline == "search":
+        check_search_params(out)
     return out
 
 
@@ -107,7 +126,9 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
     step an hour into the run."""
     import math
 
-    from gpunet_core.models.spec import MAX_IMG_SIZE, MODEL_INFO
+    from gpunet_core.models.spec import MAX_IMG_SIZE, MODEL_INFO, is_spec_location, load_spec
+    from gpunet_core.utils import storage
+    from gpunet_core.utils.errors import SpecError, StorageError
 
     def bad(name: str, why: str) -> PipelineError:
         return PipelineError(f"--param {name}={params[name]!r}: {why}")
@@ -128,10 +149,20 @@ def check_params(params: dict[str, Any], defaults: dict[str, Any] | None = None)
         raise bad("kd_temperature", "must be > 0")
     if params.get("min_top1", 0.0) > 100:
         raise bad("min_top1", "is a top-1 accuracy in percent: must be in [0, 100]")
-    if "model_name" in params and params["model_name"] not in MODEL_INFO \
-            and not params["model_name"].endswith(".json"):
+    model = params.get("model_name")
+    if model is not None and storage.is_s3_uri(model):  # the object: preflight, the train step
+        try:
+            storage.parse_s3_uri(model)
+        except StorageError as exc:
+            raise bad("model_name", str(exc)) from None
+    elif model is not None and is_spec_location(model):
+        try:
+            load_spec(model)
+        except SpecError as exc:
+            raise bad("model_name", str(exc)) from None
+    elif model is not None and model not in MODEL_INFO:
         raise bad("model_name", f"unknown model; valid names are {', '.join(MODEL_INFO)} "
-                                "(or the path of a GPUNet JSON spec)")
+                                "(or a GPUNet JSON spec: an s3:// URI or a .json path)")
     if params.get("teacher_name"):
         import timm  # gpunet_* join its registry on import (gpunet_core.models)
 
@@ -204,6 +235,70 @@ def warmup_warnings(params: dict[str, Any], merged: dict[str, Any]) -> list[str]
     return out
 
 
+# --------------------------------------------------------------------------- gpunet_search
+
+# minimum values of gpunet_search's own numeric parameters (each is passed on to the search)
+_SEARCH_AT_LEAST = {"trials": 1, "workers": 1, "proxy_epochs": 1, "proxy_images": 0,
+                    "proxy_batch_size": 1, "latency_iterations": 5, "seed": 0}
+
+
+def check_search_params(params: dict[str, Any]) -> None:
+    """gpunet_search's own parameters (the training chain's are :func:`check_params`'), as its
+    setup task checks them, so that a bad value fails here in one line and not after the
+    dataset is prepared."""
+    # torch and optuna come with the search modules: only a search run loads them
+    from gpunet_core.search.study import SAMPLERS, SEARCH_BACKENDS
+    from gpunet_core.steps import SEARCH_PICKS
+
+    def bad(name: str, why: str) -> PipelineError:
+        return PipelineError(f"--param {name}={params[name]!r}: {why}")
+
+    if "budget_ms" in params and not params["budget_ms"] > 0:
+        raise bad("budget_ms", "must be > 0: the latency budget in milliseconds per image on "
+                               "the search's backend")
+    for name, low in _SEARCH_AT_LEAST.items():
+        if name in params and params[name] < low:
+            raise bad(name, f"must be >= {low}")
+    for name, valid in (("backend", SEARCH_BACKENDS), ("sampler", SAMPLERS),
+                        ("pick", SEARCH_PICKS)):
+        if name in params and params[name] not in valid:
+            raise bad(name, f"valid values are {', '.join(valid)}")
+    if "study_name" in params and not params["study_name"].strip():
+        raise bad("study_name", "must not be empty")
+    if params.get("study_storage") and "://" not in params["study_storage"]:
+        raise bad("study_storage", "expected an Optuna storage URL, sqlite:///PATH or "
+                                   "postgresql+psycopg2://USER:PASS@HOST/DB (empty: the default)")
+    if params.get("search_space"):
+        from gpunet_core.search.space import load_space
+
+        try:
+            load_space(params["search_space"])
+        except GpunetError as exc:
+            raise bad("search_space", str(exc)) from None
+
+
+def preflight_search(params: dict[str, Any]) -> None:
+    """What the search-setup task would refuse on this machine (``params``: with the
+    defaults), before any step starts: TensorRT or trtexec where the backend needs them."""
+    # torch and optuna come with the search modules: only a search run loads them
+    from gpunet_core.search.proxy import ProxyConfig
+    from gpunet_core.search.space import load_space
+    from gpunet_core.search.study import SearchConfig, check_config
+
+    cfg = SearchConfig(data=params["dataset_source"], out="", budget_ms=params["budget_ms"],
+                       backend=params["backend"], precision=params["precision"],
+                       trials=params["trials"], workers=params["workers"],
+                       resolutions=(params["img_size"],), space=params["search_space"] or None,
+                       sampler=params["sampler"], iterations=params["latency_iterations"],
+                       proxy=ProxyConfig(epochs=params["proxy_epochs"],
+                                         train_images=params["proxy_images"],
+                                         batch_size=params["proxy_batch_size"]))
+    try:
+        check_config(cfg, load_space(cfg.space))
+    except GpunetError as exc:
+        raise PipelineError(f"the search would refuse this run: {exc}") from None
+
+
 # --------------------------------------------------------------------------- cron
 
 _FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
@@ -258,16 +353,26 @@ def to_kfp_cron(expression: str) -> str:
 
 
 def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: bool = False,
-                     dataset_pvc: str = "", parents: bool = True) -> Path:
+                     dataset_pvc: str = "", parents: bool = True, pipeline: str = "training",
+                     parallelism: int = 0) -> Path:
     """Compile the DAG to ``output``; ``parents``: a missing folder is created (the command
-    line's ``compile`` wants it to exist, as every file output)."""
+    line's ``compile`` wants it to exist, as every file output). ``pipeline``: which DAG
+    (:data:`PIPELINES`); ``parallelism``: gpunet_search's most workers at once (0: all)."""
     check_gpus_per_node(gpus_per_node)
+    build = pipeline_builder(pipeline)
+    if parallelism < 0 or (parallelism and pipeline != "search"):
+        raise PipelineError(f"--parallelism {parallelism}: the search pipeline's most workers "
+                            "at once, >= 0 (0: all of them)")
     output = Path(output)
     check_output_file(output, "--output", error=PipelineError, parents=parents)
     from kfp import compiler
 
-    from pipelines.gpunet_training import Platform, build_pipeline
+    from pipelines.gpunet_training import Platform
 
+    if pipeline == "search":
+        build_pipeline = functools.partial(build, parallelism=parallelism)
+    else:
+        build_pipeline = build
     platform = Platform.for_cluster(gpus_per_node) if cluster or gpus_per_node else Platform()
     if dataset_pvc:
         platform.dataset_pvc = dataset_pvc
@@ -376,10 +481,22 @@ def _call(what: str, host: str, fn, *args, **kwargs):
         raise PipelineError(f"{what} failed at {host}: {answer}") from None
 
 
+def check_cluster_params(params: dict[str, Any]) -> None:
+    """What a run on a cluster cannot take: a spec file on this machine (its pods read S3)."""
+    from gpunet_core.models.spec import is_spec_location
+    from gpunet_core.utils import storage
+
+    model = params.get("model_name", "")
+    if not storage.is_s3_uri(model) and is_spec_location(model):
+        raise PipelineError(f"--param model_name={model!r}: the cluster's pods cannot read a "
+                            "spec file on this machine; upload it to S3 and pass its s3:// URI")
+
+
 def submit(host: str, params: dict[str, Any], *, experiment: str = "gpunet",
            run_name: str | None = None, token: str | None = None,
            cluster: bool = True, gpus_per_node: int = 1) -> dict[str, str]:
     check_gpus_per_node(gpus_per_node)
+    check_cluster_params(params)
     client = kfp_client(host, token)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=cluster,
@@ -462,6 +579,7 @@ def schedule(host: str, cron: str, params: dict[str, Any], *, experiment: str = 
         raise PipelineError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     check_gpus_per_node(gpus_per_node)
     check_no_macros(params)
+    check_cluster_params(params)
     client = kfp_client(host, token)
     exp = _call("creating the experiment", host, client.create_experiment, name=experiment)
     with tempfile.TemporaryDirectory() as tmp:
@@ -489,9 +607,13 @@ def list_runs(host: str, *, experiment: str | None = None, token: str | None = N
 
 
 def preflight(params: dict[str, Any]) -> None:
-    """Check what can be checked here before any step starts (dataset source, S3 access)."""
+    """Check what can be checked here before any step starts (an s3:// model spec, the
+    dataset source, S3 access)."""
+    from gpunet_core.models.spec import fetch_spec
     from gpunet_core.utils import storage
 
+    if storage.is_s3_uri(params.get("model_name", "")):
+        fetch_spec(params["model_name"])  # there, a valid spec, readable with these credentials
     calib = params.get("calib_data") or ""
     if calib and not storage.is_s3_uri(calib) and not Path(calib).is_dir():
         raise PipelineError(f"calib_data {calib!r} does not exist: pass an ImageFolder of "
@@ -510,24 +632,34 @@ def preflight(params: dict[str, Any]) -> None:
 
 
 def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
-              cache: bool = True) -> dict[str, Any]:
+              cache: bool = True, pipeline: str = "training") -> dict[str, Any]:
     """Run the whole DAG here with ``kfp.local`` and summarise the outcome from MLflow.
 
     With ``cache`` (the default, as on a cluster) a step whose inputs match an earlier run in
     the same ``workdir`` is served from ``<workdir>/kfp-cache`` instead of running again, so a
     re-run after a failure resumes after the last finished step; promotion always runs.
+
+    ``pipeline="search"``: gpunet_search, whose study is ``study_storage``, by default the
+    sqlite file ``<workdir>/search/study.db`` (a rerun resumes the study of the same
+    ``study_name``; the search tasks are never served from the cache); the summary adds its
+    ``search`` (the front, the chosen trial and its spec's URI).
     """
     from kfp import local
 
     from gpunet_core.mlops import registry
-    from pipelines.gpunet_training import gpunet_training
     from pipelines.timing import TaskClock, pipeline_overhead
 
+    run_pipeline = pipeline_builder(pipeline)()
     check_output_dir(workdir, "--workdir", error=PipelineError)
     preflight(params)
+    if pipeline == "search":
+        preflight_search({**pipeline_parameters("search"), **params})
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if pipeline == "search" and not params.get("study_storage"):
+        params = {**params, "study_storage": f"sqlite:///{workdir / 'search' / 'study.db'}"}
+        (workdir / "search").mkdir(exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     experiment = params.get("mlflow_experiment", "gpunet")
@@ -551,13 +683,19 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
     started = time.monotonic()
     with TaskClock.on_stdout() as clock:  # each task's process, timed from this side
         try:
-            gpunet_training(**params)
+            outputs = run_pipeline(**params)
         except Exception as exc:
             raise PipelineError(f"the local pipeline run failed: "
                                 f"{str(exc).splitlines()[0]}") from None
     elapsed = time.monotonic() - started
     tasks = clock.timings()  # none when every task came from the cache
-    overhead = pipeline_overhead(tasks, total_wall_s=elapsed) if tasks else None
+    # gpunet_search's workers run at once: then their processes' time, not the run's, is the
+    # whole the steps' work is part of
+    overlapped = sum(t["wall_s"] for t in tasks) > elapsed
+    overhead = pipeline_overhead(tasks, total_wall_s=None if overlapped else elapsed) \
+        if tasks else None
+    if overhead:  # a loop's tasks share a name (kfp.local logs each iteration by it)
+        overhead["processes"] = sum(t["attempts"] for t in tasks)
     latest = max(mlc.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     tags = latest.tags or {}
     champion = registry._alias_version(mlc, name, registry.CHAMPION)
@@ -577,7 +715,22 @@ def run_local(params: dict[str, Any], workdir: str | Path = "runs/local", *,
             "overhead": overhead,
             "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
             "experiment_id": experiment_id,
-            "kfp_outputs": str(workdir / "kfp")}
+            "kfp_outputs": str(workdir / "kfp"),
+            **({"search": search_summary(outputs.outputs)} if pipeline == "search" else {})}
+
+
+def search_summary(outputs: dict[str, Any]) -> dict[str, Any]:
+    """A local gpunet_search run's outputs (its front artifact and the chosen spec's URI) as
+    the summary's ``search``: the study, its front, the chosen trial."""
+    front = outputs["front"]
+    pareto = json.loads((Path(front.path) / "pareto.json").read_text())
+    return {"study": pareto["study"], "storage": pareto["storage"],
+            "trials": pareto["trials_counted"], "trained_in_budget": pareto["trained_in_budget"],
+            "budget_ms": pareto["budget_ms"], "backend": pareto["backend"],
+            "front": [{k: r[k] for k in ("trial", "latency_ms", "proxy_top1", "params")}
+                      for r in pareto["front"]],
+            "chosen": front.metadata.get("chosen"), "pick": front.metadata.get("pick"),
+            "spec_uri": outputs["spec_uri"], "front_dir": front.path}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -589,8 +742,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"pipeline finished in {s['seconds']:.0f} s" + (
             f" ({s['overhead']['compute_s']:.0f} s in the steps' own work, "
             f"{100 * s['overhead']['overhead_frac']:.0f} % process start, imports, artifact "
-            f"copies and logging, timed around its {len(s['overhead']['steps'])} task "
+            f"copies and logging, timed around its "
+            f"{s['overhead'].get('processes', len(s['overhead']['steps']))} task "
             "processes)" if s.get("overhead") else ""),
+        *(format_search(s["search"]) if s.get("search") else []),
         f"  candidate: {s['registered_model']} v{s['version']}: top-1 {s['top1']:.2f} %, "
         f"latency {s['latency_ms']:.3f} ms ({s['latency_backend']}, batch 1)"
         + (f", deployed {s['precision']} (FP32 top-1 {s['fp32_top1']:.2f} %)"
@@ -604,6 +759,22 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  MLflow UI: {ui}",
         f"  step outputs: {s['kfp_outputs']}",
     ])
+
+
+def format_search(x: dict[str, Any]) -> list[str]:
+    """The summary lines of a gpunet_search run's ``search`` (:func:`search_summary`)."""
+    chosen = x.get("chosen") or {}
+    trial = int(chosen["trial"]) if "trial" in chosen else None  # KFP metadata: numbers are floats
+    lines = [f"  search: study {x['study']} ({x['storage']}): {x['trials']} trials, "
+             f"{x['trained_in_budget']} trained within {x['budget_ms']:g} ms on "
+             f"{x['backend']}; Pareto front (* trained):"]
+    for r in x["front"]:
+        mark = "*" if r["trial"] == trial else " "
+        lines.append(f"   {mark} trial {r['trial']:>4}: {r['latency_ms']:8.3f} ms, proxy top-1 "
+                     f"{r['proxy_top1']:6.2f} %, {r['params'] / 1e6:.2f} M params")
+    lines.append(f"  trained: trial {trial} ({x.get('pick')}), spec "
+                 f"{x['spec_uri']}; pareto.json, specs/, pareto.png in {x['front_dir']}")
+    return lines
 
 
 # --------------------------------------------------------------------------- argparse
@@ -622,14 +793,24 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
         p.add_argument("--token", default=None, help="bearer token (default: $KFP_TOKEN)")
         p.add_argument("--experiment", default="gpunet", help="KFP experiment")
 
+    def which(p):
+        p.add_argument("--pipeline", default="training", choices=PIPELINES,
+                       help="gpunet_training (default), or gpunet_search: the architecture "
+                            "search, then the same training chain on the spec it chose")
+
     p = sub.add_parser("compile", help="compile the DAG to KFP IR YAML")
-    p.add_argument("--output", "-o", default="gpunet_training.yaml",
-                   help="the YAML file to write (its folder must exist)")
+    which(p)
+    p.add_argument("--output", "-o", default=None,
+                   help="the YAML file to write (its folder must exist; default "
+                        "gpunet_<pipeline>.yaml)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per training pod; > 0 also adds shm, node placement, secrets")
     p.add_argument("--cluster", action="store_true", help="add secrets/config even without GPUs")
     p.add_argument("--dataset-pvc", default="", help="mount this PVC at /data in data steps")
+    p.add_argument("--parallelism", type=int, default=0,
+                   help="--pipeline search: at most this many workers at once (default 0: all)")
     p = sub.add_parser("run-local", help="run the whole DAG here (kfp.local)")
+    which(p)
     params(p)
     p.add_argument("--workdir", default="runs/local",
                    help="outputs, MLflow db and artifacts (created if missing)")
@@ -659,14 +840,17 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "compile":
-        path = compile_pipeline(args.output, gpus_per_node=args.gpus_per_node,
+        path = compile_pipeline(args.output or f"gpunet_{args.pipeline}.yaml",
+                                gpus_per_node=args.gpus_per_node,
                                 cluster=args.cluster, dataset_pvc=args.dataset_pvc,
-                                parents=False)
+                                parents=False, pipeline=args.pipeline,
+                                parallelism=args.parallelism)
         print(f"wrote {path}")
     elif args.action == "run-local":
-        params = parse_params(args.param)
+        params = parse_params(args.param, args.pipeline)
         with remove_new_dirs_on_error(args.workdir):  # a failed check leaves no empty folder
-            summary = run_local(params, args.workdir, cache=not args.no_cache)
+            summary = run_local(params, args.workdir, cache=not args.no_cache,
+                                pipeline=args.pipeline)
         print(json.dumps(summary) if args.json else format_summary(summary))
     elif args.action == "submit":
         print(json.dumps(submit(args.host, parse_params(args.param), experiment=args.experiment,

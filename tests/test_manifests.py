@@ -10,10 +10,12 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -213,7 +215,7 @@ def test_secrets_only_from_generated_env_files(rendered):
     for target in ("overlays/local", "overlays/gpu"):
         secrets = {o["metadata"]["name"]: o for o in rendered[target] if o["kind"] == "Secret"}
         assert set(secrets) == {"gpunet-s3", "gpunet-postgres", "gpunet-mlflow-auth",
-                                "gpunet-mlflow-server"}
+                                "gpunet-mlflow-server", "gpunet-optuna"}
         for secret in secrets.values():
             assert "stringData" not in secret
             decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
@@ -259,7 +261,8 @@ def test_stack_contents_and_overlays(rendered):
                      != "gpunet"}
         assert elsewhere == {("kubeflow", "ConfigMap", "gpunet-config"),
                              ("kubeflow", "Secret", "gpunet-s3"),
-                             ("kubeflow", "Secret", "gpunet-mlflow-auth")}
+                             ("kubeflow", "Secret", "gpunet-mlflow-auth"),
+                             ("kubeflow", "Secret", "gpunet-optuna")}
     for objects in (local, gpu):
         mlflow = objects["Deployment", "gpunet-mlflow"]["spec"]["template"]["spec"]["containers"][0]
         args = mlflow["args"]
@@ -321,6 +324,224 @@ def test_deploy_without_env_files_names_the_templates_to_copy(tmp_path):
     assert res.returncode != 0
     for name in ("manifests/base/secrets/s3.env", "manifests/base/secrets/postgres.env",
                  "manifests/base/secrets/mlflow-auth.env",
-                 "manifests/base/secrets/mlflow-server.env", "manifests/overlays/gpu/s3.env"):
+                 "manifests/base/secrets/mlflow-server.env", "manifests/base/secrets/optuna.env",
+                 "manifests/overlays/gpu/s3.env"):
         assert f"cp {name}.example {name}" in res.stderr, res.stderr
     assert "kubectl" not in res.stdout  # stopped before touching any cluster
+
+
+# --------------------------------------------------------------------------- the search's study
+# `gpunet search` workers share one Optuna study in the stack's PostgreSQL: database and role
+# of their own, created by the Job gpunet-optuna-db from the URL the steps read.
+
+OPTUNA_SQL = REPO / "manifests" / "base" / "optuna-db.sql"
+OPTUNA_ENV = REPO / "manifests" / "base" / "secrets" / "optuna.env.example"
+STORAGE_SECRET, STORAGE_KEY = "gpunet-optuna", "GPUNET_SEARCH_STORAGE"  # manifests/README.md
+
+
+def _index(objects: list[dict], namespace: str = "gpunet") -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects
+            if o["metadata"].get("namespace", "gpunet") == namespace}
+
+
+def _template_storage_url() -> str:
+    (line,) = [ln for ln in OPTUNA_ENV.read_text().splitlines()
+               if ln.startswith(f"{STORAGE_KEY}=")]
+    return line.split("=", 1)[1]
+
+
+def _sql_code() -> str:
+    """optuna-db.sql without its comment lines."""
+    return "\n".join(ln for ln in OPTUNA_SQL.read_text().splitlines()
+                     if not ln.lstrip().startswith("--"))
+
+
+def _url_pattern() -> re.Pattern:
+    """The pattern optuna-db.sql splits the URL with (a PostgreSQL ARE that Python reads alike)."""
+    (pattern,) = re.findall(r"regexp_match\(:'storage_url',\s*'([^']+)'\)", _sql_code())
+    return re.compile(pattern)
+
+
+def _optuna_job(objects: list[dict]) -> tuple[dict, dict]:
+    job = _index(objects)["Job", "gpunet-optuna-db"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return job, container
+
+
+def _env_refs(container: dict) -> dict[str, tuple[str, str] | str]:
+    """{name: (secret, key)} for Secret-fed variables, {name: value} for literal ones."""
+    out = {}
+    for env in container.get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        out[env["name"]] = (ref["name"], ref["key"]) if ref else env.get("value")
+    return out
+
+
+def test_the_storage_url_secret_has_the_documented_key(rendered):
+    values = rendered["secrets"]
+    for target in ("overlays/local", "overlays/gpu"):
+        for namespace in ("gpunet", "kubeflow"):  # kubeflow: where KFP runs the search steps
+            secret = _index(rendered[target], namespace)["Secret", STORAGE_SECRET]
+            decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+            assert decoded == {STORAGE_KEY: values[STORAGE_KEY]}, f"{target} {namespace}"
+    # the template's URL: SQLAlchemy's psycopg2 dialect, the PostgreSQL Service by its
+    # namespace-qualified name (the steps run in KFP's namespace), a database of its own
+    objects = _index(rendered["overlays/local"])
+    service = objects["Service", "gpunet-postgres"]
+    url = urlsplit(_template_storage_url())
+    assert url.scheme == "postgresql+psycopg2"
+    assert (url.hostname, url.port) == (f"{service['metadata']['name']}.gpunet.svc",
+                                        service["spec"]["ports"][0]["port"]) == (
+        "gpunet-postgres.gpunet.svc", 5432)
+    assert url.path == "/optuna" and url.username == "optuna" and url.password
+    postgres_env = dict(ln.split("=", 1) for ln in (OPTUNA_ENV.parent / "postgres.env.example")
+                        .read_text().splitlines() if ln and not ln.startswith("#"))
+    assert url.username != postgres_env["POSTGRES_USER"]  # not MLflow's superuser
+    assert url.path[1:] != postgres_env["POSTGRES_DB"]
+    # what the pipeline author wires with kfp-kubernetes' use_secret_as_env
+    readme = (REPO / "manifests" / "README.md").read_text()
+    assert f"| `base/secrets/optuna.env` | `{STORAGE_SECRET}` | `{STORAGE_KEY}` |" in readme
+    assert (f'use_secret_as_env(task, secret_name="{STORAGE_SECRET}", '
+            f'secret_key_to_env={{"{STORAGE_KEY}": "{STORAGE_KEY}"}})') in readme
+
+
+def test_a_job_creates_the_study_database_on_the_stacks_postgresql(rendered):
+    sql = OPTUNA_SQL.read_text()
+    for target in ("overlays/local", "overlays/gpu", "deploy"):
+        objects = _index(rendered[target])
+        job, container = _optuna_job(rendered[target])
+        server = objects["StatefulSet", "gpunet-postgres"]["spec"]["template"]["spec"][
+            "containers"][0]
+        service = objects["Service", "gpunet-postgres"]
+        assert container["image"] == server["image"]  # its psql, and nothing else to pull
+        # the SQL is the ConfigMap generated from optuna-db.sql, mounted where psql reads it
+        (volume,) = job["spec"]["template"]["spec"]["volumes"]
+        (mount,) = container["volumeMounts"]
+        assert mount["name"] == volume["name"]
+        assert objects["ConfigMap", volume["configMap"]["name"]]["data"] == {"optuna-db.sql": sql}
+        script = container["args"][0]
+        assert f"exec psql -v ON_ERROR_STOP=1 --no-psqlrc -f {mount['mountPath']}/optuna-db.sql" \
+            in script
+        assert "pg_isready" in script  # a fresh volume: the server may still be starting
+        assert "$(" not in " ".join(container["command"] + container["args"])
+        env = _env_refs(container)
+        assert (env["PGHOST"], env["PGPORT"]) == (service["metadata"]["name"],
+                                                  str(service["spec"]["ports"][0]["port"]))
+        assert env["PGUSER"] == ("gpunet-postgres", "POSTGRES_USER")  # the superuser
+        assert env["PGPASSWORD"] == ("gpunet-postgres", "POSTGRES_PASSWORD")
+        assert env["PGDATABASE"] == ("gpunet-postgres", "POSTGRES_DB")
+        assert env[STORAGE_KEY] == (STORAGE_SECRET, STORAGE_KEY)
+        # deleted when done, so the next `make deploy` runs it again (e.g. a new password)
+        assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 24 * 3600
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+
+
+def test_the_sql_creates_role_and_database_idempotently_from_the_url():
+    code = _sql_code()
+    assert code.lstrip().startswith("\\set ON_ERROR_STOP on")
+    assert "\\getenv storage_url GPUNET_SEARCH_STORAGE" in code
+    # created only when missing, each by a guarded \gexec (CREATE DATABASE cannot run in DO)
+    assert re.findall(r"CREATE (ROLE|DATABASE)", code) == ["ROLE", "DATABASE"]
+    assert re.search(r"SELECT format\('CREATE ROLE %I', :'optuna_user'\)\s+WHERE NOT EXISTS "
+                     r"\(SELECT FROM pg_roles WHERE rolname = :'optuna_user'\)\s+\\gexec", code)
+    assert re.search(r"SELECT format\('CREATE DATABASE %I OWNER %I', :'optuna_db', "
+                     r":'optuna_user'\)\s+WHERE NOT EXISTS \(SELECT FROM pg_database WHERE "
+                     r"datname = :'optuna_db'\)\s+\\gexec", code)
+    # on every run: the password from the URL, no rights, the database owned by the role and
+    # closed to every other role, MLflow's database closed to it
+    joined = re.sub(r"'\n\s*'", "", code)  # adjacent string literals are one in SQL
+    alter_role = re.search(r"format\('ALTER ROLE %I WITH ([^%]*)PASSWORD %L', "
+                           r":'optuna_user', :'optuna_password'\)", joined)
+    assert alter_role
+    assert set(alter_role[1].split()) == {"LOGIN", "NOSUPERUSER", "NOCREATEDB", "NOCREATEROLE",
+                                          "NOREPLICATION", "NOBYPASSRLS"}
+    assert "format('ALTER DATABASE %I OWNER TO %I', :'optuna_db', :'optuna_user')" in code
+    assert "format('REVOKE ALL ON DATABASE %I FROM PUBLIC', :'optuna_db')" in code
+    assert re.search(r"REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', datname\)\s+"
+                     r"FROM pg_database\s+WHERE datname IN \(current_database\(\), 'postgres'\)",
+                     code)
+    # refuses the superuser and MLflow's database, and stops on a bad or missing URL
+    assert ":'optuna_user' <> current_user" in code and "rolsuper" in code
+    assert ":'optuna_db' NOT IN (current_database(), 'postgres', 'template0', 'template1')" \
+        in code
+    assert code.count("RAISE EXCEPTION") == 3
+    # the password is used once, never echoed, and no value is in the file
+    assert code.count(":'optuna_password'") == 1 and "\\echo :" not in code
+    assert "change-me" not in code
+    # the URL of the template splits into what SQLAlchemy and psycopg2 see in it
+    url = urlsplit(_template_storage_url())
+    assert _url_pattern().match(_template_storage_url()).groups() == (
+        url.username, url.password, url.path[1:])
+    for driver in ("", "+psycopg"):  # SQLAlchemy 2.1's default (psycopg 3), named or not
+        assert _url_pattern().match(f"postgresql{driver}://optuna:pw@h:5432/optuna"), driver
+    for bad in ("postgresql+psycopg2://optuna:p@ss@h:5432/optuna",  # needs percent-encoding
+                "postgresql+psycopg2://optuna:p%40ss@h:5432/optuna",
+                "postgresql+psycopg2://Optuna:pw@h:5432/optuna",  # psql would fold, SQLA not
+                "postgresql+psycopg2://optuna@h:5432/optuna",
+                "postgresql+psycopg2://optuna:pw@h:5432/",
+                "postgresql+asyncpg://optuna:pw@h:5432/optuna",
+                "mysql://optuna:pw@h:3306/optuna"):
+        assert not _url_pattern().match(bad), bad
+
+
+def test_the_job_creates_the_study_database_in_postgresql(rendered, postgres_server):
+    """The Job's psql command on the rendered ConfigMap's SQL, against a real PostgreSQL: a fresh
+    server, a re-run, a new password, and URLs it must refuse; the role logs in to its own
+    database only and can create Optuna's tables there."""
+    psql, env, root = postgres_server
+    objects = _index(rendered["overlays/local"])
+    job, container = _optuna_job(rendered["overlays/local"])
+    (mount,) = container["volumeMounts"]
+    sql = root / "optuna-db.sql"
+    sql.write_text(objects["ConfigMap", "gpunet-optuna-db"]["data"]["optuna-db.sql"])
+    (command,) = [ln.strip() for ln in container["args"][0].splitlines() if "psql" in ln]
+    argv = shlex.split(command.removeprefix("exec "))
+    assert argv[0] == "psql"
+    argv = [psql] + [str(sql) if a == f"{mount['mountPath']}/optuna-db.sql" else a
+                     for a in argv[1:]]
+
+    def job_run(url: str | None):
+        run_env = {**env, STORAGE_KEY: url} if url else env
+        return subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=60)
+
+    def query(statement: str, user="mlflow", password="superuser-pw", db="mlflow"):
+        return subprocess.run([psql, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", statement],
+                              env={**env, "PGUSER": user, "PGPASSWORD": password,
+                                   "PGDATABASE": db}, capture_output=True, text=True, timeout=60)
+
+    first = "postgresql+psycopg2://optuna:first-pw_1.x~@gpunet-postgres.gpunet.svc:5432/optuna"
+    second = first.replace("first-pw_1.x~", "second-pw")
+    for url in (first, first, second):  # fresh, re-run, new password
+        res = job_run(url)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == 'database "optuna" of role "optuna" is ready'
+    role = query("SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin "
+                 "FROM pg_roles WHERE rolname = 'optuna'")
+    assert role.stdout.strip() == "f|f|f|f|t"
+    owner = query("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'optuna'")
+    assert owner.stdout.strip() == "optuna"
+    # Optuna's tables, as the search steps' role; the old password no longer works
+    made = query("CREATE TABLE studies (study_id serial PRIMARY KEY); SELECT current_user",
+                 user="optuna", password="second-pw", db="optuna")
+    assert made.returncode == 0 and made.stdout.strip() == "optuna", made.stderr
+    assert query("SELECT 1", user="optuna", password="first-pw_1.x~", db="optuna").returncode
+    for other in ("mlflow", "postgres"):
+        denied = query("SELECT 1", user="optuna", password="second-pw", db=other)
+        assert denied.returncode and "CONNECT privilege" in denied.stderr, other
+    assert job_run(second).returncode == 0  # tables in it: still idempotent
+    assert query("SELECT count(*) FROM studies", user="optuna", password="second-pw",
+                 db="optuna").stdout.strip() == "0"
+    # refused, leaving the superuser and MLflow's database as they were
+    for bad in (None, "postgresql+psycopg2://optuna:p@ss-hunter2@h:5432/optuna",
+                "postgresql+psycopg2://mlflow:hunter2-pw@h:5432/optuna",
+                "postgresql+psycopg2://optuna:hunter2-pw@h:5432/mlflow",
+                "postgresql+psycopg2://optuna:hunter2-pw@h:5432/postgres"):
+        res = job_run(bad)
+        assert res.returncode != 0, bad
+        assert "GPUNET_SEARCH_STORAGE" in res.stderr and "hunter2" not in res.stdout + res.stderr
+    assert query("SELECT rolsuper FROM pg_roles WHERE rolname = 'mlflow'").stdout.strip() == "t"
+    assert query("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mlflow'"
+                 ).stdout.strip() == "mlflow"
+    # no password reached the server's log
+    log = (root / "server.log").read_text()
+    assert not [pw for pw in ("first-pw", "second-pw", "hunter2") if pw in log]

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -186,6 +187,7 @@ INGRESS = Pod("ingress-nginx-controller", "ingress-nginx",
 STRANGER = Pod("stranger", "default", {"app": "curl"})
 UNLABELLED = Pod("unlabelled", NS, {})
 KFP_LABEL_ELSEWHERE = Pod("fake-kfp", "default", {"pipelines.kubeflow.org/v2_component": "true"})
+KFP_UNLABELLED = Pod("ml-pipeline", "kubeflow", {"app": "ml-pipeline"})  # KFP's, not a task
 TRAINING_LABEL_ELSEWHERE = Pod("fake-trainer", "default", dict(TRAINING))
 
 
@@ -213,9 +215,10 @@ def test_who_reaches_postgres_s3_and_mlflow(rendered):
     policies, pods = policies_of(objects), workload_pods(objects)
     mlflow, postgres = pods["gpunet-mlflow"], pods["gpunet-postgres"]
     s3, bucket_job = pods["gpunet-seaweedfs"], pods["gpunet-s3-bucket"]
+    optuna_job = pods["gpunet-optuna-db"]
     everyone = [*pods.values(), KFP_TASK, TRAINER, INGRESS, STRANGER, UNLABELLED,
-                KFP_LABEL_ELSEWHERE, TRAINING_LABEL_ELSEWHERE]
-    expected = [(postgres, 5432, [mlflow]),
+                KFP_LABEL_ELSEWHERE, TRAINING_LABEL_ELSEWHERE, KFP_UNLABELLED]
+    expected = [(postgres, 5432, [KFP_TASK, mlflow, optuna_job]),
                 (s3, 8333, [KFP_TASK, TRAINER, mlflow, bucket_job]),
                 (mlflow, 5000, [KFP_TASK, TRAINER, INGRESS])]
     for dst, port, admitted in expected:
@@ -225,6 +228,55 @@ def test_who_reaches_postgres_s3_and_mlflow(rendered):
     for port in (9333, 19333, 9340, 8888, 18888, 23646):
         assert not allowed(policies, mlflow, s3, port), port
     assert not allowed(policies, mlflow, postgres, 5433)
+
+
+def _service_pods(objects: list[dict], url: str) -> tuple[list[Pod], int]:
+    """The workload pods behind the in-cluster Service ``url`` names as <name>.<namespace>.svc,
+    and the container port it forwards to."""
+    parts = urlsplit(url)
+    name, namespace, rest = parts.hostname.split(".", 2)
+    assert rest == "svc", parts.hostname
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == name
+                  and o["metadata"]["namespace"] == namespace]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == parts.port]
+    selector = {"matchLabels": service["spec"]["selector"]}
+    behind = [o for o in objects if o["kind"] in WORKLOADS
+              and o["metadata"]["namespace"] == namespace
+              and selects(selector, o["spec"]["template"]["metadata"].get("labels", {}))]
+    assert behind, f"no pod behind Service {namespace}/{name}"
+    target = port.get("targetPort", port["port"])
+    if isinstance(target, str):  # a named container port
+        (target,) = {p["containerPort"] for o in behind
+                     for c in o["spec"]["template"]["spec"]["containers"]
+                     for p in c.get("ports", []) if p.get("name") == target}
+    return list(workload_pods(behind).values()), target
+
+
+def test_search_steps_reach_the_optuna_study_and_nobody_else_does(rendered):
+    """`gpunet search` steps are KFP task pods: the URL they get (GPUNET_SEARCH_STORAGE, the
+    template of base/secrets/optuna.env) leads through the Service to PostgreSQL, and the
+    policies let them, and no unrelated pod, through to it on that port."""
+    (line,) = [ln for ln in (REPO / "manifests" / "base" / "secrets" / "optuna.env.example")
+               .read_text().splitlines() if ln.startswith("GPUNET_SEARCH_STORAGE=")]
+    url = line.split("=", 1)[1]
+    for target, objects in rendered.items():
+        policies = policies_of(objects)
+        servers, port = _service_pods(objects, url)
+        assert [p.name for p in servers] == ["gpunet-postgres"] and port == 5432, target
+        (postgres,) = servers
+        assert allowed(policies, KFP_TASK, postgres, port), target
+        for outsider in (STRANGER, UNLABELLED, TRAINER, KFP_LABEL_ELSEWHERE, KFP_UNLABELLED,
+                         INGRESS, *[p for n, p in workload_pods(objects).items()
+                                    if n not in {"gpunet-mlflow", "gpunet-optuna-db",
+                                                 "gpunet-postgres"}]):
+            assert not allowed(policies, outsider, postgres, port), f"{target}: {outsider.name}"
+        for other_port in (5433, 22, 8008):  # PostgreSQL's port only
+            assert not allowed(policies, KFP_TASK, postgres, other_port), target
+        # the Job that creates the study's database gets there too; a pod claiming its name
+        # label elsewhere does not
+        job = workload_pods(objects)["gpunet-optuna-db"]
+        assert allowed(policies, job, postgres, port)
+        assert not allowed(policies, Pod("fake-job", "default", job.labels), postgres, port)
 
 
 def test_training_pods_reach_each_other_on_any_port(rendered):
@@ -267,7 +319,8 @@ def test_gpu_overlay_keeps_the_rules_without_seaweedfs(rendered):
     assert "gpunet-s3" not in {p["metadata"]["name"] for p in policies}
     assert "gpunet-seaweedfs" not in pods
     assert allowed(policies, pods["gpunet-mlflow"], pods["gpunet-postgres"], 5432)
-    assert not allowed(policies, KFP_TASK, pods["gpunet-postgres"], 5432)
+    assert allowed(policies, KFP_TASK, pods["gpunet-postgres"], 5432)  # the search's study
+    assert not allowed(policies, STRANGER, pods["gpunet-postgres"], 5432)
     assert allowed(policies, KFP_TASK, pods["gpunet-mlflow"], 5000)
     assert not allowed(policies, STRANGER, pods["gpunet-mlflow"], 5000)
 
@@ -279,7 +332,9 @@ def test_the_namespace_lists_are_set_in_one_place(tmp_path):
     mlflow, s3 = pods["gpunet-mlflow"], pods["gpunet-seaweedfs"]
     in_team_b = Pod("kfp-task", "team-b", KFP_TASK.labels)
     assert allowed(policies, in_team_b, s3, 8333) and allowed(policies, in_team_b, mlflow, 5000)
+    assert allowed(policies, in_team_b, pods["gpunet-postgres"], 5432)
     assert not allowed(policies, KFP_TASK, s3, 8333)  # kubeflow is no longer listed
+    assert not allowed(policies, KFP_TASK, pods["gpunet-postgres"], 5432)
     assert allowed(policies, Pod("traefik", "traefik", {}), mlflow, 5000)
     assert not allowed(policies, INGRESS, mlflow, 5000)
     assert not allowed(policies, Pod("traefik", "traefik", {}), s3, 8333)

@@ -242,10 +242,12 @@ def test_pipeline_step_config():
     assert (cfg.aa, cfg.reprob, cfg.scale, cfg.lr, cfg.opt) == ("", 0.0, (0.8, 1.0), 0.06,
                                                                 "rmsproptf")
     assert (cfg.hflip, cfg.smoothing) == (0.0, 0.0)  # digits are not mirror-symmetric
+    assert cfg.sched == "cosine"  # NVIDIA's step decay is a constant LR over a few epochs
     assert cfg.run_tag == ("kfp_run_id=run-1",)
     # the recipe's 3 warmup epochs would outlast this 2-epoch run: none
     assert to_argv(cfg) == ["data", "--model", "gpunet_1", "--img-size", "32", "--batch-size",
-                            "8", "--epochs", "2", "--warmup-epochs", "0", "--smoothing", "0.0",
+                            "8", "--epochs", "2", "--sched", "cosine", "--warmup-epochs", "0",
+                            "--smoothing", "0.0",
                             "--workers", "1", "--aa", "", "--scale", "0.8", "1.0", "--reprob",
                             "0.0", "--hflip", "0.0", "--output", "out", "--auto-resume",
                             "--run-tag", "kfp_run_id=run-1"]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpunet_core.models.spec import check_img_size
+from gpunet_core.models.spec import check_img_size, model_name
 from gpunet_core.training.presets import PRESETS, load_preset
 from gpunet_core.utils import storage
 from gpunet_core.utils.errors import GpunetError
@@ -92,8 +92,10 @@ class TrainConfig:
                                     "override)")
     # ---- model
     model: str = _flag("gpunet_0", "--model", group=_MODEL,
-                       help="model name or JSON spec (default gpunet_0); other timm model names "
-                            "train from scratch (e.g. efficientnet_b0, for comparisons)")
+                       help="model name or GPUNet JSON spec, a .json path or s3:// URI (default "
+                            "gpunet_0; a spec trains as <file stem>-<8 hex of its SHA-256>); "
+                            "other timm model names train from scratch (e.g. efficientnet_b0, "
+                            "for comparisons)")
     num_classes: int | None = _flag(None, "--num-classes", group=_MODEL, parse=int,
                                     help="classes (default: the dataset's)")
     drop: float | None = _flag(None, "--drop", group=_MODEL, parse=float,
@@ -324,6 +326,17 @@ def _check(cfg: TrainConfig) -> None:
             raise TrainError(f"--run-tag {tag!r}: expected KEY=VALUE")
     if cfg.resume and cfg.auto_resume:
         raise TrainError("use either --resume PATH or --auto-resume, not both")
+
+
+def with_model_name(cfg: TrainConfig, *, label: str | None = None) -> TrainConfig:
+    """``cfg`` with ``--model`` as the name the run goes by. A GPUNet JSON spec given by
+    location (a path or ``s3://`` URI) is read, validated and stored once, here, and the run
+    trains it by its custom name (:func:`~gpunet_core.models.spec.model_name`; ``label``: its
+    first part, default the file's stem): the name MLflow's run and LoggedModel, the ONNX
+    export and the registry show, which every rank builds the model from. A missing or invalid
+    spec fails here (``SpecError``, ``StorageError``), before any data or model work."""
+    name = model_name(cfg.model, label=label)
+    return cfg if name == cfg.model else dataclasses.replace(cfg, model=name)
 
 
 def config_warnings(cfg: TrainConfig) -> list[str]:
