@@ -109,19 +109,21 @@ undeploy: check-secrets setup ## delete what deploy applied, namespace and PVC d
 # ---- the KFP pipeline on a cluster (issue 6) ------------------------------------------------------
 KFP_HOST ?=
 GPUS_PER_NODE ?= 1
+# which DAG compile/submit/schedule take: training, or search (gpunet_search, docs/search.md)
+PIPELINE ?= training
 
 .PHONY: compile submit schedule
 
-compile: setup ## compile the DAG with cluster settings to gpunet_training.yaml
-	$(PY) -m pipelines compile --output gpunet_training.yaml --gpus-per-node $(GPUS_PER_NODE)
+compile: setup ## compile the DAG with cluster settings to gpunet_training.yaml (PIPELINE=search: gpunet_search.yaml)
+	$(PY) -m pipelines compile --pipeline $(PIPELINE) --output gpunet_$(PIPELINE).yaml --gpus-per-node $(GPUS_PER_NODE)
 
 submit: setup ## submit a run to Kubeflow Pipelines at $(KFP_HOST) (PARAMS="--param epochs=450 ...")
 	@[ -n "$(KFP_HOST)" ] || { echo "error: set KFP_HOST, e.g. make submit KFP_HOST=http://localhost:8080" >&2; exit 2; }
-	$(PY) -m pipelines submit --host $(KFP_HOST) --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
+	$(PY) -m pipelines submit --host $(KFP_HOST) --pipeline $(PIPELINE) --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
 
 schedule: setup ## scheduled retraining at $(KFP_HOST) on CRON="0 3 * * 1"
 	@[ -n "$(KFP_HOST)" ] && [ -n "$(CRON)" ] || { echo "error: set KFP_HOST and CRON, e.g. make schedule KFP_HOST=http://localhost:8080 CRON='0 3 * * 1'" >&2; exit 2; }
-	$(PY) -m pipelines schedule --host $(KFP_HOST) --cron "$(CRON)" --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
+	$(PY) -m pipelines schedule --host $(KFP_HOST) --pipeline $(PIPELINE) --cron "$(CRON)" --gpus-per-node $(GPUS_PER_NODE) $(PARAMS)
 
 # ---- benchmarks (issue 9) ---------------------------------------------------------------------
 # Full run (~25 min on a 2-core CPU): bench/results/<date>-<host>.json + BENCHMARKS.md.

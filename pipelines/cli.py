@@ -49,6 +49,10 @@ from gpunet_core.utils.files import (
 _logger = logging.getLogger("pipelines")
 
 PIPELINE_NAME = "gpunet-training"  # the KFP pipeline `schedule` uploads its versions to
+# ... and per --pipeline: the KFP pipeline name and description `schedule` uploads under
+PIPELINE_NAMES = {"training": (PIPELINE_NAME, "GPUNet training and promotion (gpunet-pipeline)"),
+                  "search": ("gpunet-search", "GPUNet architecture search, then training and "
+                                              "promotion of the chosen spec (gpunet-pipeline)")}
 
 
 class PipelineError(GpunetError):
@@ -360,9 +364,7 @@ def compile_pipeline(output: str | Path, *, gpus_per_node: int = 0, cluster: boo
     (:data:`PIPELINES`); ``parallelism``: gpunet_search's most workers at once (0: all)."""
     check_gpus_per_node(gpus_per_node)
     build = pipeline_builder(pipeline)
-    if parallelism < 0 or (parallelism and pipeline != "search"):
-        raise PipelineError(f"--parallelism {parallelism}: the search pipeline's most workers "
-                            "at once, >= 0 (0: all of them)")
+    check_parallelism(pipeline, parallelism)
     output = Path(output)
     check_output_file(output, "--output", error=PipelineError, parents=parents)
     from kfp import compiler
@@ -482,7 +484,8 @@ def _call(what: str, host: str, fn, *args, **kwargs):
 
 
 def check_cluster_params(params: dict[str, Any]) -> None:
-    """What a run on a cluster cannot take: a spec file on this machine (its pods read S3)."""
+    """What a run on a cluster cannot take: a spec file on this machine (its pods read S3), or
+    an sqlite study (the search's pods share no disk)."""
     from gpunet_core.models.spec import is_spec_location
     from gpunet_core.utils import storage
 
@@ -490,20 +493,36 @@ def check_cluster_params(params: dict[str, Any]) -> None:
     if not storage.is_s3_uri(model) and is_spec_location(model):
         raise PipelineError(f"--param model_name={model!r}: the cluster's pods cannot read a "
                             "spec file on this machine; upload it to S3 and pass its s3:// URI")
+    study = params.get("study_storage", "")
+    if study.startswith("sqlite:"):
+        raise PipelineError(f"--param study_storage={study!r}: the search's pods share no disk, "
+                            "so they cannot share an sqlite study; leave it empty (the "
+                            "gpunet-optuna Secret's PostgreSQL, manifests/README.md) or pass "
+                            "a postgresql:// URL the pods can reach")
+
+
+def check_parallelism(pipeline: str, parallelism: int) -> None:
+    if parallelism < 0 or (parallelism and pipeline != "search"):
+        raise PipelineError(f"--parallelism {parallelism}: the search pipeline's most workers "
+                            "at once, >= 0 (0: all of them), with --pipeline search only")
 
 
 def submit(host: str, params: dict[str, Any], *, experiment: str = "gpunet",
            run_name: str | None = None, token: str | None = None,
-           cluster: bool = True, gpus_per_node: int = 1) -> dict[str, str]:
+           cluster: bool = True, gpus_per_node: int = 1, pipeline: str = "training",
+           parallelism: int = 0) -> dict[str, str]:
+    """One run of the DAG ``pipeline`` (:data:`PIPELINES`), compiled now for the cluster."""
     check_gpus_per_node(gpus_per_node)
+    check_parallelism(pipeline, parallelism)
     check_cluster_params(params)
     client = kfp_client(host, token)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=cluster,
-                                   gpus_per_node=gpus_per_node)
+        package = compile_pipeline(Path(tmp) / f"gpunet_{pipeline}.yaml", cluster=cluster,
+                                   gpus_per_node=gpus_per_node, pipeline=pipeline,
+                                   parallelism=parallelism)
         result = _call("submitting the run", host, client.create_run_from_pipeline_package,
                        str(package), arguments=params, experiment_name=experiment,
-                       run_name=run_name or f"gpunet-training-{time.strftime('%Y%m%d-%H%M%S')}")
+                       run_name=run_name or f"gpunet-{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_id = result.run_id
     return {"run_id": run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run_id}"}
 
@@ -534,7 +553,8 @@ def pipeline_version_name(package: Path) -> str:
 
 
 def upload_pipeline_version(client, host: str, package: Path,
-                            pipeline_name: str = PIPELINE_NAME) -> dict[str, str]:
+                            pipeline_name: str = PIPELINE_NAME,
+                            description: str = PIPELINE_NAMES["training"][1]) -> dict[str, str]:
     """Upload ``package`` as a version of the KFP pipeline ``pipeline_name`` unless a version
     of the same name, i.e. the same content, is there already. A new pipeline is created by
     uploading ``package`` (KFP names that first version like the pipeline), then the named
@@ -550,8 +570,7 @@ def upload_pipeline_version(client, host: str, package: Path,
         if pipeline_id is None:
             pipeline_id = _call("uploading the pipeline", host, client.upload_pipeline,
                                 str(package), pipeline_name=pipeline_name,
-                                description="GPUNet training and promotion (gpunet-pipeline)"
-                                ).pipeline_id
+                                description=description).pipeline_id
         else:
             by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name",
                                                   "stringValue": version_name}]})
@@ -570,22 +589,29 @@ def upload_pipeline_version(client, host: str, package: Path,
 def schedule(host: str, cron: str, params: dict[str, Any], *, experiment: str = "gpunet",
              name: str = "gpunet-retraining", max_concurrency: int = 1, catchup: bool = False,
              token: str | None = None, gpus_per_node: int = 1,
-             pipeline_name: str = PIPELINE_NAME) -> dict[str, str]:
+             pipeline_name: str | None = None, pipeline: str = "training",
+             parallelism: int = 0) -> dict[str, str]:
     """A recurring run pinned to the pipeline version compiled now: it references that version
     by id (``pipeline_id`` + ``version_id``), so uploading another version later does not
-    change what the schedule runs; to move it, schedule again (a new recurring run)."""
+    change what the schedule runs; to move it, schedule again (a new recurring run).
+    ``pipeline``: which DAG; its versions go to the KFP pipeline ``pipeline_name`` (default
+    :data:`PIPELINE_NAMES`' for it)."""
     cron6 = to_kfp_cron(cron)
     if max_concurrency < 1:
         raise PipelineError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     check_gpus_per_node(gpus_per_node)
+    check_parallelism(pipeline, parallelism)
     check_no_macros(params)
     check_cluster_params(params)
     client = kfp_client(host, token)
     exp = _call("creating the experiment", host, client.create_experiment, name=experiment)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "gpunet_training.yaml", cluster=True,
-                                   gpus_per_node=gpus_per_node)
-        version = upload_pipeline_version(client, host, package, pipeline_name)
+        package = compile_pipeline(Path(tmp) / f"gpunet_{pipeline}.yaml", cluster=True,
+                                   gpus_per_node=gpus_per_node, pipeline=pipeline,
+                                   parallelism=parallelism)
+        default_name, description = PIPELINE_NAMES[pipeline]
+        version = upload_pipeline_version(client, host, package, pipeline_name or default_name,
+                                          description)
     job = _call("creating the recurring run", host, client.create_recurring_run,
                 experiment_id=exp.experiment_id, job_name=name, cron_expression=cron6,
                 max_concurrency=max_concurrency, no_catchup=not catchup, params=params,
@@ -798,6 +824,11 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
                        help="gpunet_training (default), or gpunet_search: the architecture "
                             "search, then the same training chain on the spec it chose")
 
+    def parallelism(p):
+        p.add_argument("--parallelism", type=int, default=0,
+                       help="--pipeline search: at most this many workers at once (default 0: "
+                            "all)")
+
     p = sub.add_parser("compile", help="compile the DAG to KFP IR YAML")
     which(p)
     p.add_argument("--output", "-o", default=None,
@@ -807,8 +838,7 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
                    help="GPUs per training pod; > 0 also adds shm, node placement, secrets")
     p.add_argument("--cluster", action="store_true", help="add secrets/config even without GPUs")
     p.add_argument("--dataset-pvc", default="", help="mount this PVC at /data in data steps")
-    p.add_argument("--parallelism", type=int, default=0,
-                   help="--pipeline search: at most this many workers at once (default 0: all)")
+    parallelism(p)
     p = sub.add_parser("run-local", help="run the whole DAG here (kfp.local)")
     which(p)
     params(p)
@@ -819,20 +849,27 @@ def build_parser(prog: str = "python -m pipelines") -> argparse.ArgumentParser:
                    help="run every step even when an earlier run in --workdir has its result")
     p = sub.add_parser("submit", help="submit a run to a KFP server")
     server(p)
+    which(p)
     params(p)
-    p.add_argument("--run-name", default=None)
+    parallelism(p)
+    p.add_argument("--run-name", default=None,
+                   help="the run's name (default gpunet-<pipeline>-<local time>)")
     p.add_argument("--gpus-per-node", type=int, default=1)
     p = sub.add_parser("schedule", help="create a recurring (scheduled retraining) run")
     server(p)
+    which(p)
     params(p)
+    parallelism(p)
     p.add_argument("--cron", required=True, help="cron expression, 5 or 6 fields")
     p.add_argument("--name", default="gpunet-retraining")
     p.add_argument("--max-concurrency", type=int, default=1)
     p.add_argument("--catchup", default="false", choices=("true", "false"),
                    help="run missed intervals after a pause (default false)")
     p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--pipeline-name", default=PIPELINE_NAME,
-                   help="KFP pipeline to add the compiled DAG to as a version (created if new)")
+    p.add_argument("--pipeline-name", default=None,
+                   help="KFP pipeline to add the compiled DAG to as a version (created if new; "
+                        f"default {PIPELINE_NAME}, or {PIPELINE_NAMES['search'][0]} with "
+                        "--pipeline search)")
     p = sub.add_parser("list-runs", help="list runs of an experiment")
     server(p)
     return parser
@@ -853,16 +890,18 @@ def run(args: argparse.Namespace) -> int:
                                 pipeline=args.pipeline)
         print(json.dumps(summary) if args.json else format_summary(summary))
     elif args.action == "submit":
-        print(json.dumps(submit(args.host, parse_params(args.param), experiment=args.experiment,
-                                run_name=args.run_name, token=args.token,
-                                gpus_per_node=args.gpus_per_node)))
+        print(json.dumps(submit(args.host, parse_params(args.param, args.pipeline),
+                                experiment=args.experiment, run_name=args.run_name,
+                                token=args.token, gpus_per_node=args.gpus_per_node,
+                                pipeline=args.pipeline, parallelism=args.parallelism)))
     elif args.action == "schedule":
-        print(json.dumps(schedule(args.host, args.cron, parse_params(args.param),
+        print(json.dumps(schedule(args.host, args.cron, parse_params(args.param, args.pipeline),
                                   experiment=args.experiment, name=args.name,
                                   max_concurrency=args.max_concurrency,
                                   catchup=args.catchup == "true", token=args.token,
                                   gpus_per_node=args.gpus_per_node,
-                                  pipeline_name=args.pipeline_name)))
+                                  pipeline_name=args.pipeline_name, pipeline=args.pipeline,
+                                  parallelism=args.parallelism)))
     else:
         for row in list_runs(args.host, experiment=args.experiment, token=args.token):
             print(json.dumps(row))

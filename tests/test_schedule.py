@@ -119,3 +119,47 @@ def test_the_scheduled_version_hands_promote_its_scheduled_time(fake_kfp, capsys
     inputs = spec["root"]["dag"]["tasks"]["promote"]["inputs"]["parameters"]
     assert inputs["scheduled_time"] == {
         "runtimeValue": {"constant": "{{$.pipeline_job_schedule_time_utc}}"}}
+
+
+def test_the_search_pipeline_is_submitted_and_scheduled_under_its_own_name(fake_kfp, capsys):
+    from tests.test_search_pipeline import loop_of
+
+    out = _schedule(fake_kfp, capsys, "--pipeline", "search", "--parallelism", "2",
+                    "--param", "trials=20", "--param", "budget_ms=5")
+    (upload,) = fake_kfp.find("POST", UPLOAD)
+    assert upload.query["name"] == ["gpunet-search"]
+    assert "architecture search" in upload.query["description"][0]
+    docs = list(yaml.safe_load_all(fake_kfp.versions[out["version_id"]]["spec"]))
+    assert docs[0]["pipelineInfo"]["name"] == "gpunet-search"
+    assert loop_of(docs[0])[1]["iteratorPolicy"]["parallelismLimit"] == 2
+    assert docs[1]["platforms"]["kubernetes"]  # cluster settings: the study's Secret, GPUs
+    (req,) = fake_kfp.find("POST", RECURRING)
+    assert req.body["runtime_config"]["parameters"] == {"trials": 20, "budget_ms": 5.0}
+
+    assert cli.main(["submit", "--host", fake_kfp.host, "--pipeline", "search",
+                     "--param", "workers=4"]) == 0
+    sent = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (run,) = fake_kfp.find("POST", "/apis/v2beta1/runs")
+    assert sent["url"] == f"{fake_kfp.host}/#/runs/details/{sent['run_id']}"
+    assert run.body["display_name"].startswith("gpunet-search-")
+    assert run.body["runtime_config"]["parameters"] == {"workers": 4}
+    tasks = run.body["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+    assert {"search-setup", "search-front", "train-student"} <= set(tasks)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pipeline", "search", "--param", "study_storage=sqlite:///study.db"],
+     "cannot share an sqlite study"),
+    (["--pipeline", "search", "--param", "budget_ms=0"], "--param budget_ms=0.0: must be > 0"),
+    (["--pipeline", "search", "--parallelism", "-1"], "--parallelism -1"),
+    (["--parallelism", "2"], "with --pipeline search only"),
+    (["--param", "trials=3"], "unknown pipeline parameter 'trials'"),
+])
+@pytest.mark.parametrize("action", ["submit", "schedule"])
+def test_search_submissions_with_bad_settings_send_nothing(fake_kfp, capsys, action, args,
+                                                          message):
+    cron = ["--cron", "0 3 * * 1"] if action == "schedule" else []
+    assert cli.main([action, "--host", fake_kfp.host, *cron, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not [r for r in fake_kfp.requests if r.method == "POST"]
