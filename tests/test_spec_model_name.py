@@ -9,6 +9,8 @@ import copy
 import inspect
 import json
 import os
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -271,7 +273,7 @@ def test_dag_trains_an_s3_spec_and_registers_it(tmp_path, s3_env):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task")  # our images' tasks
-def test_a_spec_artifact_chains_train_to_promote(tmp_path, store, monkeypatch):
+def test_a_spec_artifact_chains_train_to_promote(tmp_path, store, monkeypatch, digits_tiny):
     """A second pipeline hands ``train_and_deploy`` its spec as an artifact (as an architecture
     search would): trained, exported, validated, benchmarked and registered as that spec."""
     from kfp import dsl, local
@@ -310,3 +312,26 @@ def test_a_spec_artifact_chains_train_to_promote(tmp_path, store, monkeypatch):
     entry, logged, model = registered(tracking, "searched", "1")
     assert entry.tags["model"] == name and logged.name == name
     assert count_parameters(model) == params_of(tiny_spec())
+
+    # another machine (a later promotion's pod) has no spec store: the champion's spec comes
+    # from the copy its training run logged, checked against its name
+    from gpunet_core.mlops import registry
+
+    monkeypatch.setenv("GPUNET_CACHE_DIR", str(tmp_path / "elsewhere"))
+    on_other = registry.evaluate_version("searched", "1", digits_tiny / "val",
+                                         tracking_uri=tracking)
+    assert 0 <= on_other["top1"] <= 100
+    assert specs.spec_digest(specs.stored_spec(name)) == specs.spec_digest(
+        specs.load_spec(tiny_spec()))
+    run_artifacts = MlflowClient(tracking).get_run(logged.source_run_id).info.artifact_uri
+    logged_copy = Path(urlparse(run_artifacts).path) / f"{name}.json"
+    assert logged_copy.is_file()
+    wider = tiny_spec()
+    wider[2]["num_out_channels"] = wider[3]["num_in_channels"] = 32
+    logged_copy.write_text(json.dumps(wider))
+    monkeypatch.setenv("GPUNET_CACHE_DIR", str(tmp_path / "third"))
+    with pytest.raises(registry.RegistryError, match="holds another spec"):
+        registry.evaluate_version("searched", "1", digits_tiny / "val", tracking_uri=tracking)
+    logged_copy.unlink()
+    with pytest.raises(registry.RegistryError, match=f"holds no {name}.json"):
+        registry.evaluate_version("searched", "1", digits_tiny / "val", tracking_uri=tracking)

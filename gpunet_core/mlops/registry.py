@@ -46,6 +46,8 @@ from gpunet_core.mlops.mlflow_client import (
     raise_if_unreachable,
     server_uri,
 )
+from gpunet_core.models.spec import is_custom_name, spec_store
+from gpunet_core.models.spec import model_name as spec_model_name
 from gpunet_core.utils.errors import GpunetError
 from gpunet_core.utils.files import BEST_CHECKPOINT, sha256_file
 
@@ -439,6 +441,30 @@ def version_checkpoint(mlc, name: str, version, logged, dest: Path) -> Path:
     return path
 
 
+def version_spec(mlc, name: str, version, logged, model_name: str, dest: Path) -> str:
+    """``model_name``, buildable here: a custom spec that this machine's spec store lacks (a
+    champion trained in another pod or on another machine) is fetched from the copy its
+    training run logged (``<name>.json``), checked against the digest in its name and stored."""
+    if not is_custom_name(model_name) or (spec_store() / f"{model_name}.json").is_file():
+        return model_name
+    where = f"{name} version {version.version} is the custom spec {model_name}"
+    if logged is None or not logged.source_run_id:
+        raise RegistryError(f"{where}, which this machine's spec store lacks, and it names no "
+                            "training run to fetch it from: it cannot be evaluated")
+    try:
+        path = Path(mlc.download_artifacts(logged.source_run_id, f"{model_name}.json",
+                                           str(dest)))
+    except Exception as exc:
+        raise RegistryError(f"{where}, which this machine's spec store lacks, and its training "
+                            f"run {logged.source_run_id} holds no {model_name}.json: "
+                            f"{str(exc).splitlines()[0]}") from None
+    fetched = spec_model_name(path)
+    if fetched != model_name:
+        raise RegistryError(f"{where}, but {model_name}.json of run {logged.source_run_id} "
+                            f"holds another spec ({fetched}): it cannot be evaluated")
+    return model_name
+
+
 def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: int = 64,
                      tracking_uri: str | None = None) -> dict[str, Any]:
     """Validate registered ``version`` on ``data`` with the validation step's code: the
@@ -460,6 +486,7 @@ def evaluate_version(name: str, version: str, data: str | Path, *, batch_size: i
         return _evaluate_deployed_graph(name, entry, logged, data, batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = version_checkpoint(mlc, name, entry, logged, Path(tmp))
+        model_name = version_spec(mlc, name, entry, logged, model_name, Path(tmp))
         model = load_inference_model(model_name, checkpoint)
     return validate(model, data, batch_size=batch_size, workers=0, img_size=int(img_size),
                     progress=False)

@@ -39,6 +39,7 @@ from gpunet_core.inference.validate import autocast_context
 from gpunet_core.mlops.tracking import RunTracker, start_system_metrics
 from gpunet_core.models.checkpoint import load_checkpoint
 from gpunet_core.models.factory import count_parameters, create_any_model
+from gpunet_core.models.spec import is_custom_name, stored_spec_path
 from gpunet_core.training.config import TrainConfig, TrainError, check_runtime, config_warnings
 from gpunet_core.training.distill import build_teacher, kd_loss
 from gpunet_core.training.distributed import (
@@ -454,6 +455,9 @@ def _train(cfg: TrainConfig, env: DistEnv, output: Path) -> dict[str, Any]:
     if tracker is not None:
         if (output / BEST_CHECKPOINT).exists():
             tracker.log_artifacts(output, [BEST_CHECKPOINT])
+            if is_custom_name(cfg.model):  # what rebuilds the model elsewhere (a champion)
+                spec = stored_spec_path(cfg.model)
+                tracker.log_artifacts(spec.parent, [spec.name])
             if cfg.log_model:
                 tracker.log_model(output / BEST_CHECKPOINT, cfg.model, img_size,
                                   step=max(state.best_epoch, 0))
