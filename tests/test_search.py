@@ -192,3 +192,24 @@ def test_a_worker_stops_after_three_failed_trials_in_a_row(digits_tiny, tmp_path
     with pytest.raises(SearchError, match="3 trials in a row failed.*could not run this graph"):
         run_worker(cfg)
     assert _states(_study(tmp_path / "s")) == {"FAIL": 3}
+
+
+def test_a_study_is_tied_to_the_datasets_content_not_its_path(digits_tiny, digits_small,
+                                                              tmp_path):
+    import shutil
+
+    from gpunet_core.search.study import SearchConfig, SearchError, open_study
+
+    space = load_space(tiny_space(tmp_path))
+    (tmp_path / "s").mkdir()
+
+    def config(data):
+        return SearchConfig(data=str(data), out=str(tmp_path / "s"), budget_ms=100,
+                            resolutions=(32,), space=space.source)
+
+    study = open_study(config(digits_tiny), space)
+    assert study.user_attrs["settings"]["data"].startswith("sha256:")
+    moved = shutil.copytree(digits_tiny, tmp_path / "re-prepared")  # same content, new path
+    assert open_study(config(moved), space).user_attrs == study.user_attrs
+    with pytest.raises(SearchError, match="created with other settings \\(data: 'sha256:"):
+        open_study(config(digits_small), space)

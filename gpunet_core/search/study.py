@@ -27,6 +27,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from gpunet_core.data.prepare import read_manifest
 from gpunet_core.inference.tensorrt import tensorrt_unavailable_reason
 from gpunet_core.search.measure import hardware_key, measure_latency, model_cost
 from gpunet_core.search.proxy import ProxyConfig, ProxyData, train_proxy
@@ -173,9 +174,17 @@ def _sampler(cfg: SearchConfig):
                                       multivariate=True, group=True, seed=cfg.seed)
 
 
+def data_identity(data: str | Path) -> str:
+    """The dataset a study is tied to: its manifest checksum, so that the same prepared dataset
+    at another path (a re-prepared or copied one) resumes the study; else its path."""
+    manifest = read_manifest(data)
+    return f"sha256:{manifest['checksum']}" if manifest and manifest.get("checksum") \
+        else str(data)
+
+
 def settings(cfg: SearchConfig, space: SearchSpace) -> dict[str, Any]:
     """What the study was created with (stored in it; a resume must match)."""
-    return {"data": str(cfg.data), "backend": cfg.backend, "precision": cfg.precision,
+    return {"data": data_identity(cfg.data), "backend": cfg.backend, "precision": cfg.precision,
             "batch": cfg.batch, "resolutions": list(cfg.resolutions or space.resolution.values()),
             "families": list(cfg.families or space.families),
             "space_hash": hashlib.sha256(Path(space.source).read_bytes()).hexdigest()[:16],
