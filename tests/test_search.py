@@ -22,6 +22,19 @@ def _study(out, name="gpunet-search"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 
 
+def _study_made(out, name="gpunet-search") -> bool:
+    """Whether the search has created its study, read without touching the schema (Optuna's
+    own load would create its tables, racing the search process doing the same)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True) as db:
+            return bool(db.execute("SELECT 1 FROM studies WHERE study_name = ?",
+                                   (name,)).fetchone())
+    except sqlite3.Error:
+        return False
+
+
 def _states(study) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
@@ -95,13 +108,10 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(digits_tiny, 
     done_before: dict[int, tuple] = {}
     while time.time() < deadline:
         time.sleep(0.5)
-        if not (out / "study.db").exists():
+        if not _study_made(out):
+            assert proc.poll() is None, f"the search failed (exit {proc.returncode})"
             continue
-        try:
-            study = _study(out)
-        except KeyError:
-            continue
-        trials = study.get_trials(deepcopy=False)
+        trials = _study(out).get_trials(deepcopy=False)
         finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
         if finished >= 2 and any(t.state.name == "RUNNING" for t in trials):
             proc.send_signal(signal.SIGKILL)
@@ -213,3 +223,28 @@ def test_a_study_is_tied_to_the_datasets_content_not_its_path(digits_tiny, digit
     assert open_study(config(moved), space).user_attrs == study.user_attrs
     with pytest.raises(SearchError, match="created with other settings \\(data: 'sha256:"):
         open_study(config(digits_small), space)
+
+
+def test_workers_opening_a_new_database_at_once_all_get_the_storage(tmp_path):
+    """Each creates Optuna's tables; the losers of that race open it again (without the
+    retry, most of these 4 x 10 openings fail with "table studies already exists")."""
+    import threading
+
+    from gpunet_core.search.study import SearchConfig, open_storage
+
+    errors: list[str] = []
+    for i in range(10):
+        cfg = SearchConfig(data="d", out=str(tmp_path / f"s{i}"), budget_ms=1)
+
+        def open_it(cfg=cfg):
+            try:
+                open_storage(cfg)
+            except Exception as exc:  # collected: a thread's exception would be lost
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]

@@ -140,20 +140,34 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def open_storage(cfg: SearchConfig):
-    """The study's RDB storage, with heartbeats and one retry of a dead worker's trial."""
+# what a database says when another process created the same schema a moment earlier
+_SCHEMA_RACE = ("already exists", "duplicate", "unique constraint")
+
+
+def open_storage(cfg: SearchConfig, attempts: int = 5):
+    """The study's RDB storage, with heartbeats and one retry of a dead worker's trial.
+
+    Workers started at once on a new database each create Optuna's tables; the loser of that
+    race gets "table ... already exists" and opens the storage again, finding them made."""
 
     quiet_optuna()
     url = cfg.storage_url
     try:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
-            else {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
-            heartbeat_interval=cfg.heartbeat_s, grace_period=2 * cfg.heartbeat_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=1))
+        for attempt in range(1, attempts + 1):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 60}}
+                    if url.startswith("sqlite")
+                    else {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
+                    heartbeat_interval=cfg.heartbeat_s, grace_period=2 * cfg.heartbeat_s,
+                    heartbeat_stale_trial_callback=optuna.storages
+                    .RetryHeartbeatStaleTrialCallback(max_retry=1))
+            except sqlalchemy.exc.DatabaseError as exc:
+                if attempt == attempts or not any(m in str(exc).lower() for m in _SCHEMA_RACE):
+                    raise
+                time.sleep(0.2 * attempt)
     except ImportError as exc:
         raise SearchError(f"cannot open the study storage {redact(url)}: its database driver "
                           f"is not installed ({exc}); for PostgreSQL `pip install "
