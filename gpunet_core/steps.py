@@ -791,10 +791,7 @@ def search_setup(data: str | Path, out: str | Path, *, budget_ms: float, storage
     if local_db is not None and cfg.storage != f"sqlite:///{local_db.resolve()}":
         local_db = None  # the study is elsewhere: the other tasks must not fall back to it
     Path(out).mkdir(parents=True, exist_ok=True)
-    classes = driver.num_classes(cfg.data)
-    with driver.new_study_removed_on_error(cfg) as created:
-        study = studies.open_study(cfg, search_space)  # an unreachable storage fails here
-        fastest = studies.check_budget(cfg, search_space, study, classes)
+    study, fastest, created, classes = driver.open_checked_study(cfg, search_space)
     _logger.info("%s study %s in %s: %d of %d trials there", "created" if created else "resuming",
                  cfg.study_name, studies.redact(cfg.storage_url), studies.counted_trials(study),
                  cfg.trials)

@@ -100,24 +100,32 @@ def new_study_removed_on_error(cfg: SearchConfig) -> Iterator[bool]:
         raise
 
 
+def open_checked_study(cfg: SearchConfig, space) -> tuple[Any, dict[str, float], bool, int]:
+    """Open (or create) the study and refuse a budget below the space's fastest spec, removing
+    a study made here when refused: ``(study, fastest ms per family, created, classes)``.
+    ``gpunet search`` and the pipeline's setup task both start here."""
+    classes = num_classes(cfg.data)
+    with new_study_removed_on_error(cfg) as created:
+        study = studies.open_study(cfg, space)  # an unreachable storage fails here, first
+        fastest = studies.check_budget(cfg, space, study, classes)
+    return study, fastest, created, classes
+
+
 def search(cfg: SearchConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) the search ``cfg`` and write its results under ``cfg.out``."""
     space = load_space(cfg.space)
     studies.check_config(cfg, space)
     check_output_dir(cfg.out, "--out")
     size = studies.proxy_resolution(cfg, space)
-    classes = num_classes(cfg.data)
-    with remove_new_dirs_on_error(cfg.out), new_study_removed_on_error(cfg) as created:
-        study = studies.open_study(cfg, space)  # an unreachable storage fails here, first
-        fastest = studies.check_budget(cfg, space, study, classes)
+    with remove_new_dirs_on_error(cfg.out):
+        study, fastest, created, _ = open_checked_study(cfg, space)
     if created:
         _logger.info("created study %s in %s", cfg.study_name, studies.redact(cfg.storage_url))
-    data = ProxyData.load(cfg.data, size, cfg.proxy)
+    data = ProxyData.load(cfg.data, size, cfg.proxy)  # also refuses a one-class dataset
     references = measure_references(cfg, study, data) if cfg.references else []
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
-
         bar = tqdm(total=cfg.trials, desc="search trials", unit="trial",
                    initial=min(cfg.trials, studies.finished_trials(study)))
 
