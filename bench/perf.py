@@ -1726,19 +1726,20 @@ def _search_markdown(sr: dict[str, Any]) -> list[str]:
                      f"trials {v['matching'] or 'none'})" if v.get("holds") is not None else ""),
                   "", "| architecture | latency ms | proxy top-1 % | params M | GMACs | within "
                   "budget |", "|---|---:|---:|---:|---:|---|"]
-        for r in v["front"]:
-            lines.append(f"| front: trial {r['trial']} | {r['latency_ms']:.3f} | "
-                         f"{r['proxy_top1']:.2f} | {_fmt((r.get('params') or 0) / 1e6, 2)} | "
-                         f"{_fmt(r.get('gmacs'), 3)} | yes |")
+
+        def row(label: str, r: dict, within: str) -> str:
+            return (f"| {label} | {r['latency_ms']:.3f} | {r['proxy_top1']:.2f} | "
+                    f"{_fmt((r.get('params') or 0) / 1e6, 2)} | {_fmt(r.get('gmacs'), 3)} | "
+                    f"{within} |")
+
+        lines += [row(f"front: trial {r['trial']}", r, "yes") for r in v["front"]]
         for r in v["references"]:
             if r.get("proxy_top1") is None:
                 lines.append(f"| {r['display']} | – | – | – | – | "
                              f"{r.get('skipped') or 'not measured'} |")
-                continue
-            lines.append(f"| {r['display']} (published) | {r['latency_ms']:.3f} | "
-                         f"{r['proxy_top1']:.2f} | {_fmt((r.get('params') or 0) / 1e6, 2)} | "
-                         f"{_fmt(r.get('gmacs'), 3)} | "
-                         f"{'yes' if r.get('within_budget') else 'no'} |")
+            else:
+                lines.append(row(f"{r['display']} (published)", r,
+                                 "yes" if r.get("within_budget") else "no"))
         lines.append("")
     th = sr.get("throughput")
     if th and "error" in th:
